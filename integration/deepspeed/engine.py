@@ -1,0 +1,264 @@
+"""RoutedPipelineEngine: DeepSpeed's PipelineEngine running a RoutePlan.
+
+Plugs in through DeepSpeed's own extension points, without forking it:
+
+* the engine class (like upstream's DualPipeVEngine) - construction mirrors the pipeline branch of
+  ``deepspeed.initialize`` in :func:`initialize_routed`;
+* schedule instructions - :class:`RoutedTrainSchedule` yields one instruction per op of the
+  rank's compiled program; ``_INSTRUCTION_MAP`` is extended in this class (the parent's map holds
+  base-class functions, so overriding methods alone would not take effect);
+* upstream ReduceGrads / OptimizerStep, wrapped for the gradient rule and for stages that no
+  microbatch visited (they must not move: Adam's momentum and weight decay would change them).
+
+Gradient rule (``gradient_rule``):
+
+* ``visited`` (default, SkipPipe's distributed trainer): each stage's gradient is the mean over
+  the microbatches that visited that stage in this iteration (all replicas together);
+* ``all`` (stock DeepSpeed): the mean over all microbatches of the iteration, visited or not.
+
+Both equal stock DeepSpeed for the full pipeline. A stage with no visits skips the reduction and
+the optimizer update; the step counter and the LR schedule still advance with the other stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from deepspeed import comm as ds_dist
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe import schedule as ds_schedule
+from deepspeed.runtime.pipe.module import PipelineModule
+
+from ..plan.routeplan import RoutePlan
+from ..plan.rules import Rules, check
+from ..runtime.executor import IterationResult, ProgramExecutor
+from ..runtime.p2p import RoutedP2P, TensorSpec
+from ..runtime.program import PART_EMBED, PART_HEAD, Program, compile_plan
+from . import schedule as rsched
+
+GRADIENT_RULES = ("visited", "all")
+
+BatchSource = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RoutingSettings:
+    """What the routed engine needs beyond DeepSpeed's own config."""
+
+    plan: RoutePlan
+    act_shape: tuple[int, ...]  # (micro_batch_size, seq_len, d_model)
+    label_shape: tuple[int, ...]  # (micro_batch_size, seq_len)
+    gradient_rule: str = "visited"
+    rules: Rules = field(default_factory=Rules)
+    max_inflight: int | None = None
+
+
+def check_plan_fits(plan: RoutePlan, model: PipelineModule, micro_batches: int, settings: RoutingSettings) -> None:
+    """Refuse a plan that does not fit the engine's topology, before anything is computed."""
+    topo = model._topo
+    S = topo.get_dim("pipe")
+    D = topo.get_dim("data")
+    if plan.num_stages != S:
+        raise ValueError(f"routing plan: it has {plan.num_stages} stages but parallel.stages is {S}; "
+                         f"build the plan for {S} stages")
+    grid = [[topo.get_rank(pipe=s, data=r) for r in range(D)] for s in range(S)]
+    if plan.stage_nodes != grid:
+        raise ValueError(f"routing plan: stage_nodes {plan.stage_nodes} do not match the DeepSpeed rank grid "
+                         f"{grid} (stage s, replica r -> rank s*{D}+r); DeepSpeed needs the same replica count "
+                         f"on every stage")
+    per_home = {n: 0 for n in plan.stage_nodes[0]}
+    for r in plan.routes:
+        per_home[r.home_node] = per_home.get(r.home_node, 0) + 1
+    bad = {n: c for n, c in per_home.items() if c != micro_batches}
+    if bad:
+        raise ValueError(f"routing plan: home nodes {sorted(bad)} own {sorted(set(bad.values()))} microbatches, "
+                         f"but the DeepSpeed config has gradient_accumulation_steps={micro_batches} per replica")
+    if settings.gradient_rule not in GRADIENT_RULES:
+        raise ValueError(f"routing.gradient_rule: {settings.gradient_rule!r} is not one of {GRADIENT_RULES}")
+    check(plan, settings.rules, context="routing plan")
+
+
+class RoutedPipelineEngine(PipelineEngine):
+    """A PipelineEngine whose microbatches follow the routes of a RoutePlan."""
+
+    def __init__(self, *args, routing: RoutingSettings, **kwargs):
+        model = kwargs["model"]
+        config_class = kwargs["config_class"]
+        # Refuse an invalid plan before DeepSpeed builds anything or any rank computes.
+        check_plan_fits(routing.plan, model, config_class.gradient_accumulation_steps, routing)
+        super().__init__(*args, **kwargs)
+        if routing.gradient_rule == "visited" and (self.using_bf16_optimizer or self.zero_optimization()):
+            raise ValueError("routing.gradient_rule=visited rescales .grad after the reduction, which the bf16/ZeRO "
+                             "optimizers do not keep; use routing.gradient_rule=all with them")
+        self.routing = routing
+        self.batch_source: BatchSource | None = None
+        self.p2p_channel = RoutedP2P(self.global_rank, device=self.device)
+        act_dtype = torch.bfloat16 if self.bfloat16_enabled() else (torch.float16 if self.fp16_enabled()
+                                                                     else torch.float32)
+        self.executor = ProgramExecutor(self.global_rank, _DeepSpeedStageHandler(self), self.p2p_channel,
+                                        TensorSpec(tuple(routing.act_shape), act_dtype),
+                                        TensorSpec(tuple(routing.label_shape), torch.int64))
+        self.last_result: IterationResult | None = None
+        self.set_plan(routing.plan)
+
+    # ----------------------------------------------------------------- plan
+    def set_plan(self, plan: RoutePlan) -> None:
+        """Switch to another plan (same stage layout); validated and compiled once here."""
+        check_plan_fits(plan, self.module, self.micro_batches, self.routing)
+        self.plan = plan
+        self.program: Program = compile_plan(plan, self.routing.max_inflight)
+        self.my_ops = self.program.for_rank(self.global_rank)
+        self.stage_visits = self.program.stage_visits
+        self.total_microbatches = plan.num_microbatches
+        # (home replica, index within that home) of every microbatch, for step-addressed data.
+        self.mb_address: dict[int, tuple[int, int]] = {}
+        for home in plan.stage_nodes[0]:
+            for i, r in enumerate(sorted(plan.routes_from(home), key=lambda r: r.mb)):
+                self.mb_address[r.mb] = (r.home_replica, i)
+
+    @property
+    def layout(self) -> str:
+        return self.plan.layout
+
+    def set_batch_source(self, fn: BatchSource | None) -> None:
+        """Data addressed by (step, home replica, index): replayable, no iterator state."""
+        self.batch_source = fn
+
+    # ----------------------------------------------------------------- training
+    def train_batch(self, data_iter: Iterator | None = None) -> torch.Tensor:
+        """Run one iteration of the plan; returns the mean loss over all microbatches (every rank)."""
+        if not torch._C.is_grad_enabled():
+            raise RuntimeError("train_batch() requires gradients enabled")
+        if data_iter is not None:
+            self.set_dataiterator(data_iter)
+        self.module.train()
+        self.executor.begin(self.global_steps)
+        sched = RoutedTrainSchedule(self.my_ops, self.micro_batches, self.num_stages, self.stage_id)
+        self._exec_schedule(sched)
+        self.agg_train_loss = self._aggregate_routed_loss(self.last_result)
+        return self.agg_train_loss
+
+    @torch.no_grad()
+    def evaluate(self, plan: RoutePlan, batch_source: BatchSource, step: int = 0) -> torch.Tensor:
+        """Forward-only pass of ``plan`` (e.g. the full pipeline for validation); mean loss on every rank."""
+        program = compile_plan(plan, self.routing.max_inflight)
+        saved = self.batch_source, self.mb_address
+        self.batch_source = batch_source
+        self.mb_address = {}
+        for home in plan.stage_nodes[0]:
+            for i, r in enumerate(sorted(plan.routes_from(home), key=lambda r: r.mb)):
+                self.mb_address[r.mb] = (r.home_replica, i)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            result = self.executor.run(program.for_rank(self.global_rank), step, forward_only=True)
+        finally:
+            self.batch_source, self.mb_address = saved
+            self.module.train(was_training)
+        return self._aggregate_routed_loss(result)
+
+    def _aggregate_routed_loss(self, result: IterationResult) -> torch.Tensor:
+        # Sum in microbatch order in fp32 (as stock DeepSpeed does), then one all-reduce over the world.
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for mb in sorted(result.losses):
+            total += result.losses[mb].float()
+        stats = torch.stack([total, torch.tensor(float(len(result.losses)), device=self.device)])
+        ds_dist.all_reduce(stats)
+        return stats[0] / stats[1]
+
+    # ----------------------------------------------------------------- instructions
+    def _exec_routed_op(self, op) -> None:
+        self.executor.run_op(op)
+
+    def _exec_routed_end(self) -> None:
+        self.last_result = self.executor.end()
+
+    @property
+    def _my_stage_visited(self) -> bool:
+        return self.stage_visits[self.stage_id] > 0
+
+    def _exec_reduce_grads(self):
+        if not self._my_stage_visited:
+            return  # every replica of this stage knows it: no collective is skipped on one side only
+        super()._exec_reduce_grads()
+        if self.routing.gradient_rule == "visited":
+            factor = self.total_microbatches / self.stage_visits[self.stage_id]
+            if factor != 1.0:
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+
+    def _exec_optimizer_step(self, lr_kwargs=None):
+        if self._my_stage_visited:
+            return super()._exec_optimizer_step(lr_kwargs)
+        # Unvisited stage: keep weights and optimizer state, advance counters and LR schedule.
+        with _optimizer_step_suppressed(self.optimizer):
+            super()._exec_optimizer_step(lr_kwargs)
+
+    _INSTRUCTION_MAP = {
+        **PipelineEngine._INSTRUCTION_MAP,
+        rsched.RoutedEndIteration: _exec_routed_end,
+        ds_schedule.ReduceGrads: _exec_reduce_grads,
+        ds_schedule.OptimizerStep: _exec_optimizer_step,
+        **dict.fromkeys(rsched.INSTRUCTION_FOR_KIND.values(), _exec_routed_op),
+    }
+
+
+RoutedTrainSchedule = rsched.RoutedTrainSchedule
+
+
+@contextlib.contextmanager
+def _optimizer_step_suppressed(optimizer):
+    original = optimizer.step
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        optimizer.step = original
+
+
+class _DeepSpeedStageHandler:
+    """The executor's model callbacks, implemented with the engine's module and backward."""
+
+    def __init__(self, engine: RoutedPipelineEngine):
+        self.engine = engine
+
+    def load(self, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        eng = self.engine
+        if eng.batch_source is not None:
+            replica, index = eng.mb_address[mb]
+            tokens, labels = eng.batch_source(eng.executor.step, replica, index)
+        else:
+            batch = eng._next_batch()
+            tokens, labels = batch[0], batch[1]
+        return tokens.to(eng.device), labels.to(eng.device)
+
+    def forward(self, part: str, mb: int, inputs: torch.Tensor) -> torch.Tensor:
+        eng = self.engine
+        if eng.layout == "ring" and part in (PART_EMBED, PART_HEAD):
+            home = eng.module.forward_funcs[0]
+            return home.embed_forward(inputs) if part == PART_EMBED else home.head_forward(inputs)
+        return eng.module(inputs)
+
+    def loss(self, part: str, mb: int, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.engine.module.loss_fn(output, labels)
+
+    def backward_loss(self, part: str, mb: int, loss: torch.Tensor) -> None:
+        # Upstream's backward: GAS scaling, loss scaling and its gradient hooks, as on a last stage.
+        DeepSpeedEngine.backward(self.engine, loss)
+
+    def backward(self, part: str, mb: int, output: torch.Tensor, grad: torch.Tensor) -> None:
+        eng = self.engine
+        if eng.using_bf16_optimizer:
+            eng.optimizer.clear_lp_grads()
+        eng._running_engine_backward = True
+        try:
+            output.backward(gradient=grad)
+        finally:
+            eng._running_engine_backward = False
+        if eng.using_bf16_optimizer and not eng._config.bfloat16_config.immediate_grad_update:
+            eng.optimizer.update_hp_grads(clear_lp_grads=False)

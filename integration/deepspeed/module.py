@@ -1,0 +1,70 @@
+"""Build DeepSpeed PipelineModules for the ring (home-stage) and linear layouts, and the engine.
+
+Layers are given as factories so each rank builds only its own stage (DeepSpeed's LayerSpec),
+and weights depend only on (seed, layer index): every replica and the single-process reference
+start bitwise identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+from .engine import RoutedPipelineEngine, RoutingSettings
+
+
+class FactorySpec(LayerSpec):
+    """A LayerSpec built by any callable returning an ``nn.Module`` (LayerSpec itself wants a class)."""
+
+    def __init__(self, factory: Callable[..., torch.nn.Module], *args: Any, **kwargs: Any):
+        self.typename = factory
+        self.module_args = args
+        self.module_kwargs = kwargs
+        self.global_rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else -1
+
+    def build(self, log: bool = False) -> torch.nn.Module:
+        return self.typename(*self.module_args, **self.module_kwargs)
+
+
+def ring_pipeline_module(home: FactorySpec, bodies: list[FactorySpec], replicas: int,
+                         loss_fn: Callable) -> PipelineModule:
+    """Stage 0 = home (embedding + head + loss), stages 1..S-1 = one body module each."""
+    topo = PipeDataParallelTopology(num_pp=len(bodies) + 1, num_dp=replicas)
+    return PipelineModule(layers=[home] + list(bodies), topology=topo, loss_fn=loss_fn, partition_method="uniform")
+
+
+def linear_pipeline_module(layers: list[FactorySpec], num_stages: int, replicas: int, loss_fn: Callable,
+                           partition_method: str = "uniform") -> PipelineModule:
+    """The usual DeepSpeed layout: a flat layer list cut into ``num_stages`` contiguous stages."""
+    topo = PipeDataParallelTopology(num_pp=num_stages, num_dp=replicas)
+    return PipelineModule(layers=layers, topology=topo, loss_fn=loss_fn, partition_method=partition_method)
+
+
+def initialize_routed(model: PipelineModule, config: dict, routing: RoutingSettings,
+                      optimizer: torch.optim.Optimizer | None = None,
+                      lr_scheduler: Any = None) -> RoutedPipelineEngine:
+    """``deepspeed.initialize`` for a routed pipeline: the same steps as its pipeline branch, our engine class.
+
+    The plan is validated against the topology before anything is built.
+    """
+    import deepspeed
+    from deepspeed import comm as ds_dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero import partition_parameters
+
+    partition_parameters.shutdown_init_context()
+    ds_dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=None)
+    mpu = model.mpu()
+    config_class = DeepSpeedConfig(config, mpu)
+    deepspeed.set_optimizer_flags(config_class, model)
+    engine = RoutedPipelineEngine(args=None, model=model, optimizer=optimizer,
+                                  model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                  training_data=None, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=False,
+                                  collate_fn=None, config=config, config_class=config_class, routing=routing)
+    partition_parameters.restore_init_context()
+    engine._configure_python_gc()
+    return engine

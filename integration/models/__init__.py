@@ -1,0 +1,43 @@
+"""Model definitions: a small LLaMa-style decoder split into pipeline stages."""
+
+from integration.models.llama import (
+    Attention,
+    BlockStack,
+    DecoderBlock,
+    HomeStage,
+    LlamaConfig,
+    LMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    TokenEmbedding,
+    build_layer,
+    build_layer_list,
+    build_ring_stages,
+    count_parameters,
+    layer_generator,
+    lm_loss,
+    loss_fn,
+    reference_forward,
+)
+
+__all__ = [
+    "Attention",
+    "BlockStack",
+    "DecoderBlock",
+    "HomeStage",
+    "LlamaConfig",
+    "LMHead",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SwiGLU",
+    "TokenEmbedding",
+    "build_layer",
+    "build_layer_list",
+    "build_ring_stages",
+    "count_parameters",
+    "layer_generator",
+    "lm_loss",
+    "loss_fn",
+    "reference_forward",
+]

@@ -1,0 +1,164 @@
+"""Run one rank's program: per-microbatch slots, compute through a backend handler, p2p to any rank.
+
+The executor owns what DeepSpeed's and megatron's 1F1B engines keep in single shared slots
+(one loss, one received gradient): here every microbatch has its own input, output, loss and
+gradient slot, because routed microbatches finish in any order. The model math is delegated to a
+backend :class:`StageHandler` so DeepSpeed and megatron-core share this one implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .p2p import RoutedP2P, TensorSpec
+from .program import (BWD, FWD, LOAD, LOSS_PARTS, PART_EMBED, PART_FIRST, RECV_ACT, RECV_GRAD, RECV_LABELS,
+                      SEND_ACT, SEND_GRAD, SEND_LABELS, Op)
+
+
+BACKWARD_KINDS = (BWD, SEND_GRAD, RECV_GRAD)
+
+
+class StageHandler(Protocol):
+    """What a backend supplies: data, the forward of a model part, the loss and the backward."""
+
+    def load(self, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, labels) of microbatch ``mb`` of the current step (home ranks only)."""
+
+    def forward(self, part: str, mb: int, inputs: torch.Tensor) -> torch.Tensor:
+        """Run ``part`` of this rank's model on ``inputs``."""
+
+    def loss(self, part: str, mb: int, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of microbatch ``mb`` (loss parts only)."""
+
+    def backward_loss(self, part: str, mb: int, loss: torch.Tensor) -> None:
+        """Backward from the loss (with the backend's loss scaling)."""
+
+    def backward(self, part: str, mb: int, output: torch.Tensor, grad: torch.Tensor) -> None:
+        """Backward from ``output`` with the gradient received from downstream."""
+
+
+@dataclass
+class _Slot:
+    inputs: torch.Tensor
+    output: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+@dataclass
+class IterationResult:
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)  # mb -> loss (ranks that compute losses)
+    ops_run: int = 0
+
+
+class ProgramExecutor:
+    """Executes the ops of one rank for one iteration, strictly in program order."""
+
+    def __init__(self, rank: int, handler: StageHandler, p2p: RoutedP2P, act_spec: TensorSpec,
+                 label_spec: TensorSpec):
+        self.rank = rank
+        self.handler = handler
+        self.p2p = p2p
+        self.act_spec = act_spec
+        self.label_spec = label_spec
+        self.step = 0
+        self.forward_only = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens: dict[int, torch.Tensor] = {}
+        self.labels: dict[int, torch.Tensor] = {}
+        self.slots: dict[tuple[int, str], _Slot] = {}
+        self.last_output: dict[int, torch.Tensor] = {}
+        self.recv_act: dict[int, torch.Tensor] = {}
+        self.recv_grad: dict[int, torch.Tensor] = {}
+        self.send_grad: dict[int, torch.Tensor] = {}
+        self.result = IterationResult()
+
+    def run(self, ops: list[Op], step: int, forward_only: bool = False) -> IterationResult:
+        """Run a whole program (all ops of this rank for ``step``).
+
+        ``forward_only`` (evaluation) drops the backward ops and keeps no autograd state.
+        """
+        self.begin(step, forward_only)
+        for op in ops:
+            if not (forward_only and op.kind in BACKWARD_KINDS):
+                self.run_op(op)
+        return self.end()
+
+    def begin(self, step: int, forward_only: bool = False) -> None:
+        self.step = step
+        self.forward_only = forward_only
+        self._reset()
+
+    def end(self) -> IterationResult:
+        self.p2p.flush()
+        leftovers = {name: sorted(d) for name, d in (("slots", self.slots), ("received activations", self.recv_act),
+                                                      ("received gradients", self.recv_grad)) if d}
+        if leftovers:
+            raise RuntimeError(f"rank {self.rank}: program ended with unconsumed state {leftovers}")
+        return self.result
+
+    def run_op(self, op: Op) -> None:
+        getattr(self, f"_op_{op.kind}")(op)
+        self.result.ops_run += 1
+
+    # ------------------------------------------------------------------ compute
+    def _op_load(self, op: Op) -> None:
+        tokens, labels = self.handler.load(op.mb)
+        self.tokens[op.mb] = tokens
+        self.labels[op.mb] = labels
+
+    def _op_fwd(self, op: Op) -> None:
+        if op.part in (PART_EMBED, PART_FIRST):
+            inputs = self.tokens.pop(op.mb)
+        else:
+            inputs = self.recv_act.pop(op.mb)
+        output = self.handler.forward(op.part, op.mb, inputs)
+        slot = _Slot(inputs, output)
+        if op.part in LOSS_PARTS:
+            labels = self.labels.pop(op.mb)
+            slot.loss = self.handler.loss(op.part, op.mb, output, labels)
+            self.result.losses[op.mb] = slot.loss.detach()
+        if not self.forward_only:
+            self.slots[(op.mb, op.part)] = slot
+        self.last_output[op.mb] = output
+
+    def _op_bwd(self, op: Op) -> None:
+        slot = self.slots.pop((op.mb, op.part))
+        if op.part in LOSS_PARTS:
+            self.handler.backward_loss(op.part, op.mb, slot.loss)
+        else:
+            self.handler.backward(op.part, op.mb, slot.output, self.recv_grad.pop(op.mb))
+        if slot.inputs.is_floating_point():
+            if slot.inputs.grad is None:
+                raise RuntimeError(f"rank {self.rank}: no input gradient for microbatch {op.mb} ({op.part})")
+            self.send_grad[op.mb] = slot.inputs.grad
+
+    # ------------------------------------------------------------------ communication
+    def _op_send_act(self, op: Op) -> None:
+        self.p2p.send(self.last_output.pop(op.mb), op.peer, "act", op.mb, self.step)
+
+    def _op_recv_act(self, op: Op) -> None:
+        t = self.p2p.recv(self.act_spec, op.peer, "act", op.mb, self.step)
+        t.requires_grad_(t.is_floating_point() and not self.forward_only)
+        self.recv_act[op.mb] = t
+
+    def _op_send_grad(self, op: Op) -> None:
+        self.p2p.send(self.send_grad.pop(op.mb), op.peer, "grad", op.mb, self.step)
+
+    def _op_recv_grad(self, op: Op) -> None:
+        self.recv_grad[op.mb] = self.p2p.recv(self.act_spec, op.peer, "grad", op.mb, self.step)
+
+    def _op_send_labels(self, op: Op) -> None:
+        self.p2p.send(self.labels.pop(op.mb), op.peer, "labels", op.mb, self.step)
+
+    def _op_recv_labels(self, op: Op) -> None:
+        self.labels[op.mb] = self.p2p.recv(self.label_spec, op.peer, "labels", op.mb, self.step)
+
+
+# Every op kind has a method; checked at import so a new kind cannot be silently ignored.
+for _kind in (LOAD, FWD, BWD, SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD, SEND_LABELS, RECV_LABELS):
+    assert hasattr(ProgramExecutor, f"_op_{_kind}"), _kind

@@ -1,0 +1,253 @@
+"""Compile a RoutePlan into one per-rank program of ops, all drawn from ONE global order.
+
+Why a global order: every transfer is a (send at A, receive at B) pair. If every rank executes
+its ops in the order they appear in a single global list, and sends never block (isend), then no
+route can deadlock: the earliest unfinished op always has both of its participants waiting on it.
+The same argument matches the k-th send A->B with the k-th receive at B, so nothing relies on
+p2p tags (NCCL ignores them).
+
+The global order comes from a small list-scheduling simulation of the iteration with unit costs
+(body forward 1, backward 2), backward work first (it frees activations), and at most
+``max_inflight`` microbatches in flight per home node. If the plan carries a per-node
+``node_order``, each node takes its work in exactly that order instead.
+
+Pure Python: no torch import, so the planner and tests can inspect programs cheaply.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from ..plan.routeplan import RoutePlan
+
+# Compute parts of a model on a node.
+PART_EMBED = "embed"  # ring home: token embedding (start of the route)
+PART_HEAD = "head"    # ring home: final norm + LM head + loss (end of the route)
+PART_FIRST = "first"  # linear: stage 0 (embedding + its blocks)
+PART_BODY = "body"    # a body stage's blocks
+PART_LAST = "last"    # linear: the last stage (blocks + head + loss)
+
+LOSS_PARTS = (PART_HEAD, PART_LAST)
+
+# Op kinds.
+LOAD = "load"
+FWD = "fwd"
+BWD = "bwd"
+SEND_ACT = "send_act"
+RECV_ACT = "recv_act"
+SEND_GRAD = "send_grad"
+RECV_GRAD = "recv_grad"
+SEND_LABELS = "send_labels"
+RECV_LABELS = "recv_labels"
+
+COMM_KINDS = (SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD, SEND_LABELS, RECV_LABELS)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One instruction of a rank's program. ``seq`` is its position in the global order."""
+
+    kind: str
+    mb: int
+    seq: int
+    part: str | None = None  # compute ops: which part of the model (embed/head/first/body/last)
+    peer: int | None = None  # comm ops: the other rank
+
+    def __str__(self) -> str:
+        extra = f" {self.part}" if self.part else ""
+        peer = f" <-> {self.peer}" if self.peer is not None else ""
+        return f"#{self.seq} {self.kind}({self.mb}{extra}){peer}"
+
+
+@dataclass
+class Program:
+    """All ranks' op lists for one iteration plus what every rank needs to know about it."""
+
+    plan: RoutePlan
+    ops: dict[int, list[Op]]
+    stage_visits: list[int]
+    global_order: list[tuple[int, Op]] = field(default_factory=list)  # (rank, op) pairs, comms once per side
+
+    def for_rank(self, rank: int) -> list[Op]:
+        return self.ops.get(rank, [])
+
+    def microbatches_on(self, rank: int) -> list[int]:
+        return sorted({op.mb for op in self.for_rank(rank)})
+
+
+@dataclass
+class _Task:
+    """A compute step of one microbatch on one node in the simulation."""
+
+    mb: int
+    node: int
+    part: str
+    backward: bool
+    index: int  # position along the microbatch's forward+backward chain
+
+
+def _chain(plan: RoutePlan, route) -> list[tuple[int, str, bool]]:
+    """The (node, part, is_backward) compute steps of one microbatch, in dependency order."""
+    fwd: list[tuple[int, str]]
+    if plan.layout == "ring":
+        fwd = [(route.home_node, PART_EMBED)] + [(h.node, PART_BODY) for h in route.hops] + \
+              [(route.home_node, PART_HEAD)]
+    else:
+        hops = list(route.hops)
+        fwd = [(route.home_node, PART_FIRST)] + [(h.node, PART_BODY) for h in hops[:-1]] + \
+              [(hops[-1].node, PART_LAST)]
+    steps = [(n, p, False) for n, p in fwd]
+    # The loss part's backward directly follows its forward; the rest retraces the route.
+    steps += [(n, p, True) for n, p in reversed(fwd)]
+    return steps
+
+
+_COST = {PART_EMBED: 0.25, PART_HEAD: 0.5, PART_FIRST: 1.0, PART_BODY: 1.0, PART_LAST: 1.25}
+
+
+def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
+    """Compile ``plan`` into per-rank programs sharing one deadlock-free global order.
+
+    ``max_inflight`` bounds microbatches in flight per home node (default: the number of
+    compute steps on a route, enough to fill the pipeline like 1F1B's warm-up).
+    """
+    routes = sorted(plan.routes, key=lambda r: r.mb)
+    chains = {r.mb: _chain(plan, r) for r in routes}
+    route_of = {r.mb: r for r in routes}
+    if max_inflight is None:
+        max_inflight = max((len(r.hops) + 1 for r in routes), default=1)
+    pending_by_home: dict[int, list[int]] = defaultdict(list)
+    for r in routes:
+        pending_by_home[r.home_node].append(r.mb)
+    inflight: dict[int, int] = defaultdict(int)
+    order_pos: dict[int, int] = defaultdict(int)
+    node_order = plan.node_order
+
+    global_order: list[tuple[int, Op]] = []
+    ops: dict[int, list[Op]] = defaultdict(list)
+    seq = 0
+
+    def emit(rank: int, kind: str, mb: int, part: str | None = None, peer: int | None = None) -> None:
+        nonlocal seq
+        op = Op(kind, mb, seq, part, peer)
+        seq += 1
+        ops[rank].append(op)
+        global_order.append((rank, op))
+
+    def emit_transfer(kind_send: str, kind_recv: str, mb: int, src: int, dst: int) -> None:
+        # One global position for both sides of the pair keeps the matching order identical.
+        nonlocal seq
+        s_op = Op(kind_send, mb, seq, None, dst)
+        r_op = Op(kind_recv, mb, seq, None, src)
+        seq += 1
+        ops[src].append(s_op)
+        ops[dst].append(r_op)
+        global_order.append((src, s_op))
+        global_order.append((dst, r_op))
+
+    # Event simulation. ready[node] holds runnable tasks; busy_until[node] the node clock.
+    ready: dict[int, list[tuple]] = defaultdict(list)
+    busy_until: dict[int, float] = defaultdict(float)
+    events: list[tuple[float, int, int, int]] = []  # (finish time, tiebreak, mb, chain index)
+    tick = 0
+
+    def make_ready(mb: int, idx: int, t: float) -> None:
+        node, part, bwd = chains[mb][idx]
+        # Priority: backward before forward, then older microbatch first.
+        ready[node].append((t, 0 if bwd else 1, mb, idx))
+
+    def inject(home: int, t: float) -> None:
+        while pending_by_home[home] and inflight[home] < max_inflight:
+            mb = pending_by_home[home].pop(0)
+            inflight[home] += 1
+            emit(home, LOAD, mb)
+            make_ready(mb, 0, t)
+
+    for home in sorted(pending_by_home):
+        inject(home, 0.0)
+
+    def pick(node: int, now: float):
+        cands = [c for c in ready[node] if c[0] <= now]
+        if not cands:
+            return None
+        if node_order is not None and node in node_order:
+            want = node_order[node][order_pos[node]] if order_pos[node] < len(node_order[node]) else None
+            for c in cands:
+                _, _, mb, idx = c
+                _, _, bwd = chains[mb][idx]
+                if want is not None and (mb, "B" if bwd else "F") == want:
+                    return c
+            # The head/loss step on a ring home is part of the same visit as the embed; only the
+            # first forward and the last backward of a microbatch on a node appear in node_order.
+            for c in cands:
+                _, _, mb, idx = c
+                if not _is_ordered_step(chains[mb], idx):
+                    return c
+            return None
+        return min(cands, key=lambda c: (c[1], c[2], c[3]))
+
+    def start_all(now: float) -> None:
+        nonlocal tick
+        for node in sorted(ready):
+            if busy_until[node] > now or not ready[node]:
+                continue
+            c = pick(node, now)
+            if c is None:
+                continue
+            ready[node].remove(c)
+            _, _, mb, idx = c
+            n, part, bwd = chains[mb][idx]
+            if node_order is not None and node in node_order and _is_ordered_step(chains[mb], idx):
+                order_pos[node] += 1
+            cost = _COST[part] * (2.0 if bwd else 1.0)
+            emit(n, BWD if bwd else FWD, mb, part)
+            busy_until[n] = now + cost
+            tick += 1
+            heapq.heappush(events, (now + cost, tick, mb, idx))
+
+    now = 0.0
+    start_all(now)
+    while events:
+        now, _, mb, idx = heapq.heappop(events)
+        chain = chains[mb]
+        node, part, bwd = chain[idx]
+        route = route_of[mb]
+        if not bwd and idx == 0 and plan.layout == "linear":
+            emit_transfer(SEND_LABELS, RECV_LABELS, mb, route.home_node, route.hops[-1].node)
+        if idx + 1 < len(chain):
+            nxt_node = chain[idx + 1][0]
+            if nxt_node != node:
+                kinds = (SEND_GRAD, RECV_GRAD) if chain[idx + 1][2] else (SEND_ACT, RECV_ACT)
+                emit_transfer(kinds[0], kinds[1], mb, node, nxt_node)
+            make_ready(mb, idx + 1, now)
+        else:
+            inflight[route.home_node] -= 1
+            inject(route.home_node, now)
+        # Start everything that can start at this instant (all events at `now` first).
+        if not events or events[0][0] > now:
+            start_all(now)
+        if not events and any(ready.values()):
+            # Only a node_order that cannot be followed leaves work stranded.
+            stuck = {n: [(c[2], "B" if chains[c[2]][c[3]][2] else "F") for c in v] for n, v in ready.items() if v}
+            raise ValueError(f"plan.node_order cannot be followed: nodes {sorted(stuck)} wait for work that "
+                             f"never becomes ready (pending: {stuck})")
+    return Program(plan=plan, ops=dict(ops), stage_visits=plan.stage_visits(), global_order=global_order)
+
+
+def _is_ordered_step(chain: list[tuple[int, str, bool]], idx: int) -> bool:
+    """Whether chain step ``idx`` is a node visit listed in node_order: a node's first forward
+    or its last backward for that microbatch (the ring home's head steps are not)."""
+    node, _, bwd = chain[idx]
+    same = [i for i, (n, _, b) in enumerate(chain) if n == node and b == bwd]
+    return idx == (same[0] if not bwd else same[-1])
+
+
+def rank_summary(program: Program, ranks: Iterable[int] | None = None) -> str:
+    """Readable listing of the programs (for --dry-run and debugging)."""
+    lines = []
+    for rank in sorted(ranks if ranks is not None else program.ops):
+        lines.append(f"rank {rank}: " + ", ".join(str(op) for op in program.for_rank(rank)))
+    return "\n".join(lines)
