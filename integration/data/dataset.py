@@ -96,7 +96,7 @@ class TokenDataset:
         return n
 
     def _permutation(self, seq_len: int, epoch: int, n_windows: int) -> np.ndarray:
-        key = (seq_len, epoch)
+        key = (seq_len, epoch, n_windows)  # n_windows differs per split
         perm = self._perm_cache.get(key)
         if perm is None:
             perm = np.random.default_rng([self.seed, seq_len, epoch]).permutation(n_windows)

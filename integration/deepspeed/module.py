@@ -29,9 +29,20 @@ class FactorySpec(LayerSpec):
         return self.typename(*self.module_args, **self.module_kwargs)
 
 
+def ensure_deepspeed_comm() -> None:
+    """Let DeepSpeed's comm layer wrap the already-initialised torch.distributed default group."""
+    import deepspeed
+    from deepspeed import comm as ds_dist
+
+    if not ds_dist.is_initialized():
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+        deepspeed.init_distributed(dist_backend=backend or "gloo")
+
+
 def ring_pipeline_module(home: FactorySpec, bodies: list[FactorySpec], replicas: int,
                          loss_fn: Callable) -> PipelineModule:
     """Stage 0 = home (embedding + head + loss), stages 1..S-1 = one body module each."""
+    ensure_deepspeed_comm()
     topo = PipeDataParallelTopology(num_pp=len(bodies) + 1, num_dp=replicas)
     return PipelineModule(layers=[home] + list(bodies), topology=topo, loss_fn=loss_fn, partition_method="uniform")
 
@@ -39,6 +50,7 @@ def ring_pipeline_module(home: FactorySpec, bodies: list[FactorySpec], replicas:
 def linear_pipeline_module(layers: list[FactorySpec], num_stages: int, replicas: int, loss_fn: Callable,
                            partition_method: str = "uniform") -> PipelineModule:
     """The usual DeepSpeed layout: a flat layer list cut into ``num_stages`` contiguous stages."""
+    ensure_deepspeed_comm()
     topo = PipeDataParallelTopology(num_pp=num_stages, num_dp=replicas)
     return PipelineModule(layers=layers, topology=topo, loss_fn=loss_fn, partition_method=partition_method)
 

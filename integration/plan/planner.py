@@ -1,0 +1,525 @@
+"""Path planner: a route for every microbatch plus a per-node processing order.
+
+Structure (why it is fast): with TC1 each home replica has ``slots = min(memory, m)`` route
+slots, microbatch j of a home uses slot j % slots, and each body node can carry at most
+``memory`` slot routes. So a plan is H x slots *slot routes*, not H x m independent paths, and the
+sizing rule makes the node capacities exactly tight. The planner
+
+1. places nodes on stages (:func:`placement.anneal_placement`) unless ``stage_nodes`` is given;
+2. builds balanced stage sets (CC5), then assigns replicas greedily by link cost under the
+   capacity limit (TC1);
+3. improves the slot routes by local search with moves that keep CC5 and TC1 by construction
+   (swap the replicas two routes use on a stage, move a route to a replica with free capacity,
+   exchange a stage between two routes, reorder a route within CC3/CC4). The objective is first
+   the static round-trip time of each route (sum of squares: long routes dominate), which gives
+   the *collision-unaware* plan; then
+4. (collision-aware, TC2) the same moves are scored by the event simulator (paper mode) with the
+   best of three node service policies, so waiting at shared nodes is what gets minimised. The
+   simulated schedule becomes ``plan.node_order``: every node's F/B order is fixed, and replaying
+   the plan with that order reproduces the simulated time exactly.
+
+Every returned plan passes ``rules.validate`` (CC1-CC5, TC1 and the node_order check).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any, Sequence
+
+import numpy as np
+
+from .builders import full_pipeline
+from .cluster import Cluster, load_cluster
+from .placement import (LayoutError, anneal_placement, check_layout, derive_stage_sizes, placement_score,
+                        relabel_by_tour)
+from .routeplan import RoutePlan, make_route
+from .rules import Rules, validate
+from .simulator import DEFAULT_GAP_S, POLICIES, simulate
+
+__all__ = ["Effort", "PlannerResult", "VariantResult", "plan_routes", "plan_for_training", "compare_variants",
+           "LayoutError", "valid_orders"]
+
+
+@dataclass
+class PlannerResult:
+    """A plan and what the planner predicts for it."""
+
+    plan: RoutePlan
+    placement_score: float
+    predicted_paper_s: float
+    predicted_full_s: float
+    runtime_s: float
+    stage_nodes: list[list[int]] = field(default_factory=list)
+    policy: str = "fifo"
+    evaluations: int = 0
+    placement_runtime_s: float = 0.0
+
+
+# ----------------------------------------------------------------------------- CC3/CC4 orders
+def _order_ok(body: Sequence[int], rules: Rules) -> bool:
+    f, swaps, total = 0, 0, 0
+    for s in body:
+        if s < f:
+            if f - s > rules.max_swap_distance:
+                return False
+            swaps += 1
+            total += f - s
+        else:
+            if s - f - 1 > rules.max_jump:
+                return False
+            f = s
+    return swaps <= rules.max_swaps and total <= rules.max_swap_total
+
+
+_ORDERS: dict[tuple, list[tuple[int, ...]]] = {}
+
+
+def valid_orders(stages: Sequence[int], rules: Rules = Rules()) -> list[tuple[int, ...]]:
+    """Orders of a stage set allowed by CC3/CC4: the sorted order with up to ``max_swaps`` disjoint
+    swaps of neighbouring consecutive stages (a distance-1 swap each)."""
+    key = (tuple(sorted(stages)), rules.max_swaps, rules.max_swap_distance, rules.max_swap_total, rules.max_jump)
+    if key in _ORDERS:
+        return _ORDERS[key]
+    base = list(key[0])
+    cand = [i for i in range(len(base) - 1) if base[i + 1] == base[i] + 1]
+    out = []
+    for k in range(0, rules.max_swaps + 1):
+        for pos in combinations(cand, k):
+            if any(b - a < 2 for a, b in zip(pos, pos[1:])):
+                continue
+            o = list(base)
+            for i in pos:
+                o[i], o[i + 1] = o[i + 1], o[i]
+            if _order_ok(o, rules):
+                out.append(tuple(o))
+    _ORDERS[key] = out
+    return out
+
+
+# ----------------------------------------------------------------------------- search state
+class _Routes:
+    """H x slots slot routes (lists of body nodes in visiting order) with node loads."""
+
+    def __init__(self, stage_nodes: list[list[int]], slots: int, cap: dict[int, int], C: np.ndarray,
+                 w: np.ndarray, gap: float, rules: Rules):
+        self.stage_nodes = stage_nodes
+        self.slots = slots
+        self.cap = cap
+        self.C = C.tolist()
+        self.w = w.tolist()
+        self.gap = gap
+        self.rules = rules
+        self.stage_of = {n: s for s, g in enumerate(stage_nodes) for n in g}
+        self.replica_of = {n: r for g in stage_nodes for r, n in enumerate(g)}
+        self.homes: list[int] = [h for h in stage_nodes[0] for _ in range(slots)]
+        self.routes: list[list[int]] = []
+        self.load: dict[int, int] = {n: 0 for g in stage_nodes[1:] for n in g}
+        self.by_node: dict[int, set[int]] = {n: set() for g in stage_nodes[1:] for n in g}
+
+    def rt(self, i: int, nodes: Sequence[int] | None = None) -> float:
+        """Isolated round trip of slot route i: compute, gaps and the links both ways."""
+        h = self.homes[i]
+        nodes = self.routes[i] if nodes is None else nodes
+        C, w = self.C, self.w
+        t = w[h] * 2.75 + sum(w[n] for n in nodes) * 2.5 + self.gap * (2 * len(nodes) + 2)
+        seq = [h, *nodes, h]
+        for a, b in zip(seq, seq[1:]):
+            t += C[a][b] + C[b][a]
+        return t
+
+    def set_route(self, i: int, nodes: list[int]) -> None:
+        for n in self.routes[i]:
+            self.load[n] -= 1
+            self.by_node[n].discard(i)
+        self.routes[i] = nodes
+        for n in nodes:
+            self.load[n] += 1
+            self.by_node[n].add(i)
+
+    def best_order(self, i: int, nodes: Sequence[int]) -> list[int]:
+        by_stage = {self.stage_of[n]: n for n in nodes}
+        best, best_t = None, math.inf
+        for o in valid_orders(list(by_stage), self.rules):
+            cand = [by_stage[s] for s in o]
+            t = self.rt(i, cand)
+            if t < best_t:
+                best, best_t = cand, t
+        return best
+
+    def to_plan(self, m: int, path_length: int, memory: int, meta: dict[str, Any]) -> RoutePlan:
+        routes = []
+        H = len(self.stage_nodes[0])
+        for r in range(H):
+            for j in range(m):
+                nodes = self.routes[r * self.slots + j % self.slots]
+                hops = [(self.stage_of[n], self.replica_of[n]) for n in nodes]
+                routes.append(make_route(r * m + j, self.stage_nodes, r, hops))
+        return RoutePlan(stage_nodes=[list(g) for g in self.stage_nodes], routes=routes, path_length=path_length,
+                         layout="ring", memory=memory, meta=dict(meta))
+
+
+def _stage_sets(n_routes: int, S: int, hops: int, rng: random.Random, rules: Rules) -> list[list[int]]:
+    """Balanced stage sets (CC5): each body stage appears n_routes*hops/(S-1) times; CC4-valid."""
+    per = n_routes * hops // (S - 1)
+    for _ in range(200):
+        remaining = {s: per for s in range(1, S)}
+        sets, ok = [], True
+        for _ in range(n_routes):
+            ranked = sorted(remaining, key=lambda s: (-remaining[s], rng.random()))
+            chosen = sorted(ranked[:hops])
+            if remaining[chosen[0]] <= 0 or not valid_orders(chosen, rules):
+                ok = False
+                break
+            for s in chosen:
+                remaining[s] -= 1
+            sets.append(chosen)
+        if ok and all(v == 0 for v in remaining.values()):
+            rng.shuffle(sets)
+            return sets
+    raise LayoutError(f"CC4 (jump limit): no balanced stage sets with L-1={hops} of {S - 1} body stages keep jumps "
+                      f"<= {rules.max_jump} stages; raise path_length")
+
+
+def _initial(state: _Routes, n_routes: int, hops: int, rng: random.Random) -> None:
+    S = len(state.stage_nodes)
+    sets = _stage_sets(n_routes, S, hops, rng, state.rules)
+    state.routes = [[] for _ in range(n_routes)]
+    order = list(range(n_routes))
+    rng.shuffle(order)
+    C = state.C
+    for i in order:
+        h = state.homes[i]
+        nodes = []
+        for s in sets[i]:
+            free = [n for n in state.stage_nodes[s] if state.load[n] < state.cap[n]]
+            n = min(free, key=lambda x: (C[h][x] + C[x][h], state.load[x], rng.random()))
+            state.load[n] += 1  # reserve now; set_route recounts
+            nodes.append(n)
+        for n in nodes:
+            state.load[n] -= 1
+        state.set_route(i, state.best_order(i, nodes))
+
+
+def _propose(state: _Routes, rng: random.Random, focus: list[int] | None) -> list[tuple[int, list[int]]] | None:
+    """A random move as new routes for one or two slot routes (CC5 and TC1 preserved)."""
+    R = len(state.routes)
+    a = rng.choice(focus) if focus and rng.random() < 0.5 else rng.randrange(R)
+    route_a = state.routes[a]
+    k = rng.randrange(len(route_a))
+    x = route_a[k]
+    s = state.stage_of[x]
+    move = rng.random()
+    if move < 0.45:  # replica change on stage s
+        others = [n for n in state.stage_nodes[s] if n != x]
+        if not others:
+            return None
+        y = rng.choice(others)
+        if state.load[y] < state.cap[y]:
+            new_a = list(route_a)
+            new_a[k] = y
+            return [(a, state.best_order(a, new_a))]
+        b = rng.choice(sorted(state.by_node[y]))
+        if b == a:
+            return None
+        new_a = list(route_a)
+        new_a[k] = y
+        new_b = [x if n == y else n for n in state.routes[b]]
+        return [(a, state.best_order(a, new_a)), (b, state.best_order(b, new_b))]
+    if move < 0.85:  # exchange stage s of route a with stage t of route b
+        b = rng.randrange(R)
+        if b == a:
+            return None
+        route_b = state.routes[b]
+        stages_a = {state.stage_of[n] for n in route_a}
+        stages_b = {state.stage_of[n] for n in route_b}
+        if s in stages_b:
+            return None
+        cands = [n for n in route_b if state.stage_of[n] not in stages_a]
+        if not cands:
+            return None
+        y = rng.choice(cands)
+        new_a = [y if n == x else n for n in route_a]
+        new_b = [x if n == y else n for n in route_b]
+        sa = [state.stage_of[n] for n in new_a]
+        sb = [state.stage_of[n] for n in new_b]
+        if not valid_orders(sa, state.rules) or not valid_orders(sb, state.rules):
+            return None
+        return [(a, state.best_order(a, new_a)), (b, state.best_order(b, new_b))]
+    # reorder: a random valid order (the static search already holds the cheapest one)
+    by_stage = {state.stage_of[n]: n for n in route_a}
+    o = rng.choice(valid_orders(list(by_stage), state.rules))
+    new_a = [by_stage[t] for t in o]
+    return None if new_a == route_a else [(a, new_a)]
+
+
+def _static_search(state: _Routes, rng: random.Random, deadline: float, max_iters: int) -> int:
+    """Hill climbing (with sideways moves) on the sum of squared isolated round trips."""
+    times = [state.rt(i) for i in range(len(state.routes))]
+    it = 0
+    while it < max_iters and time.perf_counter() < deadline:
+        it += 1
+        mv = _propose(state, rng, None)
+        if not mv:
+            continue
+        new_t = {i: state.rt(i, nodes) for i, nodes in mv}
+        delta = sum(new_t[i] ** 2 - times[i] ** 2 for i in new_t)
+        if delta <= 1e-12:
+            for i, nodes in mv:
+                state.set_route(i, nodes)
+                times[i] = new_t[i]
+    return it
+
+
+@dataclass
+class _Eval:
+    obj: float
+    makespan: float
+    policy: str
+    late_routes: list[int]
+    late_mbs: list[int]
+
+
+def _evaluate(state: _Routes, plan_args: tuple, C: np.ndarray, w: np.ndarray, memory: int,
+              policies: Sequence[str], prio: dict[int, float]) -> _Eval:
+    m, L = plan_args
+    plan = state.to_plan(m, L, memory, {})
+    best = None
+    for pol in policies:
+        r = simulate(plan, cost=C, stage_times=w, memory=memory, policy=pol, record=False, priority=prio)
+        # Tie-break on the mean microbatch end so the search sees progress below the makespan.
+        obj = r.iteration_s + 0.01 * sum(r.mb_end.values()) / len(r.mb_end)
+        if best is None or obj < best.obj:
+            ends = sorted(r.mb_end.items(), key=lambda kv: -kv[1])
+            late_mbs = [mb for mb, _ in ends[: max(1, len(ends) // 6)]]
+            late = [(mb // m) * state.slots + (mb % m) % state.slots for mb in late_mbs]
+            best = _Eval(obj, r.iteration_s, pol, late, late_mbs)
+    return best
+
+
+def _sim_search(state: _Routes, rng: random.Random, deadline: float, plan_args: tuple, C: np.ndarray,
+                w: np.ndarray, memory: int, max_evals: int) -> tuple[_Eval, int, dict[int, float]]:
+    """Local search with the simulated iteration time as the objective (collision-aware).
+
+    Two kinds of moves: route moves (see ``_propose``) and priority moves, which give a late
+    microbatch precedence over another one at every node they share (``priority`` policy)."""
+    m, _ = plan_args
+    n_mb = len(state.stage_nodes[0]) * m
+    # Start from "earlier round first" with a random tie order inside a round.
+    prio = {mb: (mb % m) // state.slots + 0.5 * rng.random() for mb in range(n_mb)}
+    cur = _evaluate(state, plan_args, C, w, memory, POLICIES + ("priority",), prio)
+    policies = sorted({cur.policy, "priority"})
+    evals = len(POLICIES) + 1
+    best = (cur, [list(r) for r in state.routes], dict(prio))
+    T0 = 0.01 * cur.makespan
+    t_start = time.perf_counter()
+    span = max(1e-6, deadline - t_start)
+    while evals < max_evals and time.perf_counter() < deadline:
+        if rng.random() < 0.35:  # priority move
+            a = rng.choice(cur.late_mbs) if rng.random() < 0.6 else rng.randrange(n_mb)
+            b = rng.randrange(n_mb)
+            if a == b:
+                continue
+            prio[a], prio[b] = prio[b], prio[a]
+            ev = _evaluate(state, plan_args, C, w, memory, policies, prio)
+            old_routes = None
+        else:
+            mv = _propose(state, rng, cur.late_routes)
+            if not mv:
+                continue
+            old_routes = [(i, list(state.routes[i])) for i, _ in mv]
+            for i, nodes in mv:
+                state.set_route(i, nodes)
+            ev = _evaluate(state, plan_args, C, w, memory, policies, prio)
+        evals += 1
+        # Cooling follows whichever budget (evaluations or time) runs out first.
+        frac = min(1.0, max(evals / max_evals, (time.perf_counter() - t_start) / span))
+        T = T0 * (1 - frac) ** 2 + 1e-9
+        d = ev.obj - cur.obj
+        if d <= 0 or rng.random() < math.exp(-d / T):
+            cur = ev
+            if ev.obj < best[0].obj:
+                best = (ev, [list(r) for r in state.routes], dict(prio))
+        elif old_routes is None:
+            prio[a], prio[b] = prio[b], prio[a]
+        else:
+            for i, nodes in old_routes:
+                state.set_route(i, nodes)
+    ev, routes, prio = best
+    for i, nodes in enumerate(routes):
+        state.set_route(i, nodes)
+    return ev, evals, prio
+
+
+# ----------------------------------------------------------------------------- public API
+def _setup(cluster: Cluster, stage_nodes, stage_sizes, num_stages, path_length, memory, m, seed,
+           placement_budget_s, placement_evals):
+    N = cluster.num_nodes
+    C = cluster.cost_matrix()
+    t0 = time.perf_counter()
+    if stage_nodes is None:
+        if stage_sizes is None:
+            stage_sizes = derive_stage_sizes(N, num_stages, path_length, memory, m)
+        if len(stage_sizes) != num_stages:
+            raise LayoutError(f"stage_sizes: {len(stage_sizes)} sizes for num_stages={num_stages}; give one size "
+                              f"per stage")
+        check_layout(N, stage_sizes, path_length, memory, m)
+        pl = anneal_placement(C, stage_sizes, seed=seed, time_budget_s=placement_budget_s, max_evals=placement_evals)
+        stage_nodes = relabel_by_tour(pl.stage_nodes, C)
+    else:
+        stage_nodes = [list(map(int, g)) for g in stage_nodes]
+        flat = [n for g in stage_nodes for n in g]
+        bad = [n for n in flat if not 0 <= n < N]
+        if bad:
+            raise LayoutError(f"stage_nodes: node ids {bad[:5]} are outside the cluster's 0..{N - 1}; use a cluster "
+                              f"with at least {max(flat) + 1} nodes")
+        if len(set(flat)) != len(flat):
+            raise LayoutError("stage_nodes: a node is listed twice; every node holds one stage")
+        check_layout(len(flat), [len(g) for g in stage_nodes], path_length, memory, m)
+    return stage_nodes, C, time.perf_counter() - t0
+
+
+def _static_state(cluster, stage_nodes, C, memory, m, path_length, seed, deadline, rules, unit=False,
+                  static_iters=20000):
+    w = cluster.stage_times()
+    slots = min(memory, m)
+    cap = {n: min(memory, cluster.nodes[n].memory) for g in stage_nodes[1:] for n in g}
+    if unit:  # network- and speed-oblivious: every link and node looks the same
+        C = np.ones_like(C)
+        np.fill_diagonal(C, 0.0)
+        w = np.ones_like(w)
+    state = _Routes(stage_nodes, slots, cap, C, w, DEFAULT_GAP_S, rules)
+    rng = random.Random(seed)
+    _initial(state, len(state.homes), path_length - 1, rng)
+    if not unit:
+        _static_search(state, rng, deadline, static_iters)
+    return state, rng
+
+
+@dataclass(frozen=True)
+class Effort:
+    """Search budgets in evaluations: with no time cap the planner is deterministic for a seed,
+    so every rank of a training job that plans for itself gets the same plan."""
+
+    placement_evals: int = 3000
+    static_iters: int = 20000
+    sim_evals: int = 2000
+
+
+def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = None,
+                stage_sizes: Sequence[int] | None = None, num_stages: int = 6, path_length: int = 4,
+                memory: int = 3, microbatches_per_home: int = 6, seed: int = 0,
+                time_budget_s: float | None = None, collision_aware: bool = True, rules: Rules | None = None,
+                effort: Effort = Effort()) -> PlannerResult:
+    """Plan routes for one iteration.
+
+    ``stage_nodes`` fixes the placement (e.g. the training job's rank grid); otherwise nodes are
+    placed with ``stage_sizes`` (or sizes derived from |P0|*(L-1) = |Ps|*(S-1)). The search runs
+    for ``effort``'s evaluation budgets (deterministic); ``time_budget_s`` additionally caps the wall
+    time (placement ~30%, static search ~15%, simulated search the rest), trading determinism for
+    a bound. ``collision_aware=False`` stops after the static search (the no-TC2 variant, FIFO).
+    """
+    t0 = time.perf_counter()
+    cluster = load_cluster(cluster)
+    rules = rules or Rules(memory=memory)
+    m = microbatches_per_home
+    cap = math.inf if time_budget_s is None else time_budget_s
+    stage_nodes, C, t_place = _setup(cluster, stage_nodes, stage_sizes, num_stages, path_length, memory, m,
+                                     seed, 0.3 * cap, effort.placement_evals)
+    left = cap - (time.perf_counter() - t0)
+    static_deadline = time.perf_counter() + (0.2 if collision_aware else 0.9) * max(0.0, left)
+    state, rng = _static_state(cluster, stage_nodes, C, memory, m, path_length, seed, static_deadline, rules,
+                               static_iters=effort.static_iters)
+    w = cluster.stage_times()
+    evals = 0
+    policy = "fifo"
+    prio = None
+    meta: dict[str, Any] = {"builder": "planner", "seed": seed, "cluster": cluster.name,
+                            "collision_aware": collision_aware}
+    if collision_aware:
+        deadline = t0 + 0.97 * cap
+        ev, evals, prio = _sim_search(state, rng, deadline, (m, path_length), C, w, memory, effort.sim_evals)
+        policy = ev.policy
+    plan = state.to_plan(m, path_length, memory, meta)
+    if collision_aware:
+        sim = simulate(plan, cluster, memory=memory, policy=policy, priority=prio)
+        plan.node_order = sim.node_order()
+        meta["policy"] = policy
+        plan.meta = meta
+    violations = validate(plan, rules)
+    if violations:  # the moves keep every rule by construction; this guards the construction itself
+        raise RuntimeError("planner produced an invalid plan: " + "; ".join(map(str, violations[:5])))
+    paper = simulate(plan, cluster, mode="paper", memory=memory).iteration_s
+    full = simulate(plan, cluster, mode="full", memory=memory).iteration_s
+    return PlannerResult(plan=plan, placement_score=placement_score(C, stage_nodes).total, predicted_paper_s=paper,
+                         predicted_full_s=full, runtime_s=time.perf_counter() - t0, stage_nodes=stage_nodes,
+                         policy=policy, evaluations=evals, placement_runtime_s=t_place)
+
+
+def plan_for_training(cluster_name_or_path: str | Cluster, stage_nodes: list[list[int]], path_length: int,
+                      memory: int, microbatches_per_home: int, seed: int = 0,
+                      effort: Effort = Effort()) -> RoutePlan:
+    """Plan paths on the training job's rank grid: node ids are ranks, rank i = cluster node i.
+
+    Built-in profiles are sized to the job (world size = largest rank + 1). No time cap: the
+    result depends only on the arguments, so every rank computes the same plan."""
+    world = max(n for g in stage_nodes for n in g) + 1
+    cluster = load_cluster(cluster_name_or_path, num_nodes=world)
+    if cluster.num_nodes < world:
+        raise LayoutError(f"cluster {cluster.name!r} has {cluster.num_nodes} nodes but the job has {world} ranks; "
+                          f"describe every rank in the cluster file")
+    res = plan_routes(cluster, stage_nodes=stage_nodes, num_stages=len(stage_nodes), path_length=path_length,
+                      memory=memory, microbatches_per_home=microbatches_per_home, seed=seed, effort=effort)
+    return res.plan
+
+
+# ----------------------------------------------------------------------------- the four variants
+@dataclass
+class VariantResult:
+    """One row of the comparison: a variant's plan and predicted times."""
+
+    name: str
+    plan: RoutePlan
+    paper_s: float
+    full_s: float
+    planner_s: float
+
+
+VARIANTS = ("full pipeline (DT-FM)", "oblivious skip (DT-FM skip)", "skip, no TC2", "ours (TC2)")
+
+
+def compare_variants(cluster: Cluster | str, stage_nodes: list[list[int]] | None = None,
+                     stage_sizes: Sequence[int] | None = None, num_stages: int = 6, path_length: int = 4,
+                     memory: int = 3, microbatches_per_home: int = 6, seed: int = 0,
+                     time_budget_s: float | None = None,
+                     effort: Effort = Effort()) -> tuple[list[VariantResult], PlannerResult]:
+    """The four variants on one placement (ours picks it; the others reuse it)."""
+    cluster = load_cluster(cluster)
+    ours = plan_routes(cluster, stage_nodes, stage_sizes, num_stages, path_length, memory, microbatches_per_home,
+                       seed, time_budget_s, effort=effort)
+    sn = ours.stage_nodes
+    C = cluster.cost_matrix()
+    rules = Rules(memory=memory)
+    out = []
+    t = time.perf_counter()
+    full = full_pipeline(sn, microbatches_per_home)
+    full.meta["builder"] = "full"
+    out.append((VARIANTS[0], full, time.perf_counter() - t))
+    t = time.perf_counter()
+    st, _ = _static_state(cluster, sn, C, memory, microbatches_per_home, path_length, seed, 0.0, rules, unit=True)
+    obl = st.to_plan(microbatches_per_home, path_length, memory, {"builder": "oblivious", "seed": seed})
+    out.append((VARIANTS[1], obl, time.perf_counter() - t))
+    t = time.perf_counter()
+    st, _ = _static_state(cluster, sn, C, memory, microbatches_per_home, path_length, seed, math.inf, rules,
+                          static_iters=effort.static_iters)
+    notc2 = st.to_plan(microbatches_per_home, path_length, memory, {"builder": "planner-no-tc2", "seed": seed})
+    out.append((VARIANTS[2], notc2, time.perf_counter() - t))
+    res = []
+    for name, plan, secs in out:
+        res.append(VariantResult(name, plan, simulate(plan, cluster, mode="paper", memory=memory).iteration_s,
+                                 simulate(plan, cluster, mode="full", memory=memory).iteration_s, secs))
+    res.append(VariantResult(VARIANTS[3], ours.plan, ours.predicted_paper_s, ours.predicted_full_s, ours.runtime_s))
+    return res, ours

@@ -1,0 +1,114 @@
+"""Failure injection: real SIGKILL / SIGSTOP of the own process at a scheduled point, or at random.
+
+A :class:`FailureInjector` is called by the training loop and the executor at fixed points
+(``at(step, phase)``: ``phase`` is ``forward`` or ``backward`` for op-level points, ``boundary``
+between iterations). When a scheduled or random failure matches this rank, the process signals
+itself: ``kill`` sends SIGKILL (the process is gone, exactly like a lost node: no cleanup, no
+exception, sockets reset by the kernel) and ``hang`` sends SIGSTOP (the process freezes with its
+sockets open, like a stuck node: only heartbeats can tell).
+
+Schedules are strings so they pass through Hydra overrides unchanged:
+``"kill:stage=2,step=3,phase=forward;hang:stage=1,replica=0,step=5"``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+from .rebuild import per_iteration_probability
+
+PHASES = ("forward", "backward", "boundary")
+MODES = ("kill", "hang")
+
+
+@dataclass(frozen=True)
+class ScheduledFailure:
+    """Fail (``mode``) the rank holding ``stage`` (replica ``replica``, any when None) at ``step`` in ``phase``."""
+
+    stage: int
+    step: int
+    phase: str = "forward"
+    mode: str = "kill"
+    replica: int | None = 0
+    after_ops: int = 0  # fire at the (after_ops+1)-th matching point of that step, e.g. mid-phase
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"recovery.inject: phase {self.phase!r} is not one of {PHASES}")
+        if self.mode not in MODES:
+            raise ValueError(f"recovery.inject: mode {self.mode!r} is not one of {MODES}")
+
+
+def parse_schedule(text: str | None) -> list[ScheduledFailure]:
+    """Parse ``"kill:stage=2,step=3,phase=backward;hang:stage=1,step=5"`` (empty -> no failures)."""
+    out: list[ScheduledFailure] = []
+    for item in (text or "").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        mode, _, rest = item.partition(":")
+        fields: dict[str, object] = {"mode": mode.strip()}
+        for kv in rest.split(","):
+            if not kv.strip():
+                continue
+            key, sep, value = kv.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or key not in ("stage", "step", "phase", "replica", "after_ops"):
+                raise ValueError(f"recovery.inject: cannot read {kv!r} in {item!r}; use "
+                                 f"mode:stage=S,step=T[,phase=forward|backward|boundary][,replica=R][,after_ops=N]")
+            fields[key] = value if key == "phase" else (None if value in ("any", "*") else int(value))
+        if "stage" not in fields or "step" not in fields:
+            raise ValueError(f"recovery.inject: {item!r} needs stage= and step=")
+        out.append(ScheduledFailure(**fields))  # type: ignore[arg-type]
+    return out
+
+
+class FailureInjector:
+    """Decides, at each call of :meth:`at`, whether this rank dies now, and makes it so.
+
+    ``generation`` guards replays: a schedule entry fires only in the generation the run started
+    with, so the replacement (or the replayed step) does not die again at the same point.
+    ``rate_per_hour`` with ``iteration_seconds`` adds random failures at iteration boundaries
+    (p_it from :func:`integration.recovery.rebuild.per_iteration_probability`), drawn from a
+    generator seeded by (seed, step), so every rank draws the same numbers, and applied to this
+    rank's stage only.
+    """
+
+    def __init__(self, stage: int, replica: int, schedule: list[ScheduledFailure] | None = None,
+                 rate_per_hour: float = 0.0, iteration_seconds: float = 0.0, seed: int = 0,
+                 num_stages: int | None = None, active: bool = True,
+                 signal_self: Callable[[int], None] | None = None):
+        self.stage = stage
+        self.replica = replica
+        self.schedule = list(schedule or [])
+        self.p_iteration = per_iteration_probability(rate_per_hour, iteration_seconds) if rate_per_hour else 0.0
+        self.seed = seed
+        self.num_stages = num_stages
+        self.active = active
+        self._signal = signal_self or (lambda sig: os.kill(os.getpid(), sig))
+        self._seen: dict[tuple[int, str], int] = {}
+
+    def _mine(self, f: ScheduledFailure) -> bool:
+        return f.stage == self.stage and (f.replica is None or f.replica == self.replica)
+
+    def at(self, step: int, phase: str) -> None:
+        """Call at each injection point; does not return when this rank is to fail now."""
+        if not self.active:
+            return
+        n = self._seen.get((step, phase), 0)
+        self._seen[(step, phase)] = n + 1
+        for f in self.schedule:
+            if self._mine(f) and f.step == step and f.phase == phase and f.after_ops == n:
+                self.fire(f.mode)
+        if phase == "boundary" and self.p_iteration > 0 and n == 0 and self.stage > 0:
+            rng = random.Random(f"{self.seed}:{step}:{self.stage}")
+            if rng.random() < self.p_iteration:
+                self.fire("kill")
+
+    def fire(self, mode: str) -> None:
+        """SIGKILL (``kill``) or SIGSTOP (``hang``) this process."""
+        self._signal(signal.SIGKILL if mode == "kill" else signal.SIGSTOP)

@@ -1,0 +1,216 @@
+"""The main job: routed pipeline training of the default model, configured with Hydra.
+
+    deepspeed --no_local_rank --num_gpus 4 integration/train.py routing=skip routing.skip_ratio=0.33
+
+Read top to bottom: environment -> config checks -> distributed init -> data -> plan -> backend ->
+training loop (progress bar, TensorBoard) -> validation loss of the full model -> summary.json.
+Every rank writes to its own directory ``${output_root}/rank{RANK}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+# The deepspeed launcher appends --local_rank unless --no_local_rank is given; Hydra would reject it.
+sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+if __package__ in (None, ""):  # run as a script by the launcher: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+log = logging.getLogger("skipfree.train")
+
+
+def setup_environment() -> str:
+    """CPU: gloo, DeepSpeed's CPU accelerator and one thread per rank (several ranks share the cores).
+
+    Must run before deepspeed is imported. Returns the torch.distributed backend name.
+    """
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return "nccl"
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    return "gloo"
+
+
+def stage_nodes_for(cfg: DictConfig) -> list[list[int]]:
+    """Stage -> replica -> global rank of the backend's rank grid."""
+    if cfg.backend.name == "megatron":
+        from integration.megatron.backend import plan_stage_nodes
+        return plan_stage_nodes(cfg)
+    from integration.plan.routeplan import grid_stage_nodes
+    return grid_stage_nodes(int(cfg.parallel.stages), int(cfg.parallel.replicas))
+
+
+def build_backend(cfg: DictConfig, plan, model_cfg, rank: int, world_size: int):
+    if cfg.backend.name == "megatron":
+        from integration.megatron.backend import build_megatron_backend
+        return build_megatron_backend(cfg, plan, model_cfg, rank, world_size)
+    from integration.deepspeed.backend import build_deepspeed_backend
+    return build_deepspeed_backend(cfg, plan, model_cfg, rank, world_size)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train as configured; returns the summary written to ``summary.json``."""
+    from integration.config import ConfigError, model_config, validate_config, world_size_from_env
+
+    world_size = world_size_from_env()
+    rank = int(os.environ.get("RANK", "0"))
+    out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    validate_config(cfg, world_size)
+
+    # The plan is pure data: build and check it before any process group exists or anything computes.
+    from integration.plan.from_config import plan_from_config
+    from integration.plan.rules import PlanValidationError, Rules, validate
+
+    stage_nodes = stage_nodes_for(cfg)
+    mb_per_home = int(cfg.train.microbatches)
+
+    def make_plan(step: int):
+        return plan_from_config(cfg.routing, stage_nodes, mb_per_home, cfg.model.layout, cfg.get("cluster"), step)
+
+    try:
+        plan = make_plan(0)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from exc
+    if plan.num_stages != int(cfg.parallel.stages):
+        raise ConfigError(f"routing: the plan has {plan.num_stages} stages but parallel.stages is "
+                          f"{cfg.parallel.stages}; use a plan built for this layout")
+    violations = validate(plan, Rules.from_mapping(dict(cfg.routing.get("rules") or {})))
+    if violations:
+        raise PlanValidationError(violations, "routing plan")
+    if rank == 0:
+        plan.save(out_dir / "plan.json")
+
+    backend_name = setup_environment()
+    import torch
+    import torch.distributed as dist
+
+    from integration.data.dataset import build_dataset
+
+    try:
+        dataset, vocab = build_dataset(cfg.data)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from exc
+    model_cfg = model_config(cfg, vocab).validate()
+    if cfg.dry_run:
+        from integration.runtime.program import compile_plan, rank_summary
+        print(f"plan: {plan.num_microbatches} microbatches, L={plan.path_length}, "
+              f"skip ratio {plan.achieved_skip_ratio():.2f}, stage visits {plan.stage_visits()}")
+        print(rank_summary(compile_plan(plan, cfg.routing.get("max_inflight"))))
+        return {"dry_run": True}
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend_name)
+    backend = build_backend(cfg, plan, model_cfg, rank, world_size)
+
+    mbs, seq = int(cfg.train.micro_batch_size), int(model_cfg.seq_len)
+    homes = len(plan.stage_nodes[0])
+
+    def train_batch(step: int, replica: int, index: int):
+        return dataset.microbatch(step, replica, index, homes, mb_per_home, mbs, seq)
+
+    val_mb = int(cfg.train.val_microbatches)
+
+    def val_batch(step: int, replica: int, index: int):
+        return dataset.microbatch(0, replica, index, homes, val_mb, mbs, seq, split="validation")
+
+    writer = _tensorboard(cfg, out_dir, rank)
+    show = rank == 0 and cfg.progress
+    steps = int(cfg.train.steps)
+    history: list[dict] = []
+    tokens_per_step = plan.num_microbatches * mbs * seq
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, disable=not show, dynamic_ncols=True, file=sys.stdout)
+    resample = int(cfg.routing.get("resample_every", 0) or 0)
+    for step in range(steps):
+        if resample and step > 0 and step % resample == 0:
+            plan = make_plan(step)
+            backend.set_plan(plan)
+        t0 = time.perf_counter()
+        result = backend.train_step(step, train_batch)
+        dt = time.perf_counter() - t0
+        visits = plan.stage_visits()
+        rec = {"step": step, "loss": result.loss, "lr": result.lr, "step_time_s": dt,
+               "tokens_per_s": tokens_per_step / dt, "skip_ratio": plan.achieved_skip_ratio(), "path_skip_ratio_k": plan.skip_ratio,
+               "stage_visits": visits}
+        history.append(rec)
+        bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                        skip=f"{rec['skip_ratio']:.2f}", visits="/".join(map(str, visits)))
+        bar.update(1)
+        log.info("step %d loss %.4f lr %.2e %.0f tok/s skip %.2f visits %s", step, result.loss, result.lr,
+                 rec["tokens_per_s"], rec["skip_ratio"], visits)
+        if writer is not None:
+            writer.add_scalar("train/loss", result.loss, step)
+            writer.add_scalar("train/lr", result.lr, step)
+            writer.add_scalar("train/tokens_per_s", rec["tokens_per_s"], step)
+            writer.add_scalar("routing/skip_ratio", rec["skip_ratio"], step)
+            for s, v in enumerate(visits):
+                writer.add_scalar(f"routing/visits_stage{s}", v, step)
+        every = int(cfg.train.eval_every)
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            _log_validation(backend, val_batch, val_mb, step, writer)
+    bar.close()
+    val = _log_validation(backend, val_batch, val_mb, steps - 1, writer)
+    first = sum(h["loss"] for h in history[:3]) / min(3, len(history))
+    last = sum(h["loss"] for h in history[-3:]) / min(3, len(history))
+    summary = {"backend": cfg.backend.name, "routing": cfg.routing.kind, "layout": cfg.model.layout,
+               "steps": steps, "world_size": world_size, "rank": rank, "loss_first3": first, "loss_last3": last,
+               "val_loss_full_model": val, "loss_history": [h["loss"] for h in history], "median_tokens_per_s": sorted(h["tokens_per_s"] for h in history)[
+                   len(history) // 2], "skip_ratio": plan.achieved_skip_ratio(), "path_skip_ratio_k": plan.skip_ratio,
+               "stage_visits": plan.stage_visits()}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "history.json").write_text(json.dumps(history))
+    if rank == 0:
+        print(f"done: loss {first:.4f} -> {last:.4f} (mean of first/last 3 steps), validation loss of the full "
+              f"model {val:.4f}; outputs in {out_dir}", flush=True)
+    if writer is not None:
+        writer.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return summary
+
+
+def _log_validation(backend, val_batch, val_mb: int, step: int, writer) -> float:
+    val = backend.validation_loss(val_batch, val_mb)
+    log.info("validation loss (full model, all stages in order) %.4f at step %d", val, step)
+    if writer is not None:
+        writer.add_scalar("val/loss_full_model", val, step)
+    return val
+
+
+def _tensorboard(cfg: DictConfig, out_dir: Path, rank: int):
+    if not cfg.tensorboard or rank != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+@hydra.main(config_path="../hydra_conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from integration.config import ConfigError
+    from integration.plan.routeplan import PlanFormatError
+    from integration.plan.rules import PlanValidationError
+
+    try:
+        run(cfg)
+    except (ConfigError, PlanValidationError, PlanFormatError) as exc:
+        # Bad input: one clear message and a non-zero exit, nothing trained.
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with the versions it is tested with. Idempotent and quick
+# when everything is already installed. The CPU build of torch is installed FIRST: a bare torch
+# requirement with nothing installed would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.skipfree-installed
+want="$(cat pyproject.toml launch/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[test]"
+echo "$want" > "$stamp"
