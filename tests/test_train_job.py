@@ -1,0 +1,89 @@
+"""The main job as a user runs it: the deepspeed launcher, Hydra overrides, bad input, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dist_utils import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def run_job(args, tmp_path, world=None, env_extra=None, timeout=600):
+    """Run train.py through the deepspeed launcher (world given) or directly as one rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    overrides = [f"output_root={tmp_path}/out", *args]
+    if world is None:
+        cmd = [sys.executable, "integration/train.py", *overrides]
+    else:
+        cmd = [DEEPSPEED, "--no_local_rank", "--num_gpus", str(world), "--master_port", str(free_port()),
+               "integration/train.py", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_refused(proc, *needles):
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    for n in needles:
+        assert n in text, f"{n!r} not in output:\n{text[-3000:]}"
+    assert "step 0 loss" not in text
+
+
+def test_main_job_defaults_train_and_loss_goes_down(tmp_path):
+    proc = run_job([], tmp_path, world=4)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert "validation loss of the full model" in text
+    summaries = [json.loads((tmp_path / "out" / f"rank{r}" / "summary.json").read_text()) for r in range(4)]
+    s = summaries[0]
+    assert s["routing"] == "skip" and s["steps"] == 120
+    assert s["loss_last3"] < s["loss_first3"] - 1.0, s
+    assert s["val_loss_full_model"] < s["loss_first3"] - 1.0
+    assert abs(s["skip_ratio"] - 1 / 3) < 1e-9 and s["stage_visits"] == [6, 4, 4, 4]
+    assert {x["val_loss_full_model"] for x in summaries} == {s["val_loss_full_model"]}  # one value on every rank
+    assert (tmp_path / "out" / "rank0" / "plan.json").exists()
+    assert list((tmp_path / "out" / "rank0" / "tensorboard").glob("events.out.tfevents.*"))
+    for r in range(4):  # every rank writes its own directory and log
+        assert (tmp_path / "out" / f"rank{r}" / "train.log").exists()
+
+
+def test_world_size_that_does_not_fit(tmp_path):
+    proc = run_job([], tmp_path, world=3)
+    assert_refused(proc, "world size 3", "parallel.stages (4)", "--num_gpus 4")
+    assert not list((tmp_path / "out").glob("rank*/summary.json"))
+
+
+def test_unknown_config_key(tmp_path):
+    proc = run_job(["train.learning_rate=1"], tmp_path, env_extra={"WORLD_SIZE": "4"})
+    assert_refused(proc, "learning_rate")
+
+
+def test_plan_for_another_stage_count(tmp_path):
+    from integration.plan import full_pipeline, grid_stage_nodes
+
+    path = tmp_path / "plan6.json"
+    full_pipeline(grid_stage_nodes(6, 1), 6).save(path)
+    proc = run_job(["routing=file", f"routing.path={path}"], tmp_path, env_extra={"WORLD_SIZE": "4"})
+    assert_refused(proc, "6 stages", "parallel.stages is 4")
+
+
+def test_missing_data_path(tmp_path):
+    proc = run_job(["data=text", "data.paths=[/nonexistent/dir/*.txt]"], tmp_path,
+                   env_extra={"WORLD_SIZE": "4"})
+    assert_refused(proc, "data.paths", "/nonexistent/dir/*.txt")
+
+
+def test_invalid_routing_settings_named(tmp_path):
+    proc = run_job(["train.microbatches=4"], tmp_path, env_extra={"WORLD_SIZE": "4"})
+    assert_refused(proc, "CC5", "routing.microbatches")
+
+
+def test_dry_run_prints_plan_and_programs(tmp_path):
+    proc = run_job(["dry_run=true", "routing=full"], tmp_path, env_extra={"WORLD_SIZE": "4", "RANK": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage visits [6, 6, 6, 6]" in proc.stdout and "rank 3:" in proc.stdout
