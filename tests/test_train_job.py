@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import free_port
+from integration.runtime.spawn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
