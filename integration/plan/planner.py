@@ -460,17 +460,20 @@ def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = No
 
 
 def plan_for_training(cluster_name_or_path: str | Cluster, stage_nodes: list[list[int]], path_length: int,
-                      memory: int, microbatches_per_home: int, seed: int = 0,
+                      memory: int | None, microbatches_per_home: int, seed: int = 0,
                       effort: Effort = Effort()) -> RoutePlan:
     """Plan paths on the training job's rank grid: node ids are ranks, rank i = cluster node i.
 
     Built-in profiles are sized to the job (world size = largest rank + 1). No time cap: the
-    result depends only on the arguments, so every rank computes the same plan."""
+    result depends only on the arguments, so every rank computes the same plan. ``memory`` None
+    takes the smallest node memory of the cluster."""
     world = max(n for g in stage_nodes for n in g) + 1
     cluster = load_cluster(cluster_name_or_path, num_nodes=world)
     if cluster.num_nodes < world:
         raise LayoutError(f"cluster {cluster.name!r} has {cluster.num_nodes} nodes but the job has {world} ranks; "
                           f"describe every rank in the cluster file")
+    if memory is None:
+        memory = int(min(cluster.nodes[n].memory for g in stage_nodes for n in g))
     res = plan_routes(cluster, stage_nodes=stage_nodes, num_stages=len(stage_nodes), path_length=path_length,
                       memory=memory, microbatches_per_home=microbatches_per_home, seed=seed, effort=effort)
     return res.plan
