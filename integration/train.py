@@ -112,6 +112,7 @@ def run(cfg: DictConfig) -> dict:
 
     if not dist.is_initialized():
         dist.init_process_group(backend_name)
+    _check_same_plan(plan, rank)
     backend = build_backend(cfg, plan, model_cfg, rank, world_size)
 
     mbs, seq = int(cfg.train.micro_batch_size), int(model_cfg.seq_len)
@@ -180,6 +181,22 @@ def run(cfg: DictConfig) -> dict:
     dist.barrier()
     dist.destroy_process_group()
     return summary
+
+
+def _check_same_plan(plan, rank: int) -> None:
+    """Every rank builds the plan itself (deterministically); make sure they really agree."""
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    digest = hashlib.sha256(plan.to_json(indent=None).encode()).digest()[:8]
+    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    if len({int(t) for t in every}) != 1:
+        raise RuntimeError(f"rank {rank}: the ranks built different routing plans (config or planner differs "
+                           f"between ranks); give every rank the same config, or use routing=file")
 
 
 def _log_validation(backend, val_batch, val_mb: int, step: int, writer) -> float:

@@ -9,7 +9,8 @@ p2p tags (NCCL ignores them).
 The global order comes from a small list-scheduling simulation of the iteration with unit costs
 (body forward 1, backward 2), backward work first (it frees activations), and at most
 ``max_inflight`` microbatches in flight per home node. If the plan carries a per-node
-``node_order``, each node takes its work in exactly that order instead.
+``node_order`` (the planner's schedule), each node takes its work in exactly that order instead,
+and a home node admits microbatches as its order says.
 
 Pure Python: no torch import, so the planner and tests can inspect programs cheaply.
 """
@@ -160,10 +161,11 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
         ready[node].append((t, 0 if bwd else 1, mb, idx))
 
     def inject(home: int, t: float) -> None:
-        while pending_by_home[home] and inflight[home] < max_inflight:
+        # A home with a planned node_order takes its microbatches when the order says so.
+        limit = float("inf") if node_order is not None and home in node_order else max_inflight
+        while pending_by_home[home] and inflight[home] < limit:
             mb = pending_by_home[home].pop(0)
             inflight[home] += 1
-            emit(home, LOAD, mb)
             make_ready(mb, 0, t)
 
     for home in sorted(pending_by_home):
@@ -203,6 +205,8 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
             if node_order is not None and node in node_order and _is_ordered_step(chains[mb], idx):
                 order_pos[node] += 1
             cost = _COST[part] * (2.0 if bwd else 1.0)
+            if idx == 0:
+                emit(n, LOAD, mb)  # data is loaded right before the microbatch enters the pipeline
             emit(n, BWD if bwd else FWD, mb, part)
             busy_until[n] = now + cost
             tick += 1
