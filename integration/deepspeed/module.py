@@ -56,11 +56,12 @@ def linear_pipeline_module(layers: list[FactorySpec], num_stages: int, replicas:
 
 
 def initialize_routed(model: PipelineModule, config: dict, routing: RoutingSettings,
-                      optimizer: torch.optim.Optimizer | None = None,
-                      lr_scheduler: Any = None) -> RoutedPipelineEngine:
+                      optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None,
+                      engine_class: type[RoutedPipelineEngine] = RoutedPipelineEngine) -> RoutedPipelineEngine:
     """``deepspeed.initialize`` for a routed pipeline: the same steps as its pipeline branch, our engine class.
 
-    The plan is validated against the topology before anything is built.
+    The plan is validated against the topology before anything is built. ``engine_class`` lets a
+    subclass (e.g. the fault-tolerant engine) be built the same way.
     """
     import deepspeed
     from deepspeed import comm as ds_dist
@@ -73,7 +74,7 @@ def initialize_routed(model: PipelineModule, config: dict, routing: RoutingSetti
     mpu = model.mpu()
     config_class = DeepSpeedConfig(config, mpu)
     deepspeed.set_optimizer_flags(config_class, model)
-    engine = RoutedPipelineEngine(args=None, model=model, optimizer=optimizer,
+    engine = engine_class(args=None, model=model, optimizer=optimizer,
                                   model_parameters=[p for p in model.parameters() if p.requires_grad],
                                   training_data=None, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=False,
                                   collate_fn=None, config=config, config_class=config_class, routing=routing)

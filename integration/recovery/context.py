@@ -1,0 +1,60 @@
+"""A worker's view of the fault-tolerant job: rank, generation, store, and (re)grouping.
+
+Set up by :mod:`launch.agent` through the environment. A hot spare calls :meth:`RankContext.from_env`
+right after its imports and blocks there until the agent assigns it a rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from .detect import connect_store, read_generation
+
+
+@dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    generation: int          # generation of the current process group
+    joining: bool            # a replacement: no state, must be rebuilt by the ladder
+    store_host: str
+    store_port: int
+    started: float
+
+    @classmethod
+    def from_env(cls, spare_timeout_s: float = 24 * 3600.0) -> "RankContext":
+        """Read the agent's environment; a hot spare waits here for its assignment."""
+        host = os.environ.get("SKIPFREE_STORE_HOST", os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        port = int(os.environ.get("SKIPFREE_STORE_PORT", os.environ.get("MASTER_PORT", "0")))
+        spare = os.environ.get("SKIPFREE_SPARE")
+        if spare:
+            store = connect_store(host, port, spare_timeout_s)
+            store.wait([spare], datetime.timedelta(seconds=spare_timeout_s))
+            job = json.loads(store.get(spare))
+            local = job["rank"] - int(os.environ.get("SKIPFREE_NODE", "0")) * int(os.environ.get("LOCAL_SIZE", "1"))
+            os.environ.update({"RANK": str(job["rank"]), "LOCAL_RANK": str(local),
+                               "SKIPFREE_GENERATION": str(job["generation"]), "SKIPFREE_JOINING": "1"})
+        return cls(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                   generation=int(os.environ.get("SKIPFREE_GENERATION", "0")),
+                   joining=os.environ.get("SKIPFREE_JOINING", "0") == "1", store_host=host, store_port=port,
+                   started=time.time())
+
+    def connect(self) -> dist.TCPStore:
+        return connect_store(self.store_host, self.store_port)
+
+    def init_group(self, store: dist.TCPStore, generation: int, timeout_s: float = 60.0) -> None:
+        """(Re)create the default gloo group of ``generation`` under its own store prefix."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"gen{generation}/", store), rank=self.rank,
+                                world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        self.generation = generation
+
+    def latest_generation(self, store: dist.TCPStore) -> int:
+        return read_generation(store)

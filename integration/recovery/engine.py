@@ -1,0 +1,155 @@
+"""RoutedPipelineEngine with failure-aware communication and a commit point before the optimizer step.
+
+Differences from :class:`integration.deepspeed.engine.RoutedPipelineEngine` (everything else is
+inherited, including the gradient rule and the unvisited-stage rule):
+
+* p2p waits go through :meth:`FailureMonitor.wait` (``RoutedP2P``'s ``wait`` hook);
+* the gradient all-reduce over replicas, the global gradient-norm all-reduce for clipping and the
+  loss all-reduce are ours, async + failure-aware, and all run *before* the commit;
+* a ``CommitStep`` instruction between ReduceGrads and OptimizerStep runs the store-based vote of
+  :class:`integration.recovery.commit.StepCommit`; an aborted step raises :class:`PeerFailure`
+  before anything moved, a committed one is applied by upstream's OptimizerStep with clipping
+  already done (so that step holds no collective at all);
+* the stage's gradient norm of the last committed step is kept for CheckFree's weights;
+* compute ops call the failure injector (``forward``/``backward`` points).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from deepspeed.runtime.pipe import schedule as ds_schedule
+
+from ..deepspeed import schedule as rsched
+from ..deepspeed.engine import RoutedPipelineEngine
+from ..runtime.program import BWD, FWD
+from .commit import StepCommit
+from .detect import FailureMonitor, PeerFailure, all_reduce
+from .inject import FailureInjector
+
+
+class CommitStep(ds_schedule.PipeInstruction):
+    """Pre-step collectives, then the commit vote for this iteration."""
+
+
+class FaultTolerantSchedule(rsched.RoutedTrainSchedule):
+    def steps(self):
+        for op in self.ops:
+            yield [rsched.INSTRUCTION_FOR_KIND[op.kind](op=op)]
+        yield [rsched.RoutedEndIteration()]
+        yield [ds_schedule.ReduceTiedGrads(), ds_schedule.ReduceGrads(), CommitStep(), ds_schedule.OptimizerStep()]
+
+
+@dataclass
+class StepGuard:
+    """The per-process recovery state the engine consults; survives engine rebuilds."""
+
+    monitor: FailureMonitor
+    commit: StepCommit
+    generation: int
+    injector: FailureInjector | None = None
+    last_grad_norm: float | None = None        # this stage's gradient L2 norm, last committed step
+    applied_steps: list[int] = field(default_factory=list)  # steps this process applied (audit)
+    last_loss: float | None = None
+
+
+class FaultTolerantEngine(RoutedPipelineEngine):
+    """See the module docstring. ``guard`` must be set right after construction (:func:`attach_guard`)."""
+
+    guard: StepGuard
+
+    def gradient_clipping(self):
+        # Our commit step clips before the vote; upstream's step must not clip (its norm is a collective).
+        return 0.0 if getattr(self, "_clipped_already", False) else super().gradient_clipping()
+
+    def train_batch(self, data_iter: Any = None) -> torch.Tensor:
+        """One iteration; raises :class:`PeerFailure` (nothing applied) if the step was aborted."""
+        if data_iter is not None:
+            self.set_dataiterator(data_iter)
+        self.module.train()
+        self.guard.monitor.check("start of step")
+        self.executor.begin(self.global_steps)
+        sched = FaultTolerantSchedule(self.my_ops, self.micro_batches, self.num_stages, self.stage_id)
+        self._exec_schedule(sched)
+        return self.agg_train_loss
+
+    def _exec_routed_op(self, op) -> None:
+        if self.guard.injector is not None and op.kind in (FWD, BWD):
+            self.guard.injector.at(self.global_steps, "forward" if op.kind == FWD else "backward")
+        self.executor.run_op(op)
+
+    def _exec_reduce_grads(self):
+        if not self._my_stage_visited:
+            return
+        dp = self.grid.get_data_parallel_world_size()
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if dp > 1 and params:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            all_reduce(flat, self.guard.monitor, "gradient all-reduce over replicas",
+                       group=self.grid.get_data_parallel_group())
+            flat.div_(dp)
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+        if self.routing.gradient_rule == "visited":
+            factor = self.total_microbatches / self.stage_visits[self.stage_id]
+            if factor != 1.0:
+                for p in params:
+                    p.grad.mul_(factor)
+
+    def _exec_commit(self):
+        g = self.guard
+        params = [p for p in self.module.parameters() if p.grad is not None] if self._my_stage_visited else []
+        sq = sum(float(p.grad.double().pow(2).sum()) for p in params)
+        clip = super().gradient_clipping()
+        total_norm = None
+        if clip > 0:
+            t = torch.tensor([sq], dtype=torch.float64)
+            all_reduce(t, g.monitor, "gradient-norm all-reduce", group=self.grid.get_model_parallel_group())
+            total_norm = math.sqrt(float(t.item()))
+        losses = self.last_result.losses if self.last_result is not None else {}
+        total = torch.zeros((), dtype=torch.float32)
+        for mb in sorted(losses):
+            total += losses[mb].float()
+        stats = torch.stack([total, torch.tensor(float(len(losses)))])
+        all_reduce(stats, g.monitor, "loss all-reduce")
+        step = self.global_steps
+        if not g.commit.decide(g.generation, step):
+            raise PeerFailure(f"rank {self.global_rank}: step {step} aborted (a failure was recorded before every "
+                              f"rank was ready to step)", g.monitor.latest)
+        # Committed: from here on nothing talks to another rank, so the step is applied everywhere.
+        if total_norm is not None and total_norm > clip:
+            coef = clip / (total_norm + 1e-6)
+            for p in params:
+                p.grad.mul_(coef)
+        if self._my_stage_visited:
+            g.last_grad_norm = math.sqrt(sq)
+        self.agg_train_loss = stats[0] / stats[1]
+        g.last_loss = float(self.agg_train_loss)
+        g.applied_steps.append(step)
+
+    def _exec_optimizer_step(self, lr_kwargs=None):
+        self._clipped_already = True
+        try:
+            return super()._exec_optimizer_step(lr_kwargs)
+        finally:
+            self._clipped_already = False
+
+    _INSTRUCTION_MAP = {
+        **RoutedPipelineEngine._INSTRUCTION_MAP,
+        CommitStep: _exec_commit,
+        ds_schedule.ReduceGrads: _exec_reduce_grads,
+        ds_schedule.OptimizerStep: _exec_optimizer_step,
+        **dict.fromkeys(rsched.INSTRUCTION_FOR_KIND.values(), _exec_routed_op),
+    }
+
+
+def attach_guard(engine: FaultTolerantEngine, guard: StepGuard) -> None:
+    """Give the engine its guard and make its p2p waits failure-aware."""
+    engine.guard = guard
+    engine.p2p_channel._wait = guard.monitor.wait

@@ -1,0 +1,322 @@
+"""Fault-tolerant DeepSpeed training for one process: regroup, ladder rebuild, engine rebuild, replay.
+
+:class:`FaultTolerantDeepSpeed` owns what must survive a peer's failure - the stage module, the
+optimizer (with its state) and the LR scheduler - and rebuilds the DeepSpeed engine around them on
+every new generation. Its :meth:`train_step` either applies one committed step or, on a
+:class:`PeerFailure`, recovers and returns ``None`` so the caller replays (data is addressed by
+step, so the replay uses the same microbatches).
+
+Recovery, on every process of the new generation (survivors and the replacement alike):
+
+1. survivors: wait for the agent's failure record (generation g -> g'), drop the engine, destroy
+   the old process group (pending receives of peers fail at once) and init the group of g' under
+   the store prefix ``gen<g'>/``; the replacement starts right there;
+2. rebuild the module's DeepSpeed groups (same ``new_group`` sequence as a fresh PipelineModule);
+3. exchange (failure-aware all-gather): who is joining, the step to resume at, stage gradient
+   norms, scheduler state; every rank computes the same :func:`plan_rebuild` actions;
+4. transfers in one global action order (survivors -> joiner), the joiner applies the rule
+   (exact replica copy / CheckFree average / partner or neighbour copy) and the optimizer surgery;
+5. a new engine around the same module/optimizer/scheduler, counters restored.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..deepspeed.module import initialize_routed
+from ..deepspeed.engine import RoutingSettings
+from . import rebuild as rb
+from .commit import StepCommit
+from .context import RankContext
+from .detect import FailureMonitor, PeerFailure, all_gather_object, failures_between
+from .engine import FaultTolerantEngine, StepGuard, attach_guard
+from .events import EventLog
+from .inject import FailureInjector, parse_schedule
+from .transfer import recv_state, send_state
+
+
+@dataclass
+class RecoverySettings:
+    """The ``recovery`` config group."""
+
+    fallback: str = "checkpoint"          # checkpoint | copy_neighbour | error
+    lr_scale: float = 1.1
+    weight_statistic: str = "clipped_l2"  # clipped_l2 | l2 | squared_l2
+    swaps_on: bool | None = None          # None: from the plan (builder checkfree_plus)
+    heartbeat_s: float = 0.5
+    poll_s: float = 0.05
+    rendezvous_timeout_s: float = 60.0
+    confirm_timeout_s: float = 30.0       # wait for the agent's record after a connection error
+    inject: str = ""                      # failure schedule, see integration.recovery.inject
+    rate_per_hour: float = 0.0
+    iteration_seconds: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, m: Any) -> "RecoverySettings":
+        known = set(cls.__dataclass_fields__)
+        data = {k: m[k] for k in (m or {}) if k in known}
+        unknown = [k for k in (m or {}) if k not in known and k not in ("name", "enabled")]
+        if unknown:
+            raise ValueError(f"recovery: unknown keys {unknown}; known: {sorted(known)}")
+        s = cls(**data)
+        if s.fallback not in rb.FALLBACKS:
+            raise ValueError(f"recovery.fallback: {s.fallback!r} is not one of {rb.FALLBACKS}")
+        if s.weight_statistic not in rb.STATISTICS:
+            raise ValueError(f"recovery.weight_statistic: {s.weight_statistic!r} is not one of {rb.STATISTICS}")
+        return s
+
+
+def state_digest(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:
+    """sha256 over the module's state dict and (optionally) the optimizer state, for bitwise audits."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        for pid in sorted(sd["state"]):
+            for k, v in sorted(sd["state"][pid].items()):
+                h.update(f"{pid}/{k}".encode())
+                h.update(v.detach().contiguous().cpu().numpy().tobytes() if torch.is_tensor(v) else repr(v).encode())
+    return h.hexdigest()
+
+
+def regroup_module(module) -> None:
+    """Recreate a PipelineModule's process groups on the current world, in PipelineModule's order."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+    module.world_group = dist.new_group(ranks=range(dist.get_world_size()))
+    module.global_rank = dist.get_rank(group=module.world_group)
+    module._grid = PipelineParallelGrid(process_group=module.world_group, topology=module._topo)
+    module.tied_comms = module._index_tied_modules()
+
+
+def initialize_fault_tolerant(module, config: dict, routing: RoutingSettings, optimizer, lr_scheduler,
+                              guard: StepGuard) -> FaultTolerantEngine:
+    """:func:`integration.deepspeed.module.initialize_routed` with :class:`FaultTolerantEngine`."""
+    engine = initialize_routed(module, config, routing, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                               engine_class=FaultTolerantEngine)
+    attach_guard(engine, guard)
+    return engine
+
+
+def stage_state(module) -> dict[str, torch.Tensor]:
+    """The stage's state dict with layer indices made local (``3.blocks..`` on stage 3 -> ``0.blocks..``),
+    so neighbouring stages' keys match (a PipelineModule names its layers by global index)."""
+    start = getattr(module, "_local_start", 0)
+    out = {}
+    for key, value in module.state_dict().items():
+        head, _, rest = key.partition(".")
+        out[f"{int(head) - start}.{rest}" if head.isdigit() else key] = value
+    return out
+
+
+def load_stage_state(module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`stage_state`: load local-index keys into this stage's PipelineModule."""
+    start = getattr(module, "_local_start", 0)
+    full = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        full[f"{int(head) + start}.{rest}" if head.isdigit() else key] = value
+    module.load_state_dict(full)
+
+
+_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+class FaultTolerantDeepSpeed:
+    """One rank of a fault-tolerant routed DeepSpeed job (see the module docstring)."""
+
+    def __init__(self, ctx: RankContext, build_module: Callable[[], Any],
+                 build_optimizer: Callable[[Any], tuple[torch.optim.Optimizer, Any]], ds_config: dict,
+                 routing: RoutingSettings, settings: RecoverySettings, events: EventLog | None = None,
+                 on_recovered: Callable[[dict], None] | None = None):
+        self.ctx, self.ds_config, self.routing, self.settings = ctx, ds_config, routing, settings
+        self.events = events or EventLog(None, ctx.rank)
+        self.on_recovered = on_recovered
+        self.store = ctx.connect()
+        self.monitor = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, ctx.generation,
+                                      heartbeat_s=settings.heartbeat_s, poll_s=settings.poll_s).start()
+        ctx.init_group(self.store, ctx.generation, settings.rendezvous_timeout_s)
+        self.module = build_module()
+        self.optimizer, self.scheduler = build_optimizer(self.module)
+        self.stage, self.replica = routing.plan.node_stage()[ctx.rank]
+        injector = FailureInjector(self.stage, self.replica, parse_schedule(settings.inject),
+                                   settings.rate_per_hour, settings.iteration_seconds,
+                                   active=ctx.generation == 0 and not ctx.joining)
+        self.guard = StepGuard(self.monitor, StepCommit(self.store, ctx.world_size, self.monitor), ctx.generation,
+                               injector)
+        self.joining = ctx.joining
+        self.engine: FaultTolerantEngine | None = None
+        self.pending: dict | None = None  # the recovery in progress (timings for the event)
+        self.recoveries: list[dict] = []
+        if self.joining:
+            self.pending = {"generation": ctx.generation, "t_fail": None, "t_detect": None, "t_regroup": time.time()}
+            self._exchange_and_rebuild(counters=None)
+        else:
+            self.engine = initialize_fault_tolerant(self.module, ds_config, routing, self.optimizer, self.scheduler,
+                                                    self.guard)
+
+    @property
+    def swaps_on(self) -> bool:
+        if self.settings.swaps_on is not None:
+            return bool(self.settings.swaps_on)
+        return self.routing.plan.meta.get("builder") == "checkfree_plus"
+
+    @property
+    def global_steps(self) -> int:
+        return self.engine.global_steps
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, batch_source) -> float | None:
+        """Run the next step; returns its loss, or ``None`` after a recovery (the step is to be replayed)."""
+        if self.guard.injector is not None:
+            self.guard.injector.at(self.engine.global_steps, "boundary")
+        self.engine.set_batch_source(batch_source)
+        try:
+            loss = float(self.engine.train_batch())
+        except PeerFailure as failure:
+            self.recover(failure)
+            return None
+        if self.pending is not None:
+            self._finish_event(loss)
+        return loss
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self, failure: PeerFailure) -> None:
+        t_raise = time.time()
+        old = self.guard.generation
+        step = self.engine.global_steps
+        if self.guard.commit.abort(old, step):
+            raise RuntimeError(f"rank {self.ctx.rank}: step {step} was committed but not applied here (bug)")
+        new = self.monitor.wait_for_generation(old, self.settings.confirm_timeout_s)
+        records = failures_between(self.store, old, new)
+        t_fail = min(r.time for r in records)
+        counters = {k: getattr(self.engine, k) for k in _COUNTERS}
+        loss_before = self.guard.last_loss
+        self.engine = None  # drop every reference to the old groups before tearing them down
+        gc.collect()
+        self.ctx.init_group(self.store, new, self.settings.rendezvous_timeout_s)
+        self.monitor.set_generation(new)
+        self.guard.generation = new
+        t_regroup = time.time()
+        regroup_module(self.module)
+        self.pending = {"generation": new, "t_fail": t_fail, "t_detect": self.monitor.detected_at or t_raise,
+                        "t_raise": t_raise, "t_regroup": t_regroup, "cause": str(failure)[:300],
+                        "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records],
+                        "loss_before": loss_before}
+        self._exchange_and_rebuild(counters)
+
+    def _exchange_and_rebuild(self, counters: dict | None) -> None:
+        t0 = time.time()
+        info = {"rank": self.ctx.rank, "stage": self.stage, "replica": self.replica, "joining": self.joining,
+                "counters": counters, "grad_norm": self.guard.last_grad_norm,
+                "scheduler": None if self.joining or self.scheduler is None else self.scheduler.state_dict(),
+                "lrs": [g["lr"] for g in self.optimizer.param_groups], "loss": self.guard.last_loss}
+        infos = all_gather_object(info, self.monitor, "recovery exchange", self.ctx.world_size)
+        survivors = [i for i in infos if not i["joining"]]
+        if not survivors:
+            raise RuntimeError("recovery: every rank is joining; nothing survived to rebuild from")
+        steps = {i["counters"]["global_steps"] for i in survivors}
+        if len(steps) != 1:
+            raise RuntimeError(f"recovery: survivors disagree on the step to resume at ({sorted(steps)}); the "
+                               f"commit protocol should make this impossible")
+        plan = self.routing.plan
+        rank_of = {(s, r): n for s, reps in enumerate(plan.stage_nodes) for r, n in enumerate(reps)}
+        lost = {(i["stage"], i["replica"]) for i in infos if i["joining"]}
+        replicas = [len(reps) for reps in plan.stage_nodes]
+        actions = rb.plan_rebuild(lost, plan.num_stages, replicas, self.swaps_on, self.settings.fallback,
+                                  self.settings.lr_scale)
+        for a in actions:
+            if a.degraded:
+                self.events.emit("recovery_fallback", step=next(iter(steps)), method=a.method, action=a.describe())
+        if any(a.method == rb.CHECKPOINT for a in actions):
+            bad = [a.describe() for a in actions if a.method == rb.CHECKPOINT]
+            raise rb.RecoveryError(f"recovery: falling back to the last checkpoint for {bad}, but this run has no "
+                                   f"checkpoint to restore (set recovery.fallback=copy_neighbour for the named "
+                                   f"degraded mode, or run with checkpoints)")
+        sent = 0
+        mine = None
+        for a in actions:
+            target = rank_of[(a.stage, a.replica)]
+            received = []
+            for src in a.sources:
+                src_rank = rank_of[src]
+                what = f"state of stage {src[0]} replica {src[1]} for {a.method}"
+                if self.ctx.rank == src_rank:
+                    payload = {"model": stage_state(self.module), "grad_norm": self.guard.last_grad_norm}
+                    if a.method == rb.REPLICA_COPY:
+                        payload["optimizer"] = self.optimizer.state_dict()
+                    sent += send_state(payload, target, self.monitor, what)
+                elif self.ctx.rank == target:
+                    received.append(recv_state(src_rank, self.monitor, what))
+            if self.ctx.rank == target:
+                mine = (a, received)
+        t_transfer = time.time()
+        if mine is not None:
+            self._apply(mine[0], mine[1], survivors[0])
+        if counters is None:
+            counters = dict(survivors[0]["counters"])
+        self.engine = initialize_fault_tolerant(self.module, self.ds_config, self.routing, self.optimizer,
+                                                self.scheduler, self.guard)
+        for k, v in counters.items():
+            setattr(self.engine, k, v)
+        self.joining = False
+        self.pending.update({"t_exchange": t0, "t_transfer": t_transfer, "t_engine": time.time(),
+                             "actions": [a.describe() for a in actions],
+                             "methods": sorted({a.method for a in actions}), "bytes_sent": sent,
+                             "resume_step": counters["global_steps"],
+                             "loss_before": self.pending.get("loss_before") or survivors[0]["loss"],
+                             "rebuilt_here": mine[0].method if mine else None})
+        if self.on_recovered is not None:
+            self.on_recovered({"actions": actions, "received": mine[1] if mine else None, "session": self})
+
+    def _apply(self, action: rb.RebuildAction, received: list[dict], donor: dict) -> None:
+        """The joiner applies its rebuild rule and the optimizer surgery."""
+        if action.method == rb.REPLICA_COPY:
+            load_stage_state(self.module, received[0]["model"])
+            self.optimizer.load_state_dict(received[0]["optimizer"])
+            scale = self.optimizer.param_groups[0].get("lr_scale", 1.0)
+            if scale != 1.0:
+                rb.set_lr_scale(self.optimizer, scale)  # a copied rebuilt stage keeps its multiplier
+        else:
+            if action.method == rb.CHECKFREE:
+                prev, nxt = received
+                w = [rb.stage_weight(r["grad_norm"] if r["grad_norm"] is not None else 1.0,
+                                     self.settings.weight_statistic) for r in (prev, nxt)]
+                state = rb.checkfree_average(prev["model"], nxt["model"], w[0], w[1])
+            else:
+                state = rb.partner_copy(received[0]["model"])
+            load_stage_state(self.module, state)
+            rb.fresh_optimizer_state(self.optimizer)
+            rb.set_lr_scale(self.optimizer, action.lr_scale)
+            norms = [r["grad_norm"] for r in received if r["grad_norm"] is not None]
+            self.guard.last_grad_norm = sum(norms) / len(norms) if norms else None
+        if self.scheduler is not None and donor["scheduler"] is not None:
+            self.scheduler.load_state_dict(donor["scheduler"])
+        for g, lr in zip(self.optimizer.param_groups, donor["lrs"]):
+            g["lr"] = lr  # the schedule's value at the global step (lr_scale applies on top)
+
+    def _finish_event(self, loss_after: float) -> None:
+        p, self.pending = self.pending, None
+        now = time.time()
+        t_fail = p.get("t_fail")
+        rec = {
+            "generation": p["generation"], "methods": p.get("methods"), "actions": p.get("actions"),
+            "rebuilt_here": p.get("rebuilt_here"), "failed_ranks": p.get("failed_ranks"),
+            "reasons": p.get("reasons"), "resume_step": p.get("resume_step"),
+            "detect_s": (p["t_detect"] - t_fail) if t_fail and p.get("t_detect") else None,
+            "regroup_s": (p["t_regroup"] - p.get("t_raise", p["t_regroup"])),
+            "transfer_s": p["t_transfer"] - p["t_exchange"], "engine_rebuild_s": p["t_engine"] - p["t_transfer"],
+            "first_good_step_s": (now - t_fail) if t_fail else (now - p["t_regroup"]),
+            "loss_before": p.get("loss_before"), "loss_after": loss_after, "bytes_sent": p.get("bytes_sent"),
+        }
+        self.recoveries.append(rec)
+        self.events.emit("recovery", step=p.get("resume_step"), **rec)

@@ -1,0 +1,1 @@
+"""Launchers: the fault-tolerant per-host agent (:mod:`launch.agent`)."""

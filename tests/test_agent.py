@@ -1,0 +1,108 @@
+"""launch.agent with real processes: several agents on one store, respawn of only the dead rank,
+hot-spare promotion, hang detection by heartbeat, give-up after max restarts, arguments passed through."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.dist_utils import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A tiny worker: no process group, just the agent's contract (env, store, generation, spare wait).
+WORKER = r"""
+import json, os, signal, sys, time
+from pathlib import Path
+from integration.recovery.context import RankContext
+from integration.recovery.detect import FailureMonitor, read_generation
+t0 = time.time()
+ctx = RankContext.from_env()
+out = Path(os.environ["OUT"])
+rec = {"rank": ctx.rank, "world": ctx.world_size, "generation": ctx.generation, "joining": ctx.joining,
+       "pid": os.getpid(), "spare": os.environ.get("SKIPFREE_SPARE"), "argv": sys.argv[1:], "waited": time.time() - t0}
+with open(out / f"rank{ctx.rank}.jsonl", "a") as f:
+    f.write(json.dumps(rec) + "\n")
+mode = os.environ.get("MODE", "ok")
+store = ctx.connect()
+if mode == "crash_always":
+    sys.exit(3)
+mon = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, ctx.generation, heartbeat_s=0.2).start()
+victim = int(os.environ.get("VICTIM", "1"))
+if ctx.rank == victim and ctx.generation == 0 and mode in ("kill", "hang"):
+    time.sleep(0.6)
+    os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
+if mode in ("kill", "hang") and ctx.rank != victim:
+    while read_generation(store) < 1:  # survivors wait until the failure was recorded
+        time.sleep(0.05)
+mon.stop()
+"""
+
+
+def agent(tmp: Path, *args: str, env: dict | None = None, node: int = 0, port: int | None = None,
+          overrides: tuple[str, ...] = ()) -> subprocess.Popen:
+    e = dict(os.environ, OUT=str(tmp), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
+    port_args = ["--store-port", str(port)] if port else []
+    cmd = [sys.executable, "-m", "launch.agent", "--node-rank", str(node), *port_args, *args, "--", "-c", WORKER,
+           *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=e, stderr=subprocess.PIPE, text=True)
+
+
+def rows(tmp: Path, rank: int) -> list[dict]:
+    p = tmp / f"rank{rank}.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_two_agents_one_store_and_args_pass_through(tmp_path):
+    port = free_port()
+    overrides = ("train.steps=3", "+recovery.inject='kill:stage=1,step=2'", "model=small")
+    a0 = agent(tmp_path, "--nproc", "2", "--nnodes", "2", port=port, overrides=overrides)
+    time.sleep(0.5)
+    a1 = agent(tmp_path, "--nproc", "2", "--nnodes", "2", node=1, port=port, overrides=overrides)
+    assert a0.wait(timeout=120) == 0 and a1.wait(timeout=120) == 0, a0.stderr.read() + a1.stderr.read()
+    for r in range(4):
+        (rec,) = rows(tmp_path, r)
+        assert rec["world"] == 4 and rec["generation"] == 0 and not rec["joining"]
+        assert rec["argv"] == list(overrides)
+
+
+def test_respawns_only_the_dead_rank(tmp_path):
+    a = agent(tmp_path, "--nproc", "3", env={"MODE": "kill"})
+    assert a.wait(timeout=120) == 0
+    log = a.stderr.read()
+    assert '"event": "failure"' in log and "killed by SIGKILL" in log
+    assert [len(rows(tmp_path, r)) for r in range(3)] == [1, 2, 1]
+    first, second = rows(tmp_path, 1)
+    assert (first["generation"], first["joining"]) == (0, False)
+    assert (second["generation"], second["joining"]) == (1, True) and second["pid"] != first["pid"]
+
+
+def test_hot_spare_is_promoted(tmp_path):
+    a = agent(tmp_path, "--nproc", "2", "--hot-spares", "1", env={"MODE": "kill", "VICTIM": "0"})
+    assert a.wait(timeout=120) == 0
+    assert "promoted hot spare 0" in a.stderr.read()
+    replacement = rows(tmp_path, 0)[1]
+    assert replacement["spare"] and replacement["joining"] and replacement["generation"] == 1
+    assert replacement["waited"] > 0.3  # it was started before the failure and waited for the assignment
+
+
+def test_hang_detected_by_heartbeat(tmp_path):
+    t0 = time.time()
+    a = agent(tmp_path, "--nproc", "2", "--heartbeat-timeout", "1.5", env={"MODE": "hang", "VICTIM": "1"})
+    assert a.wait(timeout=120) == 0
+    log = a.stderr.read()
+    assert '"event": "hang"' in log and "hang (no heartbeat" in log
+    hang = next(json.loads(x[len("agent: "):]) for x in log.splitlines() if '"event": "hang"' in x)
+    assert 1.5 <= hang["silent_s"] < 3.0
+    assert len(rows(tmp_path, 1)) == 2 and time.time() - t0 < 100
+
+
+def test_gives_up_after_max_restarts(tmp_path):
+    a = agent(tmp_path, "--nproc", "1", "--max-restarts", "2", env={"MODE": "crash_always"})
+    assert a.wait(timeout=120) == 1
+    assert '"event": "give_up"' in a.stderr.read()
+    assert len(rows(tmp_path, 0)) == 3

@@ -1,0 +1,78 @@
+"""Failure injection: schedule parsing, matching, random rate, and a real SIGKILL / SIGSTOP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from integration.recovery.inject import FailureInjector, ScheduledFailure, parse_schedule
+
+
+def test_parse_schedule():
+    got = parse_schedule("kill:stage=2,step=3,phase=backward; hang:stage=1,step=5,replica=any,after_ops=2")
+    assert got == [ScheduledFailure(2, 3, "backward", "kill", 0, 0),
+                   ScheduledFailure(1, 5, "forward", "hang", None, 2)]
+    assert parse_schedule("") == [] and parse_schedule(None) == []
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_schedule("kill:stage=2,when=3")
+    with pytest.raises(ValueError, match="needs stage"):
+        parse_schedule("kill:step=3")
+    with pytest.raises(ValueError, match="mode"):
+        parse_schedule("explode:stage=1,step=1")
+
+
+def test_injector_fires_only_at_its_point():
+    fired = []
+    inj = FailureInjector(2, 0, parse_schedule("kill:stage=2,step=3,phase=backward,after_ops=1"),
+                          signal_self=fired.append)
+    inj.at(3, "forward")
+    inj.at(3, "backward")
+    assert fired == []
+    inj.at(3, "backward")
+    assert fired == [signal.SIGKILL]
+    other = FailureInjector(2, 1, parse_schedule("hang:stage=2,step=0"), signal_self=fired.append)
+    other.at(0, "forward")
+    assert fired == [signal.SIGKILL]  # replica 1 is not the target (replica defaults to 0)
+    inactive = FailureInjector(2, 0, parse_schedule("kill:stage=2,step=0"), active=False, signal_self=fired.append)
+    inactive.at(0, "forward")
+    assert len(fired) == 1
+
+
+def test_random_rate_is_same_draw_for_every_rank_of_a_stage():
+    hits = {}
+    for replica in (0, 1):
+        fired = []
+        inj = FailureInjector(1, replica, rate_per_hour=0.9, iteration_seconds=600, seed=7, signal_self=fired.append)
+        for step in range(200):
+            inj.at(step, "boundary")
+        hits[replica] = len(fired)
+    assert hits[0] == hits[1] and 40 < hits[0] < 120  # p_it = 1 - 0.1**(1/6) ~ 0.32
+
+
+@pytest.mark.parametrize("mode,check", [("kill", "killed"), ("hang", "stopped")])
+def test_real_signal(mode, check):
+    code = ("from integration.recovery.inject import FailureInjector, parse_schedule;"
+            f"FailureInjector(1, 0, parse_schedule('{mode}:stage=1,step=0')).at(0, 'forward');"
+            "print('survived', flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=os.getcwd())
+    try:
+        if check == "killed":
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+            assert proc.stdout.read() == b""
+        else:
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                with open(f"/proc/{proc.pid}/stat") as f:
+                    if f.read().split(") ")[1][0] == "T":
+                        break
+                time.sleep(0.05)
+            else:
+                pytest.fail("process did not stop")
+    finally:
+        proc.kill()
+        proc.wait()
