@@ -114,11 +114,7 @@ class RoutedPipelineEngine(PipelineEngine):
         self.my_ops = self.program.for_rank(self.global_rank)
         self.stage_visits = self.program.stage_visits
         self.total_microbatches = plan.num_microbatches
-        # (home replica, index within that home) of every microbatch, for step-addressed data.
-        self.mb_address: dict[int, tuple[int, int]] = {}
-        for home in plan.stage_nodes[0]:
-            for i, r in enumerate(sorted(plan.routes_from(home), key=lambda r: r.mb)):
-                self.mb_address[r.mb] = (r.home_replica, i)
+        self.mb_address = _microbatch_addresses(plan)
 
     @property
     def layout(self) -> str:
@@ -148,10 +144,7 @@ class RoutedPipelineEngine(PipelineEngine):
         program = compile_plan(plan, self.routing.max_inflight)
         saved = self.batch_source, self.mb_address
         self.batch_source = batch_source
-        self.mb_address = {}
-        for home in plan.stage_nodes[0]:
-            for i, r in enumerate(sorted(plan.routes_from(home), key=lambda r: r.mb)):
-                self.mb_address[r.mb] = (r.home_replica, i)
+        self.mb_address = _microbatch_addresses(plan)
         was_training = self.module.training
         self.module.eval()
         try:
@@ -209,6 +202,15 @@ class RoutedPipelineEngine(PipelineEngine):
 
 
 RoutedTrainSchedule = rsched.RoutedTrainSchedule
+
+
+def _microbatch_addresses(plan: RoutePlan) -> dict[int, tuple[int, int]]:
+    """(home replica, index within that home's microbatches) of every microbatch: the data address."""
+    out = {}
+    for home in plan.stage_nodes[0]:
+        for i, r in enumerate(sorted(plan.routes_from(home), key=lambda r: r.mb)):
+            out[r.mb] = (r.home_replica, i)
+    return out
 
 
 @contextlib.contextmanager
