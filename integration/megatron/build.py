@@ -41,11 +41,16 @@ def check_parallel_layout(*, world_size: int, tensor: int, stages: int, n_heads:
 
 
 def initialize_megatron(tensor: int, stages: int, seed: int) -> None:
-    """megatron's model-parallel init on the already initialised default process group (gloo or NCCL)."""
+    """megatron's model-parallel init on the already initialised default process group (gloo or NCCL).
+
+    Re-initialises (destroying the previous groups) when called again in one process.
+    """
     check_megatron_version()
     apply_cpu_patches()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=stages)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
 def build_model(layout: str, config: TransformerConfig, *, vocab_size: int, seq_len: int, layers_per_stage: int,
@@ -68,9 +73,10 @@ def build_model(layout: str, config: TransformerConfig, *, vocab_size: int, seq_
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, clip_grad: float = 0.0):
-    """megatron's Adam (fp32, not distributed) over ``model``."""
-    cfg = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, clip_grad: float = 0.0,
+                    min_lr: float | None = None):
+    """megatron's Adam (fp32, not distributed) over ``model``; ``min_lr`` for OptimizerParamScheduler."""
+    cfg = OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=betas[0],
                           adam_beta2=betas[1], adam_eps=eps, clip_grad=clip_grad, bf16=False, fp16=False,
                           use_distributed_optimizer=False)
     return get_megatron_optimizer(cfg, [model])
@@ -87,9 +93,10 @@ def gpt_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def gpt_forward_step(data_iterator, model):
     """A standard megatron GPT ``forward_step_func`` (the shape megatron's examples use).
 
-    Fields a stage does not hold are None (as megatron's ``get_batch`` returns on middle stages).
+    Fields a stage does not hold are None (as megatron's ``get_batch`` returns on middle stages);
+    a stage without a data iterator (a middle stage under megatron's stock 1F1B) reads nothing.
     """
-    batch = next(data_iterator)
+    batch = next(data_iterator) if data_iterator is not None else {"tokens": None, "labels": None}
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def move(t):

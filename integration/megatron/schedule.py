@@ -75,6 +75,9 @@ class RoutedForwardBackward:
         self.stage = self.grid.coords(self.rank)[0]
         self.node = self.grid.node_of(self.rank)
         self._calls = 0
+        # Ring: the tie is local to the home stage; megatron reads embd=None as "use the default
+        # first+last-stage group", so a one-rank group switches the cross-stage all-reduce off.
+        self._own_group, _ = torch.distributed.new_subgroups(group_size=1)
         self.last_losses: dict[int, torch.Tensor] = {}
         self.last_stage_visited = True
         self.set_plan(plan, num_microbatches)
@@ -168,7 +171,7 @@ class RoutedForwardBackward:
         pgc.tp = ps.get_tensor_model_parallel_group()
         pgc.pp = ps.get_pipeline_model_parallel_group()
         # Ring: embedding and head are tied on the home stage itself, no cross-stage embedding group.
-        pgc.embd = ps.get_embedding_group(check_initialized=False) if self.plan.layout == "linear" else None
+        pgc.embd = ps.get_embedding_group(check_initialized=False) if self.plan.layout == "linear" else self._own_group
         pgc.pos_embd = ps.get_position_embedding_group(check_initialized=False)
         pgc.cp = ps.get_context_parallel_group()
         pgc.dp_cp = ps.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=False)

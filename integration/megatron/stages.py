@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -76,6 +77,7 @@ class RingGPTStage(LanguageModule):
             pg_collection.embd = None
         super().__init__(config=config, pg_collection=pg_collection)
         self.home = home
+        self.model_type = ModelType.encoder_or_decoder
         self.pre_process = home
         self.post_process = home
         self.vocab_size = vocab_size

@@ -1,0 +1,168 @@
+"""The main job's megatron-core backend: ``build_megatron_backend(cfg, plan, model_cfg, rank, world_size)``.
+
+Same contract as the DeepSpeed backend (:class:`integration.backend.TrainingBackend`): the main job
+builds the plan, the data and the logs; this backend owns megatron's groups, the stage model
+(:mod:`.stages`), megatron DDP, megatron's Adam + ``OptimizerParamScheduler`` (linear warmup, cosine
+decay to ``train.min_lr`` over ``train.steps``) and runs each iteration through
+:class:`RoutedForwardBackward`.
+
+Plan node ids: with ``parallel.tensor = 1`` megatron's default rank order puts (stage s, replica r)
+on rank ``s*D + r``, i.e. ``grid_stage_nodes(S, D)``. With TP > 1 a plan node is a TP group whose
+id is its tensor-rank-0 rank; a plan built on ``grid_stage_nodes(S, D)`` is relabelled onto that
+grid (same routes), any other layout must already use megatron's grid or is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from ..backend import BatchSource, StepResult
+from ..plan.builders import full_pipeline
+from ..plan.routeplan import Hop, MicrobatchRoute, RoutePlan, grid_stage_nodes
+from .build import (build_model, build_optimizer, check_parallel_layout, gpt_forward_step, initialize_megatron)
+from .cpu_compat import check_megatron_version
+from .layout import MegatronGrid, check_plan_fits
+from .schedule import RoutedForwardBackward
+from .stages import gpt_config
+
+
+def plan_stage_nodes(cfg: Any) -> list[list[int]]:
+    """The plan's ``stage_nodes`` for megatron's default rank order, from the config alone:
+    stage s, replica r -> rank T*(r + D*s) (the tensor-rank-0 member of that TP group)."""
+    tensor = int(cfg.parallel.get("tensor", 1) or 1)
+    stages, replicas = int(cfg.parallel.stages), int(cfg.parallel.replicas)
+    return [[tensor * (r + replicas * s) for r in range(replicas)] for s in range(stages)]
+
+
+def relabel_plan(plan: RoutePlan, stage_nodes: list[list[int]]) -> RoutePlan:
+    """The same routes on another node layout (replica indices kept, node ids replaced)."""
+    routes = [MicrobatchRoute(r.mb, r.home_replica, stage_nodes[0][r.home_replica],
+                              tuple(Hop(h.stage, h.replica, stage_nodes[h.stage][h.replica]) for h in r.hops))
+              for r in plan.routes]
+    old_to_new = {plan.stage_nodes[s][i]: stage_nodes[s][i] for s in range(len(stage_nodes))
+                  for i in range(len(stage_nodes[s]))}
+    node_order = None if plan.node_order is None else {old_to_new[n]: v for n, v in plan.node_order.items()}
+    return dataclasses.replace(plan, stage_nodes=[list(s) for s in stage_nodes], routes=routes, node_order=node_order)
+
+
+class MegatronBackend:
+    """:class:`integration.backend.TrainingBackend` on megatron-core."""
+
+    def __init__(self, cfg: Any, plan: RoutePlan, model_cfg: Any, rank: int, world_size: int):
+        self.cfg = cfg
+        self.rank = rank
+        tensor, stages = int(cfg.parallel.get("tensor", 1) or 1), int(cfg.parallel.stages)
+        m = cfg.model
+        self.replicas = check_parallel_layout(world_size=world_size, tensor=tensor, stages=stages,
+                                              n_heads=int(m.n_heads), replicas=int(cfg.parallel.replicas))
+        if int(m.vocab_size) % tensor:
+            raise ValueError(f"parallel.tensor={tensor} does not divide model.vocab_size={m.vocab_size} "
+                             f"(megatron splits the vocabulary across tensor-parallel ranks)")
+        self.layout = str(m.layout)
+        self.micro_batch_size = int(cfg.train.micro_batch_size)
+        self.seq_len = int(m.seq_len)
+        self.microbatches = int(cfg.train.microbatches)
+        if plan.num_stages != stages:
+            raise ValueError(f"routing plan: it has {plan.num_stages} stages but parallel.stages is {stages}")
+
+        train = cfg.train
+        initialize_megatron(tensor, stages, int(train.seed))
+        self.grid = MegatronGrid.from_parallel_state()
+        if tensor > 1 and plan.stage_nodes == grid_stage_nodes(stages, self.replicas):
+            plan = relabel_plan(plan, self.grid.stage_nodes)
+        check_plan_fits(plan, self.grid, self.microbatches)  # before any model is built
+        layers = int(m.layers_per_stage)
+        num_layers = layers * (stages if self.layout == "linear" else stages - 1)
+        self.config = gpt_config(num_layers=num_layers, hidden_size=int(m.d_model), num_attention_heads=int(m.n_heads),
+                                 ffn_hidden_size=int(model_cfg.ffn_hidden) if getattr(model_cfg, "ffn_hidden", None)
+                                 else None, tensor_parallel=tensor, pipeline_parallel=stages,
+                                 init_std=float(getattr(model_cfg, "init_std", 0.02)),
+                                 layernorm_epsilon=float(getattr(model_cfg, "norm_eps", 1e-5)))
+        self.model = build_model(self.layout, self.config, vocab_size=int(m.vocab_size), seq_len=self.seq_len,
+                                 layers_per_stage=layers, seed=int(train.seed),
+                                 tie_embeddings=bool(m.get("tie_embeddings", True)))
+        betas = tuple(float(b) for b in train.betas)
+        self.optimizer = build_optimizer(self.model, lr=float(train.lr), weight_decay=float(train.weight_decay),
+                                         betas=betas, clip_grad=float(train.grad_clip or 0.0),
+                                         min_lr=float(train.min_lr))
+        steps = int(train.steps)
+        warmup = min(int(train.warmup_steps), max(steps - 1, 0))
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if warmup else float(train.lr), max_lr=float(train.lr),
+            min_lr=float(train.min_lr), lr_warmup_steps=warmup, lr_decay_steps=max(steps, warmup + 1),
+            lr_decay_style="cosine", start_wd=float(train.weight_decay), end_wd=float(train.weight_decay),
+            wd_incr_steps=max(steps, 1), wd_incr_style="constant")
+        routing = cfg.routing
+        max_inflight = routing.get("max_inflight", None)
+        self.fb = RoutedForwardBackward(plan, num_microbatches=self.microbatches,
+                                        gradient_rule=str(routing.get("gradient_rule", "visited")),
+                                        max_inflight=int(max_inflight) if max_inflight else None, grid=self.grid)
+        self.fb.guard_optimizer(self.optimizer)
+        self.plan = self.fb.plan
+        self._eval_fb: dict[int, RoutedForwardBackward] = {}
+        self.stage, self.replica, self.tensor_rank = self.grid.coords(rank)
+        self.is_home = self.stage == 0
+
+    # ------------------------------------------------------------------ protocol
+    def stage_of_rank(self, rank: int) -> tuple[int, int]:
+        s, r, _ = self.grid.coords(rank)
+        return s, r
+
+    def _batches(self, batch_source: BatchSource, step: int, count: int):
+        if not self.is_home:
+            return None
+        return iter([dict(zip(("tokens", "labels"), batch_source(step, self.replica, i))) for i in range(count)])
+
+    def _mean_loss(self, outputs: list) -> float:
+        # Loss ranks report their microbatches; TP peers hold copies, so count tensor rank 0 only.
+        total = sum(float(o["lm loss"]) for o in outputs) if self.tensor_rank == 0 else 0.0
+        count = len(outputs) if self.tensor_rank == 0 else 0
+        stats = torch.tensor([total, float(count)], dtype=torch.float64)
+        dist.all_reduce(stats)
+        return float(stats[0] / stats[1])
+
+    def train_step(self, step: int, batch_source: BatchSource) -> StepResult:
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self.fb(forward_step_func=gpt_forward_step, data_iterator=self._batches(batch_source, step,
+                                                                                           self.microbatches),
+                          model=[self.model], num_microbatches=self.microbatches, seq_length=self.seq_len,
+                          micro_batch_size=self.micro_batch_size)
+        self.optimizer.step()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.scheduler.step(increment=1)
+        return StepResult(loss=self._mean_loss(outputs), lr=lr)
+
+    @torch.no_grad()
+    def validation_loss(self, batch_source: BatchSource, microbatches_per_home: int) -> float:
+        if microbatches_per_home not in self._eval_fb:
+            plan = full_pipeline(self.grid.stage_nodes, microbatches_per_home, self.layout)
+            self._eval_fb[microbatches_per_home] = RoutedForwardBackward(plan, num_microbatches=microbatches_per_home,
+                                                                         grid=self.grid)
+        fb = self._eval_fb[microbatches_per_home]
+        self.model.eval()
+        try:
+            outputs = fb(forward_step_func=gpt_forward_step,
+                         data_iterator=self._batches(batch_source, 0, microbatches_per_home), model=[self.model],
+                         num_microbatches=microbatches_per_home, seq_length=self.seq_len,
+                         micro_batch_size=self.micro_batch_size, forward_only=True)
+        finally:
+            self.model.train()
+        return self._mean_loss(outputs)
+
+
+def build_megatron_backend(cfg: Any, plan: RoutePlan, model_cfg: Any, rank: int, world_size: int) -> MegatronBackend:
+    """The ``backend=megatron`` entry point of the main job (``integration/train.py``).
+
+    Every check (megatron-core version, TP vs heads, world layout, plan vs rank grid) runs before
+    any model is built or any rank computes. ``torch.distributed`` must already be initialised.
+    """
+    check_megatron_version()
+    return MegatronBackend(cfg, plan, model_cfg, rank, world_size)
