@@ -18,8 +18,34 @@ from pathlib import Path
 
 # The deepspeed launcher appends --local_rank unless --no_local_rank is given; Hydra would reject it.
 sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
-if __package__ in (None, ""):  # run as a script by the launcher: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):
+    # Run as a script by the launcher: Python put integration/ itself on sys.path, where our
+    # subpackages `deepspeed` and `megatron` would shadow the real libraries. Use the repo root.
+    _here = Path(__file__).resolve().parent
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+
+# --- recovery (fault-tolerant runs under launch.agent) ------------------------------------------
+# The ``recovery`` config group is optional: when the primary config's defaults list does not name
+# it, ``recovery=X`` is turned into Hydra's append form ``+recovery=X`` so it composes. A failure
+# schedule typed in a shell (``recovery.inject='kill:stage=2,step=5'``) arrives unquoted, and its
+# commas would read as a Hydra sweep: quote it. Runs without recovery overrides are untouched.
+def _recovery_group_argv(argv: list[str]) -> list[str]:
+    defaults = (Path(__file__).resolve().parent.parent / "hydra_conf" / "config.yaml").read_text()
+    out = []
+    for a in argv:
+        if a.startswith("recovery=") and "- recovery:" not in defaults:
+            a = "+" + a
+        key, _, value = a.partition("=")
+        if key == "recovery.inject" and value and value[0] not in "'\"":
+            a = f'{key}="{value}"'
+        out.append(a)
+    return out
+
+
+sys.argv = sys.argv[:1] + _recovery_group_argv(sys.argv[1:])
+# -------------------------------------------------------------------------------------------------
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -109,6 +135,13 @@ def run(cfg: DictConfig) -> dict:
               f"skip ratio {plan.achieved_skip_ratio():.2f}, stage visits {plan.stage_visits()}")
         print(rank_summary(compile_plan(plan, cfg.routing.get("max_inflight"))))
         return {"dry_run": True}
+
+    # --- recovery branch: recovery=checkfree|checkfree_plus|degraded under launch.agent ---
+    from integration.recovery.mainjob import recovery_enabled
+    if recovery_enabled(cfg):
+        from integration.recovery.mainjob import run_fault_tolerant
+        return run_fault_tolerant(cfg, plan, dataset, model_cfg, out_dir)
+    # --- end of recovery branch ---
 
     if not dist.is_initialized():
         dist.init_process_group(backend_name)

@@ -87,3 +87,14 @@ def test_dry_run_prints_plan_and_programs(tmp_path):
     proc = run_job(["dry_run=true", "routing=full"], tmp_path, env_extra={"WORLD_SIZE": "4", "RANK": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage visits [6, 6, 6, 6]" in proc.stdout and "rank 3:" in proc.stdout
+
+
+def test_main_job_megatron_backend_same_metrics(tmp_path):
+    proc = run_job(["backend=megatron", "train.steps=12"], tmp_path, world=4)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    s = json.loads((tmp_path / "out" / "rank0" / "summary.json").read_text())
+    assert s["backend"] == "megatron" and s["stage_visits"] == [6, 4, 4, 4]
+    assert s["loss_last3"] < s["loss_first3"] - 0.3, s
+    history = json.loads((tmp_path / "out" / "rank0" / "history.json").read_text())
+    assert {"loss", "tokens_per_s", "skip_ratio", "stage_visits", "lr"} <= set(history[0])

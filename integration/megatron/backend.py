@@ -61,8 +61,8 @@ class MegatronBackend:
         m = cfg.model
         self.replicas = check_parallel_layout(world_size=world_size, tensor=tensor, stages=stages,
                                               n_heads=int(m.n_heads), replicas=int(cfg.parallel.replicas))
-        if int(m.vocab_size) % tensor:
-            raise ValueError(f"parallel.tensor={tensor} does not divide model.vocab_size={m.vocab_size} "
+        if int(model_cfg.vocab_size) % tensor:
+            raise ValueError(f"parallel.tensor={tensor} does not divide the vocabulary size {model_cfg.vocab_size} "
                              f"(megatron splits the vocabulary across tensor-parallel ranks)")
         self.layout = str(m.layout)
         self.micro_batch_size = int(cfg.train.micro_batch_size)
@@ -84,7 +84,7 @@ class MegatronBackend:
                                  else None, tensor_parallel=tensor, pipeline_parallel=stages,
                                  init_std=float(getattr(model_cfg, "init_std", 0.02)),
                                  layernorm_epsilon=float(getattr(model_cfg, "norm_eps", 1e-5)))
-        self.model = build_model(self.layout, self.config, vocab_size=int(m.vocab_size), seq_len=self.seq_len,
+        self.model = build_model(self.layout, self.config, vocab_size=int(model_cfg.vocab_size), seq_len=self.seq_len,
                                  layers_per_stage=layers, seed=int(train.seed),
                                  tie_embeddings=bool(m.get("tie_embeddings", True)))
         betas = tuple(float(b) for b in train.betas)

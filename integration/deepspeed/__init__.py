@@ -1,0 +1,1 @@
+"""DeepSpeed backend: the routed PipelineEngine subclass, its schedule, module builders and the main-job backend."""
