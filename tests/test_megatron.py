@@ -349,7 +349,9 @@ def _launch_two(rank: int, world: int):
         "train": {"micro_batch_size": MBS, "microbatches": 2, "lr": LR, "min_lr": 0.0, "warmup_steps": 1,
                   "weight_decay": 0.0, "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": 0, "steps": 3},
         "routing": {"gradient_rule": "visited", "max_inflight": None}})
-    backend = build_megatron_backend(cfg, full_pipeline([[0], [1]], 2, "ring"), None, rank, world)
+    from integration.models.llama import LlamaConfig
+    model_cfg = LlamaConfig(vocab_size=VOCAB, d_model=HIDDEN, n_heads=HEADS, seq_len=SEQ)
+    backend = build_megatron_backend(cfg, full_pipeline([[0], [1]], 2, "ring"), model_cfg, rank, world)
     out["steps"] = [backend.train_step(s, _data) for s in range(3)]
     out["val"] = backend.validation_loss(lambda step, replica, i: _data(99, replica, i), 2)
     out["stage_of_rank"] = [backend.stage_of_rank(r) for r in range(world)]

@@ -34,7 +34,7 @@ from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.module import PipelineModule
 
 from ..plan.routeplan import RoutePlan
-from ..plan.rules import Rules, check
+from ..plan.rules import Rules, check_fits_grid
 from ..runtime.executor import IterationResult, ProgramExecutor
 from ..runtime.p2p import RoutedP2P, TensorSpec
 from ..runtime.program import PART_EMBED, PART_HEAD, Program, compile_plan
@@ -59,27 +59,13 @@ class RoutingSettings:
 
 def check_plan_fits(plan: RoutePlan, model: PipelineModule, micro_batches: int, settings: RoutingSettings) -> None:
     """Refuse a plan that does not fit the engine's topology, before anything is computed."""
-    topo = model._topo
-    S = topo.get_dim("pipe")
-    D = topo.get_dim("data")
-    if plan.num_stages != S:
-        raise ValueError(f"routing plan: it has {plan.num_stages} stages but parallel.stages is {S}; "
-                         f"build the plan for {S} stages")
-    grid = [[topo.get_rank(pipe=s, data=r) for r in range(D)] for s in range(S)]
-    if plan.stage_nodes != grid:
-        raise ValueError(f"routing plan: stage_nodes {plan.stage_nodes} do not match the DeepSpeed rank grid "
-                         f"{grid} (stage s, replica r -> rank s*{D}+r); DeepSpeed needs the same replica count "
-                         f"on every stage")
-    per_home = {n: 0 for n in plan.stage_nodes[0]}
-    for r in plan.routes:
-        per_home[r.home_node] = per_home.get(r.home_node, 0) + 1
-    bad = {n: c for n, c in per_home.items() if c != micro_batches}
-    if bad:
-        raise ValueError(f"routing plan: home nodes {sorted(bad)} own {sorted(set(bad.values()))} microbatches, "
-                         f"but the DeepSpeed config has gradient_accumulation_steps={micro_batches} per replica")
     if settings.gradient_rule not in GRADIENT_RULES:
         raise ValueError(f"routing.gradient_rule: {settings.gradient_rule!r} is not one of {GRADIENT_RULES}")
-    check(plan, settings.rules, context="routing plan")
+    topo = model._topo
+    S, D = topo.get_dim("pipe"), topo.get_dim("data")
+    grid = [[topo.get_rank(pipe=s, data=r) for r in range(D)] for s in range(S)]
+    check_fits_grid(plan, grid, micro_batches, settings.rules, "DeepSpeed", f"stage s, replica r -> rank s*{D}+r",
+                    "the DeepSpeed config has gradient_accumulation_steps")
 
 
 class RoutedPipelineEngine(PipelineEngine):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..plan.routeplan import RoutePlan
-from ..plan.rules import Rules, check
+from ..plan.rules import Rules, check_fits_grid
 from ..runtime.program import Op
 
 
@@ -76,21 +76,8 @@ class MegatronGrid:
 
 def check_plan_fits(plan: RoutePlan, grid: MegatronGrid, num_microbatches: int, rules: Rules | None = None) -> None:
     """Refuse a plan that does not fit the megatron layout, with a message naming the mismatch."""
-    if plan.num_stages != grid.num_stages:
-        raise ValueError(f"routing plan: it has {plan.num_stages} stages but megatron's pipeline_model_parallel_size "
-                         f"(parallel.stages) is {grid.num_stages}; build the plan for {grid.num_stages} stages")
-    want = grid.stage_nodes
-    if plan.stage_nodes != want:
-        raise ValueError(
-            f"routing plan: stage_nodes {plan.stage_nodes} do not match the megatron rank grid {want} "
-            f"(stage s, replica r -> global rank of tensor rank 0; TP={grid.tensor}, DP={grid.replicas}); "
-            f"megatron needs the same replica count on every stage - build the plan on "
-            f"integration.megatron.MegatronGrid.stage_nodes")
-    per_home = {n: 0 for n in plan.stage_nodes[0]}
-    for r in plan.routes:
-        per_home[r.home_node] = per_home.get(r.home_node, 0) + 1
-    bad = {n: c for n, c in per_home.items() if c != num_microbatches}
-    if bad:
-        raise ValueError(f"routing plan: home nodes {sorted(bad)} own {sorted(set(bad.values()))} microbatches, but "
-                         f"the schedule is called with num_microbatches={num_microbatches} per data-parallel replica")
-    check(plan, rules or Rules(), context="routing plan")
+    check_fits_grid(plan, grid.stage_nodes, num_microbatches, rules, "megatron",
+                    f"stage s, replica r -> global rank of tensor rank 0; TP={grid.tensor}, DP={grid.replicas}; "
+                    f"build the plan on integration.megatron.MegatronGrid.stage_nodes",
+                    "the schedule is called with num_microbatches")
+

@@ -206,3 +206,27 @@ def check(plan: RoutePlan, rules: Rules | None = None, context: str = "plan") ->
     violations = validate(plan, rules)
     if violations:
         raise PlanValidationError(violations, context)
+
+
+def check_fits_grid(plan: RoutePlan, stage_nodes: list[list[int]], microbatches_per_home: int,
+                    rules: Rules | None, framework: str, grid_note: str, microbatch_setting: str) -> None:
+    """Refuse a plan that does not fit an engine's rank grid, then check the rules.
+
+    ``stage_nodes`` is the engine's own stage -> replica -> rank grid; ``grid_note`` says how the
+    framework numbers ranks and ``microbatch_setting`` names the per-replica microbatch count.
+    """
+    S = len(stage_nodes)
+    if plan.num_stages != S:
+        raise ValueError(f"routing plan: it has {plan.num_stages} stages but parallel.stages is {S}; "
+                         f"build the plan for {S} stages")
+    if plan.stage_nodes != stage_nodes:
+        raise ValueError(f"routing plan: stage_nodes {plan.stage_nodes} do not match the {framework} rank grid "
+                         f"{stage_nodes} ({grid_note}); {framework} needs the same replica count on every stage")
+    per_home = {n: 0 for n in plan.stage_nodes[0]}
+    for r in plan.routes:
+        per_home[r.home_node] = per_home.get(r.home_node, 0) + 1
+    bad = {n: c for n, c in per_home.items() if c != microbatches_per_home}
+    if bad:
+        raise ValueError(f"routing plan: home nodes {sorted(bad)} own {sorted(set(bad.values()))} microbatches, "
+                         f"but {microbatch_setting}={microbatches_per_home} per replica")
+    check(plan, rules or Rules(), context="routing plan")
