@@ -98,3 +98,12 @@ def test_main_job_megatron_backend_same_metrics(tmp_path):
     assert s["loss_last3"] < s["loss_first3"] - 0.3, s
     history = json.loads((tmp_path / "out" / "rank0" / "history.json").read_text())
     assert {"loss", "tokens_per_s", "skip_ratio", "stage_visits", "lr"} <= set(history[0])
+
+
+def test_planned_routing_from_hydra_config(tmp_path):
+    proc = run_job(["dry_run=true", "routing=planned", "cluster=geo-12"], tmp_path,
+                   env_extra={"WORLD_SIZE": "4", "RANK": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "L=3" in proc.stdout and "stage visits [6, 4, 4, 4]" in proc.stdout
+    plan = json.loads((tmp_path / "out" / "rank0" / "plan.json").read_text())
+    assert plan["node_order"] and plan["meta"]

@@ -37,6 +37,30 @@ def ensure_deepspeed_comm() -> None:
     if not ds_dist.is_initialized():
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
         deepspeed.init_distributed(dist_backend=backend or "gloo")
+        _release_cpu_shm_segment()
+
+
+def _release_cpu_shm_segment() -> None:
+    """Unlink this rank's /dev/shm segment of DeepSpeed's CPU all-reduce op once every rank has mapped it.
+
+    DeepSpeed's CPU comm op creates a ~100 MB segment per rank named after the rendezvous address and
+    port and never unlinks it: every job (and every test run, on a fresh port) leaves them behind until
+    /dev/shm fills the machine's memory. The mappings stay valid after the name is gone.
+    """
+    from pathlib import Path
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_backend() != "gloo":
+        return
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return
+    rank = str(torch.distributed.get_rank())
+    mine = {line.split()[-1] for line in maps.read_text().splitlines()
+            if "/dev/shm/deepspeed_allreduce_buffer_" in line and not line.endswith("(deleted)")}
+    torch.distributed.barrier()  # every rank has opened every peer's segment during init
+    for path in mine:
+        if path.rsplit("_", 1)[-1] == rank:
+            Path(path).unlink(missing_ok=True)
 
 
 def ring_pipeline_module(home: FactorySpec, bodies: list[FactorySpec], replicas: int,
@@ -70,7 +94,11 @@ def initialize_routed(model: PipelineModule, config: dict, routing: RoutingSetti
     from deepspeed.runtime.zero import partition_parameters
 
     partition_parameters.shutdown_init_context()
-    ds_dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=None)
+    if torch.distributed.is_initialized():
+        ensure_deepspeed_comm()
+    else:
+        ds_dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=None)
+        _release_cpu_shm_segment()
     mpu = model.mpu()
     config_class = DeepSpeedConfig(config, mpu)
     deepspeed.set_optimizer_flags(config_class, model)
