@@ -144,7 +144,12 @@ def test_oblivious_skip_satisfies_every_rule(S, homes, body_reps, seed, swap, la
         with pytest.raises(ValueError, match="CC5"):
             oblivious_skip(sn, m, L, seed=seed, swap_prob=swap, layout=layout)
         return
-    plan = oblivious_skip(sn, m, L, seed=seed, swap_prob=swap, layout=layout)
+    try:
+        plan = oblivious_skip(sn, m, L, seed=seed, swap_prob=swap, layout=layout)
+    except ValueError as exc:
+        # CC4 (a jump skips at most 4 stages) can only bind with more than 6 stages.
+        assert "CC4" in str(exc) and S > 6, exc
+        return
     assert validate(plan) == []
     again = oblivious_skip(sn, m, L, seed=seed, swap_prob=swap, layout=layout)
     assert again.routes == plan.routes  # seeded and reproducible
@@ -152,6 +157,15 @@ def test_oblivious_skip_satisfies_every_rule(S, homes, body_reps, seed, swap, la
     for s in range(1, S if layout == "ring" else S - 1):
         per_rep = [loads[n] for n in sn[s]]
         assert max(per_rep) - min(per_rep) <= 1  # replicas balanced
+
+
+def test_oblivious_skip_respects_jump_limit_with_many_stages():
+    for layout, L in (("ring", 3), ("ring", 4), ("linear", 4)):
+        plan = oblivious_skip(grid_stage_nodes(10, 1), 9 if layout == "ring" else 8, L, seed=1, swap_prob=1.0,
+                              layout=layout)
+        assert validate(plan) == [], layout
+    with pytest.raises(ValueError, match="CC4"):
+        oblivious_skip(grid_stage_nodes(8, 1), 6, 3, layout="linear")  # stages 1 and 6 unreachable within 4
 
 
 def test_oblivious_skip_memory_slots():

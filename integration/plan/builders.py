@@ -89,7 +89,7 @@ def path_length_for_ratio(num_stages: int, skip_ratio: float) -> int:
 
 def oblivious_skip(stage_nodes: Sequence[Sequence[int]], microbatches_per_home: int, path_length: int,
                    seed: int = 0, swap_prob: float = 0.0, memory: int | None = None,
-                   layout: str = "ring") -> RoutePlan:
+                   layout: str = "ring", max_jump: int = 4) -> RoutePlan:
     """Network-oblivious skipping: random routes of ``path_length`` stages satisfying CC1-CC5 and TC1.
 
     With ``memory`` set, each home replica uses ``memory`` distinct route slots and microbatch j
@@ -131,16 +131,20 @@ def oblivious_skip(stage_nodes: Sequence[Sequence[int]], microbatches_per_home: 
             f"divisible by {len(free)} skippable stages; change routing.microbatches, routing.memory or "
             f"routing.path_length")
     rng = random.Random(seed)
-    remaining = {s: (n_routes * per_route) // len(free) for s in free} if free else {}
+    target = (n_routes * per_route) // len(free) if free else 0
+    # Greedy on the largest remaining counts keeps CC5 balanced; with CC4 binding (S > 6) a route may
+    # have to take a less-needed stage, so an unlucky draw is retried with the next random state.
+    for _attempt in range(50):
+        slot_stages = _balanced_stage_sets(free, fixed, per_route, n_routes, target, max_jump, rng)
+        if slot_stages is not None:
+            break
+    else:
+        raise ValueError(f"routing: no CC5-balanced stage sets within the CC4 jump limit ({max_jump}) for "
+                         f"S={S}, L={path_length}; use a longer routing.path_length")
     replica_load = {s: [0] * len(stage_nodes[s]) for s in range(1, S)}
     slot_routes: list[list[tuple[int, int]]] = []
-    for _ in range(n_routes):
-        # Greedy on the largest remaining counts keeps the per-stage counts balanced to the end.
-        ranked = sorted(free, key=lambda s: (-remaining[s], rng.random()))
-        chosen = sorted(ranked[:per_route]) + fixed
-        for s in chosen[:per_route]:
-            remaining[s] -= 1
-        order = _random_swaps(chosen, rng, swap_prob, layout)
+    for chosen in slot_stages:
+        order = _random_swaps(chosen, rng, swap_prob, layout, max_jump)
         hops = []
         for s in order:
             loads = replica_load[s]
@@ -159,8 +163,58 @@ def oblivious_skip(stage_nodes: Sequence[Sequence[int]], microbatches_per_home: 
                      meta={"builder": "oblivious_skip", "seed": seed, "swap_prob": swap_prob})
 
 
-def _random_swaps(order: list[int], rng: random.Random, prob: float, layout: str) -> list[int]:
-    """Swap neighbours that are consecutive stages (distance-1 swaps), at most twice, never reusing one."""
+def _balanced_stage_sets(free: list[int], fixed: list[int], per_route: int, n_routes: int, target: int,
+                         max_jump: int, rng: random.Random) -> list[list[int]] | None:
+    """Stage sets (ascending) for every route: CC4-feasible, each free stage used ``target`` times."""
+    remaining = {s: target for s in free}
+    out = []
+    for _ in range(n_routes):
+        chosen = _best_jump_feasible(free, fixed, per_route, remaining, max_jump, rng)
+        if chosen is None:
+            return None
+        for s in chosen:
+            remaining[s] -= 1
+        out.append(chosen + fixed)
+    return out if all(v == 0 for v in remaining.values()) else None
+
+
+def _best_jump_feasible(free: list[int], fixed: list[int], k: int, remaining: dict[int, int], max_jump: int,
+                        rng: random.Random) -> list[int] | None:
+    """The k free stages with the largest remaining counts (random tie-break) whose ascending walk from
+    stage 0 (and on to the fixed last stage) never skips more than ``max_jump`` stages. A small DP over
+    (last chosen stage, count); stages with nothing remaining are avoided but allowed when needed."""
+    value = {s: (remaining[s] if remaining[s] > 0 else -len(free) * 10) + rng.random() * 1e-3 for s in free}
+    end = fixed[0] if fixed else None
+    if k == 0:
+        return [] if end is None or end - 1 <= max_jump else None
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {}
+    for i, s in enumerate(free):
+        if s - 1 <= max_jump:
+            best[(i, 1)] = (value[s], [s])
+    for c in range(2, k + 1):
+        for i, s in enumerate(free):
+            cands = [(v + value[s], path + [s]) for (j, cc), (v, path) in best.items()
+                     if cc == c - 1 and j < i and s - free[j] - 1 <= max_jump]
+            if cands:
+                best[(i, c)] = max(cands, key=lambda t: t[0])
+    finals = [(v, path) for (i, c), (v, path) in best.items()
+              if c == k and (end is None or end - free[i] - 1 <= max_jump)]
+    return max(finals, key=lambda t: t[0])[1] if finals else None
+
+
+def _jumps_ok(order: list[int], max_jump: int) -> bool:
+    f = 0
+    for s in order:
+        if s > f:
+            if s - f - 1 > max_jump:
+                return False
+            f = s
+    return True
+
+
+def _random_swaps(order: list[int], rng: random.Random, prob: float, layout: str, max_jump: int = 4) -> list[int]:
+    """Swap neighbours that are consecutive stages (distance-1 swaps), at most twice, never reusing one,
+    and never when the swap would make a forward jump exceed ``max_jump`` (CC4)."""
     out = list(order)
     if prob <= 0:
         return out
@@ -168,11 +222,13 @@ def _random_swaps(order: list[int], rng: random.Random, prob: float, layout: str
     i, swaps = 0, 0
     while i < limit and swaps < 2:
         if out[i + 1] == out[i] + 1 and rng.random() < prob:
-            out[i], out[i + 1] = out[i + 1], out[i]
-            swaps += 1
-            i += 2  # a stage takes part in at most one swap, so each swap has distance 1
-        else:
-            i += 1
+            trial = out[:i] + [out[i + 1], out[i]] + out[i + 2:]
+            if _jumps_ok(trial, max_jump):
+                out = trial
+                swaps += 1
+                i += 2  # a stage takes part in at most one swap, so each swap has distance 1
+                continue
+        i += 1
     return out
 
 
