@@ -26,17 +26,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 
-# --- recovery (fault-tolerant runs under launch.agent) ------------------------------------------
-# The ``recovery`` config group is optional: when the primary config's defaults list does not name
-# it, ``recovery=X`` is turned into Hydra's append form ``+recovery=X`` so it composes. A failure
-# schedule typed in a shell (``recovery.inject='kill:stage=2,step=5'``) arrives unquoted, and its
-# commas would read as a Hydra sweep: quote it. Runs without recovery overrides are untouched.
-def _recovery_group_argv(argv: list[str]) -> list[str]:
-    defaults = (Path(__file__).resolve().parent.parent / "hydra_conf" / "config.yaml").read_text()
+# A failure schedule typed in a shell (``recovery.inject=kill:stage=2,step=5``) arrives unquoted and
+# its commas would read as a Hydra sweep: quote it.
+def _quote_failure_schedule(argv: list[str]) -> list[str]:
     out = []
     for a in argv:
-        if a.startswith("recovery=") and "- recovery:" not in defaults:
-            a = "+" + a
         key, _, value = a.partition("=")
         if key == "recovery.inject" and value and value[0] not in "'\"":
             a = f'{key}="{value}"'
@@ -44,8 +38,7 @@ def _recovery_group_argv(argv: list[str]) -> list[str]:
     return out
 
 
-sys.argv = sys.argv[:1] + _recovery_group_argv(sys.argv[1:])
-# -------------------------------------------------------------------------------------------------
+sys.argv = sys.argv[:1] + _quote_failure_schedule(sys.argv[1:])
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -37,9 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from integration.recovery.detect import heartbeat_key, read_generation, record_failure  # noqa: E402
+from integration.recovery.detect import ABORT_KEY, heartbeat_key, read_generation, record_failure  # noqa: E402
 
-ABORT_KEY = "abort"
 FINISHED_KEY = "agents_finished"
 
 
@@ -105,7 +104,11 @@ class Agent:
         env = dict(os.environ)
         env.update(self.cfg.env)
         env.setdefault("OMP_NUM_THREADS", "1")
-        env.update({"WORLD_SIZE": str(self.cfg.world_size), "LOCAL_SIZE": str(self.cfg.nproc),
+        # No LOCAL_SIZE: with it DeepSpeed's CPU backend sets up a shared-memory all-reduce whose
+        # init-time handshake a replacement can never complete (it spins, holding the GIL, on the
+        # survivors' long-unlinked buffers: no heartbeat, a false hang). We do not use that path.
+        env.pop("LOCAL_SIZE", None)
+        env.update({"WORLD_SIZE": str(self.cfg.world_size), "SKIPFREE_LOCAL_SIZE": str(self.cfg.nproc),
                     "MASTER_ADDR": self.cfg.store_host, "MASTER_PORT": str(self.cfg.store_port),
                     "SKIPFREE_STORE_HOST": self.cfg.store_host, "SKIPFREE_STORE_PORT": str(self.cfg.store_port),
                     "TORCHELASTIC_USE_AGENT_STORE": "True",  # env:// connects as a client of our store
@@ -179,6 +182,9 @@ class Agent:
                 if rc == 0:
                     self.done.add(rank)
                     continue
+                if self.store.check([ABORT_KEY]):  # the job gave up (e.g. unrecoverable loss): no respawn
+                    self.log("abort", rank=rank, reason=self.store.get(ABORT_KEY).decode())
+                    return 1
                 reason = r.kill_reason or (f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}")
                 rec = record_failure(self.store, rank, reason, self.host)
                 self.restarts += 1
@@ -241,7 +247,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--store-host", default="127.0.0.1")
     p.add_argument("--store-port", type=int, default=0, help="0: pick a free port (node 0 only)")
-    p.add_argument("--hot-spares", type=int, default=0)
+    p.add_argument("--hot-spares", "--spares", dest="hot_spares", type=int, default=0,
+                   help="pre-started replacement processes on this host")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0)
     p.add_argument("--startup-grace", type=float, default=120.0)
     p.add_argument("--max-restarts", type=int, default=3)

@@ -134,3 +134,35 @@ def test_commit_protocol_commit_and_abort():
     finally:
         for m in mons:
             m.stop()
+
+
+def test_settle_generation_coalesces_close_failures():
+    """Ranks that first announce different generations all end on the newest one, never split."""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+
+    from integration.recovery.detect import record_failure
+    from integration.recovery.rendezvous import settle_generation
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    record_failure(store, 2, "killed")  # generation 1: survivors and replacement of rank 2 start here
+    got: dict[int, int] = {}
+
+    def rank(r: int, start: int) -> None:
+        got[r] = settle_generation(store, 4, start, timeout_s=20)
+
+    threads = [threading.Thread(target=rank, args=(r, 1)) for r in (0, 1, 2)]
+    for t in threads:
+        t.start()
+    import time
+
+    time.sleep(0.3)
+    record_failure(store, 3, "killed")  # generation 2 before rank 3's replacement ever arrived at 1
+    threads.append(threading.Thread(target=rank, args=(3, 2)))
+    threads[-1].start()
+    for t in threads:
+        t.join(timeout=30)
+    assert got == {0: 2, 1: 2, 2: 2, 3: 2}

@@ -76,3 +76,22 @@ def test_real_signal(mode, check):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_schedule_rounds_fire_once_each_in_their_generation():
+    fired = []
+    sched = parse_schedule("kill:stage=2,step=1,phase=boundary;kill:stage=3,step=1,phase=boundary;"
+                           "kill:stage=2,step=4,phase=forward")
+    two = FailureInjector(2, 0, sched, signal_self=fired.append)
+    three = FailureInjector(3, 0, sched, signal_self=fired.append)
+    two.at(1, "boundary")
+    three.at(1, "boundary")  # both entries of step 1 fire in generation 0: killed at once
+    assert fired == [signal.SIGKILL, signal.SIGKILL]
+    replay = FailureInjector(2, 0, sched, signal_self=fired.append, generation=2)
+    replay.at(1, "boundary")  # the replacement replays step 1 in generation 2: no second death
+    assert len(fired) == 2
+    replay.at(4, "forward")  # the next round belongs to generation 2 (two failures before it)
+    assert len(fired) == 3
+    late = FailureInjector(2, 0, sched, signal_self=fired.append, generation=3)
+    late.at(4, "forward")
+    assert len(fired) == 3

@@ -60,26 +60,48 @@ def deepspeed_config(train_cfg: Any, replicas: int) -> dict:
 class DeepSpeedBackend:
     """Routed DeepSpeed pipeline training for the main job (see :class:`integration.backend.TrainingBackend`)."""
 
-    def __init__(self, cfg: Any, plan: RoutePlan, model_cfg: LlamaConfig, rank: int, world_size: int):
+    # Recovery hook: the engine class :meth:`rebuild_engine` builds (a subclass may swap it).
+    engine_class: type[RoutedPipelineEngine] = RoutedPipelineEngine
+
+    def __init__(self, cfg: Any, plan: RoutePlan, model_cfg: LlamaConfig, rank: int, world_size: int,
+                 module: Any = None, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None):
+        """``module``/``optimizer``/``scheduler``: reuse existing ones (recovery) instead of building them."""
         par, tr = cfg.parallel, cfg.train
         self.cfg = cfg
         self.plan = plan
         self.rank = rank
-        self.module = build_pipeline_module(model_cfg, cfg.model.layout, int(par.stages), int(par.replicas),
-                                            int(cfg.model.layers_per_stage), int(tr.seed))
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=float(tr.lr),
-                                           betas=tuple(float(b) for b in tr.betas),
-                                           weight_decay=float(tr.weight_decay), foreach=False)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.module = module if module is not None else build_pipeline_module(
+            model_cfg, cfg.model.layout, int(par.stages), int(par.replicas), int(cfg.model.layers_per_stage),
+            int(tr.seed))
+        self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(
+            self.module.parameters(), lr=float(tr.lr), betas=tuple(float(b) for b in tr.betas),
+            weight_decay=float(tr.weight_decay), foreach=False)
+        self.scheduler = scheduler if scheduler is not None else torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(int(tr.warmup_steps), int(tr.steps), float(tr.min_lr) / float(tr.lr)))
         mbs, seq = int(tr.micro_batch_size), int(model_cfg.seq_len)
         rules = Rules.from_mapping(dict(cfg.routing.get("rules") or {}))
         settings = RoutingSettings(plan=plan, act_shape=(mbs, seq, model_cfg.d_model), label_shape=(mbs, seq),
                                    gradient_rule=str(cfg.routing.gradient_rule), rules=rules,
                                    max_inflight=cfg.routing.get("max_inflight"))
-        self.engine: RoutedPipelineEngine = initialize_routed(self.module, deepspeed_config(tr, int(par.replicas)),
-                                                              settings, optimizer=self.optimizer,
-                                                              lr_scheduler=self.scheduler)
+        self.ds_config = deepspeed_config(tr, int(par.replicas))
+        self.routing = settings
+        self.engine: RoutedPipelineEngine | None = None
+        self.rebuild_engine()
+
+    def rebuild_engine(self) -> None:
+        """A new engine around the existing module/optimizer/scheduler on the current process group.
+
+        Recovery hook: after a regroup the old engine's groups are dead; the engine's construction
+        is collective (parameter broadcast and count), so every rank of the group calls this together.
+        """
+        import gc
+
+        if self.engine is not None:
+            self.engine = None  # drop the old engine (and its references to dead groups) first
+            gc.collect()
+        self.routing.plan = self.plan
+        self.engine = initialize_routed(self.module, self.ds_config, self.routing, optimizer=self.optimizer,
+                                        lr_scheduler=self.scheduler, engine_class=self.engine_class)
 
     def set_plan(self, plan: RoutePlan) -> None:
         self.plan = plan

@@ -2,7 +2,10 @@
 
 Modules, one job each: ``rebuild`` (math, optimizer surgery, ladder), ``inject`` (SIGKILL/SIGSTOP
 failure injection), ``detect`` (heartbeats, generation, failure-aware waits), ``commit`` (step
-commit vote), ``transfer`` (stage state to a joiner), ``context`` (rank/generation/regroup),
-``engine`` (failure-aware DeepSpeed routed engine), ``session`` (recover + rebuild the engine),
-``events`` (recovery events), ``worker`` (a fault-tolerant training job for ``launch.agent``).
+commit vote), ``rendezvous`` (agree on the generation to regroup on; coalesces close failures),
+``transfer`` (stage state to a joiner), ``context`` (rank/generation/regroup), ``engine``
+(failure-aware DeepSpeed routed engine and the main job's backend around it), ``checkpoint``
+(DeepSpeed-format checkpoint fallback with real rollback), ``session`` (recover + rebuild the
+engine), ``events`` (recovery events), ``mainjob`` (the fault-tolerant branch of
+``integration/train.py``), ``worker`` (a small fault-tolerant job for tests and benchmarks).
 """

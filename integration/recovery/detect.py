@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 FAILURES_KEY = "failures"
+ABORT_KEY = "abort"  # set (by an agent or a rank) when the whole job must stop; no respawn after it
 
 
 def failure_key(n: int) -> str:

@@ -24,6 +24,7 @@ import torch
 from deepspeed.runtime.pipe import schedule as ds_schedule
 
 from ..deepspeed import schedule as rsched
+from ..deepspeed.backend import DeepSpeedBackend
 from ..deepspeed.engine import RoutedPipelineEngine
 from ..runtime.program import BWD, FWD
 from .commit import StepCommit
@@ -153,3 +154,42 @@ def attach_guard(engine: FaultTolerantEngine, guard: StepGuard) -> None:
     """Give the engine its guard and make its p2p waits failure-aware."""
     engine.guard = guard
     engine.p2p_channel._wait = guard.monitor.wait
+
+
+def _init_deepspeed_comm_alone() -> None:
+    """A replacement wraps its new group in DeepSpeed's comm layer without any collective.
+
+    The module builder's first-time comm set-up ends with a barrier over the world (for the CPU
+    all-reduce's shared-memory segments); survivors did theirs at start and are already in the
+    next collective of the regroup, so a replacement entering that barrier would deadlock.
+    """
+    import deepspeed
+    from deepspeed import comm as ds_dist
+
+    if not ds_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+class FaultTolerantBackend(DeepSpeedBackend):
+    """The main job's DeepSpeed backend with a :class:`FaultTolerantEngine` guarded by ``guard``.
+
+    ``defer_engine``: a replacement builds module, optimizer and scheduler now but its engine only
+    on the next :meth:`rebuild_engine`, together with the survivors and after its stage state was
+    rebuilt (the engine's construction is collective and broadcasts replica weights).
+    """
+
+    engine_class = FaultTolerantEngine
+
+    def __init__(self, *args: Any, guard: StepGuard, defer_engine: bool = False, **kwargs: Any):
+        self.guard = guard
+        self._defer_engine = defer_engine
+        if defer_engine:
+            _init_deepspeed_comm_alone()
+        super().__init__(*args, **kwargs)
+
+    def rebuild_engine(self) -> None:
+        if self._defer_engine:
+            self._defer_engine = False
+            return
+        super().rebuild_engine()
+        attach_guard(self.engine, self.guard)

@@ -70,8 +70,12 @@ def parse_schedule(text: str | None) -> list[ScheduledFailure]:
 class FailureInjector:
     """Decides, at each call of :meth:`at`, whether this rank dies now, and makes it so.
 
-    ``generation`` guards replays: a schedule entry fires only in the generation the run started
-    with, so the replacement (or the replayed step) does not die again at the same point.
+    ``generation`` guards replays: entries are grouped by step into rounds (all entries of one step
+    form one round, e.g. two adjacent stages killed at once); round k fires only while this
+    process's group is in generation k (k failures recorded before it). Each round records at
+    least one failure, so the replacement (or the replayed step) does not die again at the same
+    point, while later rounds still fire in later generations (a soak of many failures). The
+    session sets :attr:`generation` on every regroup. ``active=False`` disables the schedule.
     ``rate_per_hour`` with ``iteration_seconds`` adds random failures at iteration boundaries
     (p_it from :func:`integration.recovery.rebuild.per_iteration_probability`), drawn from a
     generator seeded by (seed, step), so every rank draws the same numbers, and applied to this
@@ -81,7 +85,7 @@ class FailureInjector:
     def __init__(self, stage: int, replica: int, schedule: list[ScheduledFailure] | None = None,
                  rate_per_hour: float = 0.0, iteration_seconds: float = 0.0, seed: int = 0,
                  num_stages: int | None = None, active: bool = True,
-                 signal_self: Callable[[int], None] | None = None):
+                 signal_self: Callable[[int], None] | None = None, generation: int = 0):
         self.stage = stage
         self.replica = replica
         self.schedule = list(schedule or [])
@@ -89,6 +93,14 @@ class FailureInjector:
         self.seed = seed
         self.num_stages = num_stages
         self.active = active
+        self.generation = generation
+        steps = sorted({f.step for f in self.schedule})
+        # Round k is fired in generation k + (failures a round produces beyond one, before it).
+        self._round_generation: dict[int, int] = {}
+        g = 0
+        for st in steps:
+            self._round_generation[st] = g
+            g += len([f for f in self.schedule if f.step == st])
         self._signal = signal_self or (lambda sig: os.kill(os.getpid(), sig))
         self._seen: dict[tuple[int, str], int] = {}
 
@@ -102,7 +114,8 @@ class FailureInjector:
         n = self._seen.get((step, phase), 0)
         self._seen[(step, phase)] = n + 1
         for f in self.schedule:
-            if self._mine(f) and f.step == step and f.phase == phase and f.after_ops == n:
+            if (self._mine(f) and f.step == step and f.phase == phase and f.after_ops == n
+                    and self._round_generation[f.step] == self.generation):
                 self.fire(f.mode)
         if phase == "boundary" and self.p_iteration > 0 and n == 0 and self.stage > 0:
             rng = random.Random(f"{self.seed}:{step}:{self.stage}")

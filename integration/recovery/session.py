@@ -16,7 +16,15 @@ Recovery, on every process of the new generation (survivors and the replacement 
    norms, scheduler state; every rank computes the same :func:`plan_rebuild` actions;
 4. transfers in one global action order (survivors -> joiner), the joiner applies the rule
    (exact replica copy / CheckFree average / partner or neighbour copy) and the optimizer surgery;
-5. a new engine around the same module/optimizer/scheduler, counters restored.
+5. a new engine around the same module/optimizer/scheduler (``backend.rebuild_engine``), counters
+   restored.
+
+Several failures recorded close together are coalesced: everybody regroups on the newest
+generation (:func:`integration.recovery.rendezvous.settle_generation`). Where the ladder cannot
+rebuild (adjacent losses, an edge without swaps, the home stage), ``fallback`` decides: a named
+degraded mode (``copy_neighbour``), a real rollback of every rank to the last complete DeepSpeed
+checkpoint (``checkpoint`` with ``checkpoint_every``), or a clear error that stops the whole job
+(``error``, or ``checkpoint`` with no checkpoint yet) - never a silent chain.
 """
 
 from __future__ import annotations
@@ -30,15 +38,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..deepspeed.module import initialize_routed
-from ..deepspeed.engine import RoutingSettings
 from . import rebuild as rb
+from .checkpoint import Checkpointer
 from .commit import StepCommit
 from .context import RankContext
-from .detect import FailureMonitor, PeerFailure, all_gather_object, failures_between
-from .engine import FaultTolerantEngine, StepGuard, attach_guard
+from .detect import ABORT_KEY, FailureMonitor, PeerFailure, all_gather_object, failures_between
+from .engine import FaultTolerantBackend, FaultTolerantEngine, StepGuard
 from .events import EventLog
 from .inject import FailureInjector, parse_schedule
+from .rendezvous import settle_generation
 from .transfer import recv_state, send_state
 
 
@@ -57,6 +65,8 @@ class RecoverySettings:
     inject: str = ""                      # failure schedule, see integration.recovery.inject
     rate_per_hour: float = 0.0
     iteration_seconds: float = 0.0
+    checkpoint_every: int = 0             # fallback=checkpoint: DeepSpeed checkpoint every K steps (0: none)
+    checkpoint_dir: str = ""              # "" : <output root>/checkpoints
 
     @classmethod
     def from_mapping(cls, m: Any) -> "RecoverySettings":
@@ -98,15 +108,6 @@ def regroup_module(module) -> None:
     module.tied_comms = module._index_tied_modules()
 
 
-def initialize_fault_tolerant(module, config: dict, routing: RoutingSettings, optimizer, lr_scheduler,
-                              guard: StepGuard) -> FaultTolerantEngine:
-    """:func:`integration.deepspeed.module.initialize_routed` with :class:`FaultTolerantEngine`."""
-    engine = initialize_routed(module, config, routing, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                               engine_class=FaultTolerantEngine)
-    attach_guard(engine, guard)
-    return engine
-
-
 def stage_state(module) -> dict[str, torch.Tensor]:
     """The stage's state dict with layer indices made local (``3.blocks..`` on stage 3 -> ``0.blocks..``),
     so neighbouring stages' keys match (a PipelineModule names its layers by global index)."""
@@ -130,45 +131,69 @@ def load_stage_state(module, state: dict[str, torch.Tensor]) -> None:
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
+# make_backend(guard, joining) -> FaultTolerantBackend: called once the process group exists.
+BackendFactory = Callable[[StepGuard, bool], FaultTolerantBackend]
+
 
 class FaultTolerantDeepSpeed:
-    """One rank of a fault-tolerant routed DeepSpeed job (see the module docstring)."""
+    """One rank of a fault-tolerant routed DeepSpeed job (see the module docstring).
 
-    def __init__(self, ctx: RankContext, build_module: Callable[[], Any],
-                 build_optimizer: Callable[[Any], tuple[torch.optim.Optimizer, Any]], ds_config: dict,
-                 routing: RoutingSettings, settings: RecoverySettings, events: EventLog | None = None,
-                 on_recovered: Callable[[dict], None] | None = None):
-        self.ctx, self.ds_config, self.routing, self.settings = ctx, ds_config, routing, settings
+    ``make_backend`` builds the rank's :class:`FaultTolerantBackend` (module, optimizer, scheduler,
+    engine) on the current process group; the session keeps it across generations and calls its
+    :meth:`rebuild_engine` after every regroup. ``checkpoints`` enables the checkpoint fallback.
+    """
+
+    def __init__(self, ctx: RankContext, plan, make_backend: BackendFactory, settings: RecoverySettings,
+                 events: EventLog | None = None, on_recovered: Callable[[dict], None] | None = None,
+                 checkpoints: Checkpointer | None = None):
+        self.ctx, self.settings, self.plan = ctx, settings, plan
         self.events = events or EventLog(None, ctx.rank)
         self.on_recovered = on_recovered
+        self.checkpoints = checkpoints
         self.store = ctx.connect()
-        self.monitor = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, ctx.generation,
+        generation = ctx.generation
+        if ctx.joining:  # a replacement regroups on the newest generation, like the survivors
+            generation = settle_generation(self.store, ctx.world_size, generation, settings.rendezvous_timeout_s)
+        self.monitor = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, generation,
                                       heartbeat_s=settings.heartbeat_s, poll_s=settings.poll_s).start()
-        ctx.init_group(self.store, ctx.generation, settings.rendezvous_timeout_s)
-        self.module = build_module()
-        self.optimizer, self.scheduler = build_optimizer(self.module)
-        self.stage, self.replica = routing.plan.node_stage()[ctx.rank]
+        ctx.init_group(self.store, generation, settings.rendezvous_timeout_s)
+        self.stage, self.replica = plan.node_stage()[ctx.rank]
         injector = FailureInjector(self.stage, self.replica, parse_schedule(settings.inject),
-                                   settings.rate_per_hour, settings.iteration_seconds,
-                                   active=ctx.generation == 0 and not ctx.joining)
-        self.guard = StepGuard(self.monitor, StepCommit(self.store, ctx.world_size, self.monitor), ctx.generation,
+                                   settings.rate_per_hour, settings.iteration_seconds, generation=generation)
+        self.guard = StepGuard(self.monitor, StepCommit(self.store, ctx.world_size, self.monitor), generation,
                                injector)
         self.joining = ctx.joining
-        self.engine: FaultTolerantEngine | None = None
         self.pending: dict | None = None  # the recovery in progress (timings for the event)
         self.recoveries: list[dict] = []
+        self.backend = make_backend(self.guard, self.joining)
         if self.joining:
-            self.pending = {"generation": ctx.generation, "t_fail": None, "t_detect": None, "t_regroup": time.time()}
+            rec = failures_between(self.store, generation - 1, generation)[-1] if generation > 0 else None
+            self.pending = {"generation": generation, "t_fail": rec.time if rec else None, "t_detect": None,
+                            "t_regroup": time.time()}
             self._exchange_and_rebuild(counters=None)
-        else:
-            self.engine = initialize_fault_tolerant(self.module, ds_config, routing, self.optimizer, self.scheduler,
-                                                    self.guard)
+
+    # The state that survives engine rebuilds lives on the backend.
+    @property
+    def engine(self) -> FaultTolerantEngine:
+        return self.backend.engine
+
+    @property
+    def module(self):
+        return self.backend.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.backend.optimizer
+
+    @property
+    def scheduler(self):
+        return self.backend.scheduler
 
     @property
     def swaps_on(self) -> bool:
         if self.settings.swaps_on is not None:
             return bool(self.settings.swaps_on)
-        return self.routing.plan.meta.get("builder") == "checkfree_plus"
+        return self.plan.meta.get("builder") == "checkfree_plus"
 
     @property
     def global_steps(self) -> int:
@@ -176,12 +201,17 @@ class FaultTolerantDeepSpeed:
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch_source) -> float | None:
-        """Run the next step; returns its loss, or ``None`` after a recovery (the step is to be replayed)."""
+        """Run the next step; returns its loss, or ``None`` after a recovery (the step is to be replayed).
+
+        With checkpoints on, a due checkpoint is saved right after the step was applied.
+        """
         if self.guard.injector is not None:
             self.guard.injector.at(self.engine.global_steps, "boundary")
         self.engine.set_batch_source(batch_source)
         try:
             loss = float(self.engine.train_batch())
+            if self.checkpoints is not None and self.checkpoints.due(self.engine.global_steps):
+                self.checkpoints.save(self.engine, self.guard.generation)
         except PeerFailure as failure:
             self.recover(failure)
             return None
@@ -191,21 +221,24 @@ class FaultTolerantDeepSpeed:
 
     # ------------------------------------------------------------------ recovery
     def recover(self, failure: PeerFailure) -> None:
+        """Survivor side: abort the step, regroup on the newest generation, rebuild, new engine."""
         t_raise = time.time()
         old = self.guard.generation
         step = self.engine.global_steps
         if self.guard.commit.abort(old, step):
             raise RuntimeError(f"rank {self.ctx.rank}: step {step} was committed but not applied here (bug)")
-        new = self.monitor.wait_for_generation(old, self.settings.confirm_timeout_s)
+        self.monitor.wait_for_generation(old, self.settings.confirm_timeout_s)
+        new = settle_generation(self.store, self.ctx.world_size, old + 1, self.settings.rendezvous_timeout_s)
         records = failures_between(self.store, old, new)
         t_fail = min(r.time for r in records)
         counters = {k: getattr(self.engine, k) for k in _COUNTERS}
         loss_before = self.guard.last_loss
-        self.engine = None  # drop every reference to the old groups before tearing them down
+        self.backend.engine = None  # drop every reference to the old groups before tearing them down
         gc.collect()
         self.ctx.init_group(self.store, new, self.settings.rendezvous_timeout_s)
         self.monitor.set_generation(new)
         self.guard.generation = new
+        self.guard.injector.generation = new
         t_regroup = time.time()
         regroup_module(self.module)
         self.pending = {"generation": new, "t_fail": t_fail, "t_detect": self.monitor.detected_at or t_raise,
@@ -213,6 +246,12 @@ class FaultTolerantDeepSpeed:
                         "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records],
                         "loss_before": loss_before}
         self._exchange_and_rebuild(counters)
+
+    def _abort_job(self, message: str) -> None:
+        """Unrecoverable: tell every agent to stop the job (no respawn loop), then raise."""
+        self.events.emit("recovery_failed", step=None, error=message)
+        self.store.set(ABORT_KEY, message[:500])
+        raise rb.RecoveryError(message)
 
     def _exchange_and_rebuild(self, counters: dict | None) -> None:
         t0 = time.time()
@@ -223,25 +262,26 @@ class FaultTolerantDeepSpeed:
         infos = all_gather_object(info, self.monitor, "recovery exchange", self.ctx.world_size)
         survivors = [i for i in infos if not i["joining"]]
         if not survivors:
-            raise RuntimeError("recovery: every rank is joining; nothing survived to rebuild from")
+            self._abort_job("recovery: every rank is joining; nothing survived to rebuild from")
         steps = {i["counters"]["global_steps"] for i in survivors}
         if len(steps) != 1:
             raise RuntimeError(f"recovery: survivors disagree on the step to resume at ({sorted(steps)}); the "
                                f"commit protocol should make this impossible")
-        plan = self.routing.plan
+        plan = self.plan
         rank_of = {(s, r): n for s, reps in enumerate(plan.stage_nodes) for r, n in enumerate(reps)}
         lost = {(i["stage"], i["replica"]) for i in infos if i["joining"]}
         replicas = [len(reps) for reps in plan.stage_nodes]
-        actions = rb.plan_rebuild(lost, plan.num_stages, replicas, self.swaps_on, self.settings.fallback,
-                                  self.settings.lr_scale)
+        try:
+            actions = rb.plan_rebuild(lost, plan.num_stages, replicas, self.swaps_on, self.settings.fallback,
+                                      self.settings.lr_scale)
+        except rb.RecoveryError as exc:
+            self._abort_job(str(exc))
         for a in actions:
             if a.degraded:
                 self.events.emit("recovery_fallback", step=next(iter(steps)), method=a.method, action=a.describe())
         if any(a.method == rb.CHECKPOINT for a in actions):
-            bad = [a.describe() for a in actions if a.method == rb.CHECKPOINT]
-            raise rb.RecoveryError(f"recovery: falling back to the last checkpoint for {bad}, but this run has no "
-                                   f"checkpoint to restore (set recovery.fallback=copy_neighbour for the named "
-                                   f"degraded mode, or run with checkpoints)")
+            self._rollback(actions, t0)
+            return
         sent = 0
         mine = None
         for a in actions:
@@ -264,8 +304,7 @@ class FaultTolerantDeepSpeed:
             self._apply(mine[0], mine[1], survivors[0])
         if counters is None:
             counters = dict(survivors[0]["counters"])
-        self.engine = initialize_fault_tolerant(self.module, self.ds_config, self.routing, self.optimizer,
-                                                self.scheduler, self.guard)
+        self.backend.rebuild_engine()
         for k, v in counters.items():
             setattr(self.engine, k, v)
         self.joining = False
@@ -277,6 +316,32 @@ class FaultTolerantDeepSpeed:
                              "rebuilt_here": mine[0].method if mine else None})
         if self.on_recovered is not None:
             self.on_recovered({"actions": actions, "received": mine[1] if mine else None, "session": self})
+
+    def _rollback(self, actions: list[rb.RebuildAction], t0: float) -> None:
+        """Checkpoint fallback: every rank restores the last complete DeepSpeed checkpoint (real rollback)."""
+        bad = [a.describe() for a in actions if a.method == rb.CHECKPOINT]
+        latest = self.checkpoints.latest() if self.checkpoints is not None else None
+        if latest is None:
+            why = ("this run saves no checkpoints (set recovery.checkpoint_every=K)" if self.checkpoints is None
+                   else "no checkpoint was completed yet")
+            self._abort_job(f"recovery: falling back to the last checkpoint for {bad}, but there is no checkpoint "
+                            f"to restore: {why}; or set recovery.fallback=copy_neighbour for the named degraded mode")
+        tag, step = latest
+        t_transfer = time.time()
+        self.backend.rebuild_engine()
+        resumed = self.checkpoints.restore(self.engine, tag)
+        scale = self.optimizer.param_groups[0].get("lr_scale", 1.0)
+        if scale != 1.0:
+            rb.set_lr_scale(self.optimizer, scale)  # restored groups keep their multiplier; hooks may be new
+        self.guard.last_grad_norm = None  # a pre-rollback statistic would weight a later average wrongly
+        self.joining = False
+        self.events.emit("recovery_rollback", step=resumed, tag=tag, checkpoint_step=step)
+        self.pending.update({"t_exchange": t0, "t_transfer": t_transfer, "t_engine": time.time(),
+                             "actions": [a.describe() for a in actions], "methods": [rb.CHECKPOINT],
+                             "bytes_sent": 0, "resume_step": resumed, "checkpoint": tag,
+                             "rebuilt_here": rb.CHECKPOINT})
+        if self.on_recovered is not None:
+            self.on_recovered({"actions": actions, "received": None, "session": self})
 
     def _apply(self, action: rb.RebuildAction, received: list[dict], donor: dict) -> None:
         """The joiner applies its rebuild rule and the optimizer surgery."""
@@ -312,7 +377,8 @@ class FaultTolerantDeepSpeed:
             "generation": p["generation"], "methods": p.get("methods"), "actions": p.get("actions"),
             "rebuilt_here": p.get("rebuilt_here"), "failed_ranks": p.get("failed_ranks"),
             "reasons": p.get("reasons"), "resume_step": p.get("resume_step"),
-            "detect_s": (p["t_detect"] - t_fail) if t_fail and p.get("t_detect") else None,
+            # A survivor can see the connection reset before the agent's record: detection ~0 then.
+            "detect_s": max(0.0, p["t_detect"] - t_fail) if t_fail and p.get("t_detect") else None,
             "regroup_s": (p["t_regroup"] - p.get("t_raise", p["t_regroup"])),
             "transfer_s": p["t_transfer"] - p["t_exchange"], "engine_rebuild_s": p["t_engine"] - p["t_transfer"],
             "first_good_step_s": (now - t_fail) if t_fail else (now - p["t_regroup"]),

@@ -39,6 +39,10 @@ DEFAULTS = {
 
 
 def main(argv: list[str]) -> None:
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is a stuck rank?
     torch.set_num_threads(1)
     from integration.recovery.context import RankContext
 
@@ -46,11 +50,11 @@ def main(argv: list[str]) -> None:
     cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv))
 
     from integration.data.dataset import TokenDataset
-    from integration.deepspeed.backend import build_pipeline_module, deepspeed_config, warmup_cosine
-    from integration.deepspeed.engine import RoutingSettings
     from integration.models.llama import LlamaConfig
     from integration.plan.builders import build_plan
     from integration.plan.routeplan import grid_stage_nodes
+    from integration.recovery.checkpoint import Checkpointer
+    from integration.recovery.engine import FaultTolerantBackend
     from integration.recovery.events import EventLog
     from integration.recovery.session import FaultTolerantDeepSpeed, RecoverySettings, stage_state, state_digest
 
@@ -60,22 +64,18 @@ def main(argv: list[str]) -> None:
     model_cfg = LlamaConfig(**OmegaConf.to_container(cfg.model)).validate()
     plan = build_plan(str(cfg.routing), grid_stage_nodes(S, D), int(tr.microbatches))
     mbs, seq = int(tr.micro_batch_size), model_cfg.seq_len
-    settings = RoutingSettings(plan=plan, act_shape=(mbs, seq, model_cfg.d_model), label_shape=(mbs, seq))
     tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, 200_000, dtype=np.int64)
     data = TokenDataset(tokens, 0.0, seed=1)
+    # The main job's config shape, so the worker builds exactly what DeepSpeedBackend builds.
+    backend_cfg = OmegaConf.create({"parallel": {"stages": S, "replicas": D},
+                                    "model": {"layout": "ring", "layers_per_stage": int(cfg.layers_per_stage)},
+                                    "train": OmegaConf.to_container(tr), "routing": {"gradient_rule": "visited"}})
 
     def batch(step: int, replica: int, index: int):
         return data.microbatch(step, replica, index, D, int(tr.microbatches), mbs, seq)
 
-    def build_module():
-        return build_pipeline_module(model_cfg, "ring", S, D, int(cfg.layers_per_stage), int(tr.seed))
-
-    def build_optimizer(module):
-        opt = torch.optim.AdamW(module.parameters(), lr=float(tr.lr), betas=tuple(tr.betas),
-                                weight_decay=float(tr.weight_decay), foreach=False)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine(int(tr.warmup_steps), int(tr.steps), float(tr.min_lr) / float(tr.lr)))
-        return opt, sched
+    def make_backend(guard, joining: bool) -> FaultTolerantBackend:
+        return FaultTolerantBackend(backend_cfg, plan, model_cfg, ctx.rank, S * D, guard=guard, defer_engine=joining)
 
     def on_recovered(info: dict) -> None:
         s = info["session"]
@@ -91,9 +91,13 @@ def main(argv: list[str]) -> None:
     if cfg.tensorboard and ctx.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=str(Path(cfg.out) / "tensorboard"))
-    run = FaultTolerantDeepSpeed(ctx, build_module, build_optimizer, deepspeed_config(tr, D), settings,
-                                 RecoverySettings.from_mapping(OmegaConf.to_container(cfg.recovery)),
-                                 EventLog(out / "events.jsonl", ctx.rank, writer), on_recovered)
+    settings = RecoverySettings.from_mapping(OmegaConf.to_container(cfg.recovery))
+    ckpt = None
+    if settings.checkpoint_every > 0:
+        ckpt = Checkpointer(Path(settings.checkpoint_dir or Path(cfg.out) / "checkpoints"), settings.checkpoint_every,
+                            ctx.connect(), S * D, ctx.rank)
+    run = FaultTolerantDeepSpeed(ctx, plan, make_backend, settings, EventLog(out / "events.jsonl", ctx.rank, writer),
+                                 on_recovered, checkpoints=ckpt)
     audit = (out / "audit.jsonl").open("a")
     while run.global_steps < int(tr.steps):
         step = run.global_steps

@@ -1,0 +1,49 @@
+"""Agree on the generation to regroup on, so failures that land close together are coalesced.
+
+Two ranks killed at once produce two failure records (generations g+1 and g+2) and two
+replacements started with different generations. Every process of the job (survivors and
+replacements) therefore announces itself for the latest generation it knows and waits until
+either everybody arrived (the generation is *closed*) or a newer failure was recorded (the
+generation is *stale*: announce again for the newer one). The decision is a first-write-wins
+compare-and-set in the store, like the step commit, so no process regroups on a generation that
+another one abandoned.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch.distributed as dist
+
+from .detect import read_generation
+
+CLOSED = "closed"
+STALE = "stale"
+
+
+def _key(generation: int) -> str:
+    return f"settle/g{generation}"
+
+
+def settle_generation(store: dist.Store, world_size: int, generation: int, timeout_s: float = 60.0,
+                      poll_s: float = 0.01) -> int:
+    """Block until every rank announced the same generation (>= ``generation``); return it."""
+    deadline = time.time() + timeout_s
+    g = max(generation, read_generation(store))
+    store.add(f"{_key(g)}/arrived", 1)
+    while True:
+        decision_key = f"{_key(g)}/decision"
+        if int(store.add(f"{_key(g)}/arrived", 0)) >= world_size:
+            store.compare_set(decision_key, "", CLOSED)
+        elif read_generation(store) > g:
+            store.compare_set(decision_key, "", STALE)
+        if store.check([decision_key]):
+            if store.get(decision_key).decode() == CLOSED:
+                return g
+            g = read_generation(store)  # stale: move to the newest failure and announce again
+            store.add(f"{_key(g)}/arrived", 1)
+            continue
+        if time.time() > deadline:
+            raise TimeoutError(f"recovery: only {int(store.add(f'{_key(g)}/arrived', 0))} of {world_size} ranks "
+                               f"arrived for generation {g} within {timeout_s:.0f} s")
+        time.sleep(poll_s)
