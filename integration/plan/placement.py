@@ -115,8 +115,13 @@ def bottleneck_matching(C: np.ndarray, A: Sequence[int], B: Sequence[int]) -> fl
 def _perfect(adj: np.ndarray) -> bool:
     """Kuhn's augmenting paths: does every row get a distinct column?"""
     rows, cols = adj.shape
+    return _perfect_lists([np.flatnonzero(adj[i]).tolist() for i in range(rows)], cols)
+
+
+def _perfect_lists(nbrs: list[list[int]], cols: int) -> bool:
+    """:func:`_perfect` on per-row lists of allowed columns (no numpy: the incremental scorer's hot path)."""
+    rows = len(nbrs)
     match = [-1] * cols
-    nbrs = [np.flatnonzero(adj[i]).tolist() for i in range(rows)]
 
     def aug(i: int, seen: list[bool]) -> bool:
         for j in nbrs[i]:
@@ -280,19 +285,7 @@ class _Scorer:
         rows = [[D[a][b] for b in B] for a in A]
         lb = max(min(r) for r in rows)
         for t in sorted({v for r in rows for v in r if v >= lb}):
-            adj = [[j for j, v in enumerate(r) if v <= t] for r in rows]
-            match = [-1] * len(B)
-
-            def aug(i: int, seen: list[bool]) -> bool:
-                for j in adj[i]:
-                    if not seen[j]:
-                        seen[j] = True
-                        if match[j] < 0 or aug(match[j], seen):
-                            match[j] = i
-                            return True
-                return False
-
-            if all(aug(i, [False] * len(B)) for i in range(len(A))):
+            if _perfect_lists([[j for j, v in enumerate(r) if v <= t] for r in rows], len(B)):
                 return t
         return max(max(r) for r in rows)
 
