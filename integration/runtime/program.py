@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 from ..plan.routeplan import RoutePlan
@@ -44,9 +44,6 @@ RECV_GRAD = "recv_grad"
 SEND_LABELS = "send_labels"
 RECV_LABELS = "recv_labels"
 
-COMM_KINDS = (SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD, SEND_LABELS, RECV_LABELS)
-
-
 @dataclass(frozen=True)
 class Op:
     """One instruction of a rank's program. ``seq`` is its position in the global order."""
@@ -70,13 +67,9 @@ class Program:
     plan: RoutePlan
     ops: dict[int, list[Op]]
     stage_visits: list[int]
-    global_order: list[tuple[int, Op]] = field(default_factory=list)  # (rank, op) pairs, comms once per side
 
     def for_rank(self, rank: int) -> list[Op]:
         return self.ops.get(rank, [])
-
-    def microbatches_on(self, rank: int) -> list[int]:
-        return sorted({op.mb for op in self.for_rank(rank)})
 
 
 @dataclass
@@ -127,7 +120,6 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
     order_pos: dict[int, int] = defaultdict(int)
     node_order = plan.node_order
 
-    global_order: list[tuple[int, Op]] = []
     ops: dict[int, list[Op]] = defaultdict(list)
     seq = 0
 
@@ -136,7 +128,6 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
         op = Op(kind, mb, seq, part, peer)
         seq += 1
         ops[rank].append(op)
-        global_order.append((rank, op))
 
     def emit_transfer(kind_send: str, kind_recv: str, mb: int, src: int, dst: int) -> None:
         # One global position for both sides of the pair keeps the matching order identical.
@@ -146,8 +137,6 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
         seq += 1
         ops[src].append(s_op)
         ops[dst].append(r_op)
-        global_order.append((src, s_op))
-        global_order.append((dst, r_op))
 
     # Event simulation. ready[node] holds runnable tasks; busy_until[node] the node clock.
     ready: dict[int, list[tuple]] = defaultdict(list)
@@ -238,7 +227,7 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
             stuck = {n: [(c[2], "B" if chains[c[2]][c[3]][2] else "F") for c in v] for n, v in ready.items() if v}
             raise ValueError(f"plan.node_order cannot be followed: nodes {sorted(stuck)} wait for work that "
                              f"never becomes ready (pending: {stuck})")
-    return Program(plan=plan, ops=dict(ops), stage_visits=plan.stage_visits(), global_order=global_order)
+    return Program(plan=plan, ops=dict(ops), stage_visits=plan.stage_visits())
 
 
 def _is_ordered_step(chain: list[tuple[int, str, bool]], idx: int) -> bool:
