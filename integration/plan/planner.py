@@ -18,6 +18,10 @@ sizing rule makes the node capacities exactly tight. The planner
    simulated schedule becomes ``plan.node_order``: every node's F/B order is fixed, and replaying
    the plan with that order reproduces the simulated time exactly.
 
+Clusters whose links all cost the same skip step 4: routing cannot gain on the links there, so
+:mod:`.exact` solves routes and per-node schedule together as a CP-SAT model (hop layers), and the
+searched plan is used only where that model does not apply or does no better than FIFO.
+
 Every returned plan passes ``rules.validate`` (CC1-CC5, TC1 and the node_order check).
 """
 
@@ -399,6 +403,22 @@ def _static_state(cluster, stage_nodes, C, memory, m, path_length, seed, deadlin
     return state, rng
 
 
+def _exact_plan(cluster, state, stage_nodes, C, w, memory, m, path_length, rules, effort, meta) -> RoutePlan | None:
+    """Equal-link clusters: routes + schedule from the CP-SAT model (:mod:`.exact`), or None where it
+    does not apply or finds nothing; the caller compares it with the searched plan."""
+    from . import exact
+    why = exact.applicable(stage_nodes, C, memory, m, path_length, state.cap)
+    if why is not None or not exact.solver_available():
+        return None
+    res = exact.solve_uniform(stage_nodes, C, w, memory, m, path_length, state.cap, DEFAULT_GAP_S, rules,
+                              deterministic_time=effort.exact_dtime,
+                              meta={**meta, "method": "cp-sat hop layers"})
+    if res is None or validate(res.plan, rules):
+        return None
+    res.plan.meta["solver_status"] = res.status
+    return res.plan
+
+
 @dataclass(frozen=True)
 class Effort:
     """Search budgets in evaluations: with no time cap the planner is deterministic for a seed,
@@ -407,6 +427,7 @@ class Effort:
     placement_evals: int = 3000
     static_iters: int = 20000
     sim_evals: int = 2000
+    exact_dtime: float = 10.0  # CP-SAT deterministic budget for equal-link clusters (0: never use it)
 
 
 def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = None,
@@ -439,12 +460,25 @@ def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = No
     prio = None
     meta: dict[str, Any] = {"builder": "planner", "seed": seed, "cluster": cluster.name,
                             "collision_aware": collision_aware}
-    if collision_aware:
+    exact_plan = None
+    if collision_aware and effort.exact_dtime > 0:
+        # Equal links: the CP-SAT plan replaces the simulated search unless FIFO on the static
+        # routes already does as well (then the search runs as usual).
+        exact_plan = _exact_plan(cluster, state, stage_nodes, C, w, memory, m, path_length, rules, effort, meta)
+        if exact_plan is not None:
+            static = simulate(state.to_plan(m, path_length, memory, {}), cost=C, stage_times=w, memory=memory,
+                              record=False).iteration_s
+            if simulate(exact_plan, cost=C, stage_times=w, memory=memory, record=False).iteration_s >= static:
+                exact_plan = None
+    if collision_aware and exact_plan is None:
         deadline = t0 + 0.97 * cap
         ev, evals, prio = _sim_search(state, rng, deadline, (m, path_length), C, w, memory, effort.sim_evals)
         policy = ev.policy
-    plan = state.to_plan(m, path_length, memory, meta)
-    if collision_aware:
+    if exact_plan is not None:
+        plan, policy = exact_plan, "node_order"
+    else:
+        plan = state.to_plan(m, path_length, memory, meta)
+    if collision_aware and exact_plan is None:
         sim = simulate(plan, cluster, memory=memory, policy=policy, priority=prio)
         plan.node_order = sim.node_order()
         meta["policy"] = policy
