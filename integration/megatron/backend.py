@@ -71,7 +71,16 @@ class MegatronBackend:
         if plan.num_stages != stages:
             raise ValueError(f"routing plan: it has {plan.num_stages} stages but parallel.stages is {stages}")
 
-        train = cfg.train
+        self.tensor, self.stages = tensor, stages
+        self.model_cfg = model_cfg
+        self._build(plan)
+
+    def _build(self, plan: RoutePlan) -> None:
+        """Groups, grid, model (DDP), optimizer, LR schedule and the routed schedule, in an order
+        every rank follows (group creation is collective). A fault-tolerant backend calls it again
+        on each new process-group generation."""
+        cfg, m, train, model_cfg = self.cfg, self.cfg.model, self.cfg.train, self.model_cfg
+        tensor, stages = self.tensor, self.stages
         initialize_megatron(tensor, stages, int(train.seed))
         self.grid = MegatronGrid.from_parallel_state()
         if tensor > 1 and plan.stage_nodes == grid_stage_nodes(stages, self.replicas):
@@ -89,7 +98,7 @@ class MegatronBackend:
                                  tie_embeddings=bool(m.get("tie_embeddings", True)))
         betas = tuple(float(b) for b in train.betas)
         self.optimizer = build_optimizer(self.model, lr=float(train.lr), weight_decay=float(train.weight_decay),
-                                         betas=betas, clip_grad=float(train.grad_clip or 0.0),
+                                         betas=betas, clip_grad=self._optimizer_clip(),
                                          min_lr=float(train.min_lr))
         steps = int(train.steps)
         warmup = min(int(train.warmup_steps), max(steps - 1, 0))
@@ -106,8 +115,12 @@ class MegatronBackend:
         self.fb.guard_optimizer(self.optimizer)
         self.plan = self.fb.plan
         self._eval_fb: dict[int, RoutedForwardBackward] = {}
-        self.stage, self.replica, self.tensor_rank = self.grid.coords(rank)
+        self.stage, self.replica, self.tensor_rank = self.grid.coords(self.rank)
         self.is_home = self.stage == 0
+
+    def _optimizer_clip(self) -> float:
+        """Gradient clipping inside megatron's optimizer (its norm is a collective over the model-parallel group)."""
+        return float(self.cfg.train.grad_clip or 0.0)
 
     # ------------------------------------------------------------------ protocol
     def stage_of_rank(self, rank: int) -> tuple[int, int]:
@@ -124,8 +137,15 @@ class MegatronBackend:
         total = sum(float(o["lm loss"]) for o in outputs) if self.tensor_rank == 0 else 0.0
         count = len(outputs) if self.tensor_rank == 0 else 0
         stats = torch.tensor([total, float(count)], dtype=torch.float64)
-        dist.all_reduce(stats)
+        self._all_reduce(stats, "loss all-reduce")
         return float(stats[0] / stats[1])
+
+    def _all_reduce(self, tensor: torch.Tensor, what: str) -> None:
+        """Sum over the world (a fault-tolerant backend makes this failure-aware)."""
+        dist.all_reduce(tensor)
+
+    def _configure_fb(self, fb: RoutedForwardBackward) -> None:
+        """Hook for subclasses: set up a routed schedule built after construction (evaluation)."""
 
     def train_step(self, step: int, batch_source: BatchSource) -> StepResult:
         self.model.train()
@@ -146,6 +166,7 @@ class MegatronBackend:
             plan = full_pipeline(self.grid.stage_nodes, microbatches_per_home, self.layout)
             self._eval_fb[microbatches_per_home] = RoutedForwardBackward(plan, num_microbatches=microbatches_per_home,
                                                                          grid=self.grid)
+            self._configure_fb(self._eval_fb[microbatches_per_home])
         fb = self._eval_fb[microbatches_per_home]
         self.model.eval()
         try:

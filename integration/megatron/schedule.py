@@ -62,7 +62,9 @@ class RoutedForwardBackward:
     """
 
     def __init__(self, plan: RoutePlan, *, num_microbatches: int | None = None, gradient_rule: str = "visited",
-                 max_inflight: int | None = None, rules: Rules | None = None, grid: MegatronGrid | None = None):
+                 max_inflight: int | None = None, rules: Rules | None = None, grid: MegatronGrid | None = None,
+                 p2p_wait: Callable[[object, str], None] | None = None,
+                 before_op: Callable[[Any], None] | None = None):
         check_megatron_version()
         apply_cpu_patches()
         if gradient_rule not in GRADIENT_RULES:
@@ -75,6 +77,10 @@ class RoutedForwardBackward:
         self.stage = self.grid.coords(self.rank)[0]
         self.node = self.grid.node_of(self.rank)
         self._calls = 0
+        # Fault tolerance plugs in here: a failure-aware wait for every p2p transfer and a hook
+        # ahead of every op (failure injection). Both default to plain behaviour.
+        self.p2p_wait = p2p_wait
+        self.before_op = before_op
         # Ring: the tie is local to the home stage; megatron reads embd=None as "use the default
         # first+last-stage group", so a one-rank group switches the cross-stage all-reduce off.
         self._own_group, _ = torch.distributed.new_subgroups(group_size=1)
@@ -147,7 +153,7 @@ class RoutedForwardBackward:
         handler = _MegatronStageHandler(forward_step_func, data_iterator, model, config, num_microbatches,
                                         pgc.cp.size(), collect_non_loss_data, first_val_step, forward_only,
                                         (micro_batch_size, seq_length), device)
-        executor = ProgramExecutor(self.rank, handler, RoutedP2P(self.rank, device=device),
+        executor = ProgramExecutor(self.rank, handler, RoutedP2P(self.rank, device=device, wait=self.p2p_wait),
                                    TensorSpec(tuple(act_shape), config.pipeline_dtype),
                                    TensorSpec((micro_batch_size, seq_length), torch.int64))
         handler.executor = executor
@@ -156,7 +162,7 @@ class RoutedForwardBackward:
 
         no_sync = config.no_sync_func if config.no_sync_func is not None else contextlib.nullcontext
         with (contextlib.nullcontext() if forward_only else no_sync()):
-            result = executor.run(self.ops, self._calls, forward_only=forward_only)
+            result = executor.run(self.ops, self._calls, forward_only=forward_only, before_op=self.before_op)
         if not forward_only and config.finalize_model_grads_func is not None:
             # DP all-reduce and tied-embedding all-reduce on every rank, visited or not (collectives).
             config.finalize_model_grads_func([model], None, pg_collection=pgc, force_all_reduce=force_all_reduce)

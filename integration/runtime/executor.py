@@ -9,7 +9,7 @@ backend :class:`StageHandler` so DeepSpeed and megatron-core share this one impl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -77,14 +77,18 @@ class ProgramExecutor:
         self.send_grad: dict[int, torch.Tensor] = {}
         self.result = IterationResult()
 
-    def run(self, ops: list[Op], step: int, forward_only: bool = False) -> IterationResult:
+    def run(self, ops: list[Op], step: int, forward_only: bool = False,
+            before_op: Callable[[Op], None] | None = None) -> IterationResult:
         """Run a whole program (all ops of this rank for ``step``).
 
-        ``forward_only`` (evaluation) drops the backward ops and keeps no autograd state.
+        ``forward_only`` (evaluation) drops the backward ops and keeps no autograd state;
+        ``before_op`` is called ahead of every op (failure injection hooks in there).
         """
         self.begin(step, forward_only)
         for op in ops:
             if not (forward_only and op.kind in BACKWARD_KINDS):
+                if before_op is not None:
+                    before_op(op)
                 self.run_op(op)
         return self.end()
 
