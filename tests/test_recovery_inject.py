@@ -43,6 +43,16 @@ def test_injector_fires_only_at_its_point():
     assert len(fired) == 1
 
 
+def test_home_stage_can_be_targeted():
+    fired = []
+    inj = FailureInjector(0, 0, parse_schedule("kill:stage=0,step=1,phase=boundary"), signal_self=fired.append)
+    inj.at(0, "boundary")
+    inj.at(1, "forward")
+    assert fired == []
+    inj.at(1, "boundary")
+    assert fired == [signal.SIGKILL]
+
+
 def test_random_rate_is_same_draw_for_every_rank_of_a_stage():
     hits = {}
     for replica in (0, 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +11,11 @@ import torch
 from integration.models.llama import BlockStack, LlamaConfig, build_ring_stages, reference_forward
 from integration.plan.builders import checkfree_plus, checkfree_plus_order, full_pipeline
 from integration.plan.routeplan import grid_stage_nodes
-from integration.recovery.rebuild import (CHECKFREE, CHECKPOINT, COPY_NEIGHBOUR, PARTNER_COPY, REPLICA_COPY,
-                                          RecoveryError, checkfree_average, effective_lr, fresh_optimizer_state,
-                                          grad_norm, partner_copy, per_iteration_probability, plan_rebuild,
-                                          replica_copy, set_lr_scale, stage_weight)
+from integration.recovery.rebuild import (CHECKFREE, CHECKPOINT, COPY_NEIGHBOUR, HOME_MIRROR, PARTNER_COPY,
+                                          REPLICA_COPY, RecoveryError, checkfree_average, effective_lr,
+                                          fresh_optimizer_state, grad_norm, home_holders, partner_copy,
+                                          per_iteration_probability, plan_rebuild, replica_copy, set_lr_scale,
+                                          stage_weight)
 
 CFG = LlamaConfig(vocab_size=64, d_model=16, n_heads=2, seq_len=8)
 
@@ -223,3 +225,45 @@ def test_ladder_home_stage_and_bad_input():
         plan_rebuild({(5, 0)}, 5, 1, swaps_on=False)
     with pytest.raises(ValueError, match="fallback"):
         plan_rebuild(set(), 5, 1, swaps_on=False, fallback="pray")
+
+
+def test_ladder_home_mirror_exact_no_chain():
+    """CheckFree+ E/H replication: a lost home is copied exactly from a surviving holder's current mirror."""
+    assert home_holders([1] * 5, 0) == [(1, 0), (4, 0)]
+    assert home_holders([2, 2, 2], 1) == [(1, 1), (2, 1)] and home_holders([1, 1], 0) == [(1, 0)]
+    both = {0: [(1, 0), (4, 0)]}
+    (a,) = plan_rebuild({(0, 0)}, 5, 1, swaps_on=True, home_mirrors=both)
+    assert (a.method, a.sources, a.fresh_optimizer, a.lr_scale, a.degraded) == \
+        (HOME_MIRROR, ((1, 0),), False, 1.0, False)
+    # Holder stage 1 lost in the same round: the other holder is the source; stage 1 itself is rebuilt
+    # from its partner, never from anything rebuilt in this round.
+    acts = plan_rebuild({(0, 0), (1, 0)}, 5, 1, swaps_on=True, home_mirrors=both)
+    assert [(a.stage, a.method, a.sources) for a in acts] == [(0, HOME_MIRROR, ((4, 0),)),
+                                                               (1, PARTNER_COPY, ((2, 0),))]
+    # Both holders lost (or no current mirror): the configured fallback, with the reason.
+    acts = plan_rebuild({(0, 0), (1, 0), (5, 0)}, 6, 1, swaps_on=True, home_mirrors={0: [(1, 0), (5, 0)]})
+    assert acts[0].method == CHECKPOINT and acts[0].degraded and "was lost too" in acts[0].reason
+    assert plan_rebuild({(0, 0)}, 5, 1, swaps_on=True, home_mirrors={0: []})[0].method == CHECKPOINT
+    with pytest.raises(RecoveryError, match="home_replica=false"):
+        plan_rebuild({(0, 0)}, 5, 1, swaps_on=True, fallback="error")
+    # A surviving data-parallel replica still comes first; each lost home replica uses its own column's mirror.
+    assert plan_rebuild({(0, 1)}, 5, 2, swaps_on=False, home_mirrors={0: [(1, 0)], 1: [(1, 1)]})[0].method == \
+        REPLICA_COPY
+    acts = plan_rebuild({(0, 0), (0, 1)}, 5, 2, swaps_on=False, home_mirrors={0: [(1, 0)], 1: [(4, 1)]})
+    assert [(a.method, a.sources) for a in acts] == [(HOME_MIRROR, ((1, 0),)), (HOME_MIRROR, ((4, 1),))]
+    with pytest.raises(ValueError, match="holder"):
+        plan_rebuild({(0, 0)}, 5, 1, swaps_on=True, home_mirrors={0: [(0, 0)]})
+
+
+def test_home_replica_setting_validated_and_on_for_checkfree_plus():
+    from omegaconf import OmegaConf
+
+    from integration.recovery.session import RecoverySettings
+
+    conf = Path(__file__).resolve().parent.parent / "hydra_conf" / "recovery"
+    assert OmegaConf.load(conf / "checkfree_plus.yaml").home_replica is True
+    assert OmegaConf.load(conf / "checkfree.yaml").home_replica is False
+    assert RecoverySettings.from_mapping({"home_replica": True}).home_replica is True
+    assert RecoverySettings.from_mapping({}).home_replica is False
+    with pytest.raises(ValueError, match="recovery.home_replica"):
+        RecoverySettings.from_mapping({"home_replica": "yes"})

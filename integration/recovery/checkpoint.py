@@ -1,8 +1,9 @@
 """Checkpoint fallback in DeepSpeed's own format: periodic ``save_checkpoint``, rollback by ``load_checkpoint``.
 
 Used only where the recovery ladder cannot rebuild a stage (adjacent losses, an edge without
-CheckFree+ swaps, the home stage): every rank of the new generation restores the last *complete*
-checkpoint (module, optimizer, LR scheduler, step counters) and training resumes from its step.
+CheckFree+ swaps, the home stage without a surviving mirror): every rank of the new generation
+restores the last *complete* checkpoint (module, optimizer, LR scheduler, step counters) and
+training resumes from its step.
 A checkpoint counts as complete when every rank recorded it in the job's store after its save
 returned, so a save cut short by a failure is never restored. Tags carry the generation, so a
 step saved again after a rollback never overwrites the files of the checkpoint being restored.

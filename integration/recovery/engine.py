@@ -11,7 +11,9 @@ inherited, including the gradient rule and the unvisited-stage rule):
   before anything moved, a committed one is applied by upstream's OptimizerStep with clipping
   already done (so that step holds no collective at all);
 * the stage's gradient norm of the last committed step is kept for CheckFree's weights;
-* compute ops call the failure injector (``forward``/``backward`` points).
+* compute ops call the failure injector (``forward``/``backward`` points);
+* with CheckFree+ home replication (``guard.home``) the home's gradients reach its mirror holders
+  before the vote and the holders step their mirror after a commit (:mod:`integration.recovery.home`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class StepGuard:
     last_grad_norm: float | None = None        # this stage's gradient L2 norm, last committed step
     applied_steps: list[int] = field(default_factory=list)  # steps this process applied (audit)
     last_loss: float | None = None
+    home: Any = None  # HomeMirror when recovery.home_replica is on
 
 
 class FaultTolerantEngine(RoutedPipelineEngine):
@@ -72,6 +75,8 @@ class FaultTolerantEngine(RoutedPipelineEngine):
             self.set_dataiterator(data_iter)
         self.module.train()
         self.guard.monitor.check("start of step")
+        if self.guard.home is not None:
+            self.guard.home.begin_step(self.guard.generation, self.global_steps)
         self.executor.begin(self.global_steps)
         sched = FaultTolerantSchedule(self.my_ops, self.micro_batches, self.num_stages, self.stage_id)
         self._exec_schedule(sched)
@@ -120,14 +125,18 @@ class FaultTolerantEngine(RoutedPipelineEngine):
         stats = torch.stack([total, torch.tensor(float(len(losses)))])
         all_reduce(stats, g.monitor, "loss all-reduce")
         step = self.global_steps
+        coef = clip / (total_norm + 1e-6) if total_norm is not None and total_norm > clip else None
+        if g.home is not None:  # before the vote, so a committed step is always in the holders' hands
+            g.home.exchange_gradients(step, coef)
         if not g.commit.decide(g.generation, step):
             raise PeerFailure(f"rank {self.global_rank}: step {step} aborted (a failure was recorded before every "
                               f"rank was ready to step)", g.monitor.latest)
         # Committed: from here on nothing talks to another rank, so the step is applied everywhere.
-        if total_norm is not None and total_norm > clip:
-            coef = clip / (total_norm + 1e-6)
+        if coef is not None:
             for p in params:
                 p.grad.mul_(coef)
+        if g.home is not None:
+            g.home.apply_committed(step)
         if self._my_stage_visited:
             g.last_grad_norm = math.sqrt(sq)
         self.agg_train_loss = stats[0] / stats[1]

@@ -7,7 +7,8 @@ What lives here (``shared/spec/checkfree.md`` sections 2, 3 and 6):
 * :func:`partner_copy` / :func:`replica_copy` - CheckFree+ edge rule and the exact survivor copy;
 * optimizer surgery - :func:`fresh_optimizer_state` and :func:`set_lr_scale` (a per-group multiplier
   applied around ``optimizer.step`` so it never compounds and the LR schedule keeps its position);
-* :func:`plan_rebuild` - which rule rebuilds each lost (stage, replica), with explicit fallbacks.
+* :func:`plan_rebuild` - which rule rebuilds each lost (stage, replica), with explicit fallbacks;
+* :func:`home_holders` - which body stages keep CheckFree+'s mirror of the home stage (E + H).
 
 Stage numbering is the ring layout's: stage 0 is home (embedding + head), body stages 1..L = S-1;
 body stage 1 and body stage L are the edge stages (their outer neighbour is the home stage, whose
@@ -30,6 +31,7 @@ REPLICA_COPY = "replica_copy"      # a data-parallel replica of the stage surviv
 CHECKFREE = "checkfree"            # weighted average of the two body neighbours
 PARTNER_COPY = "partner_copy"      # CheckFree+: S1 <- S2, S_L <- S_{L-1}
 COPY_NEIGHBOUR = "copy_neighbour"  # named degraded mode: copy a surviving adjacent body stage
+HOME_MIRROR = "home_mirror"        # CheckFree+: home stage (E + H) from a neighbour's exact mirror
 CHECKPOINT = "checkpoint"          # fall back to the last checkpoint (whole model rolls back)
 
 
@@ -205,18 +207,43 @@ class _Layout:
         return [r for r in range(self.counts[stage]) if (stage, r) not in self.lost]
 
 
+def home_holders(replicas: Sequence[int], home_replica: int) -> list[tuple[int, int]]:
+    """The body units that keep the mirror of home unit (0, ``home_replica``): its ring neighbours.
+
+    In the ring layout the home stage's neighbours are body stage 1 (after E) and body stage L (before
+    H), taken in the same replica column (``home_replica`` modulo that stage's replica count). Two
+    distinct holders when L >= 2, so losing one neighbour together with home still recovers exactly.
+    """
+    if len(replicas) < 2:
+        raise ValueError(f"home_holders: need home + at least one body stage, got {len(replicas)} stages")
+    L = len(replicas) - 1
+    out: list[tuple[int, int]] = []
+    for stage in (1, L):
+        unit = (stage, home_replica % replicas[stage])
+        if unit not in out:
+            out.append(unit)
+    return out
+
+
 def plan_rebuild(lost: Iterable[tuple[int, int]], num_stages: int, replicas: int | Sequence[int],
-                 swaps_on: bool, fallback: str = "checkpoint", lr_scale: float = 1.1) -> list[RebuildAction]:
+                 swaps_on: bool, fallback: str = "checkpoint", lr_scale: float = 1.1,
+                 home_mirrors: Mapping[int, Sequence[tuple[int, int]]] | None = None) -> list[RebuildAction]:
     """The recovery ladder: one action per lost (stage, replica), sorted by (stage, replica).
 
     1. a replica of the stage survives -> exact copy (weights + optimizer state, no lr_scale);
-    2. interior body stage (2..L-1), both body neighbours have a survivor -> CheckFree average;
-    3. edge body stage (1 or L) with CheckFree+ swaps on -> copy of its partner (S2 resp. S_{L-1});
-    4. anything else (home stage lost, adjacent losses, an edge without swaps) -> ``fallback``:
+    2. home stage 0 lost entirely, ``home_mirrors`` given (``recovery.home_replica``) and a surviving
+       holder has a current mirror of that home replica -> exact copy of the mirror (weights +
+       optimizer state, no lr_scale, CheckFree+'s "E and H replicated on the neighbouring nodes");
+    3. interior body stage (2..L-1), both body neighbours have a survivor -> CheckFree average;
+    4. edge body stage (1 or L) with CheckFree+ swaps on -> copy of its partner (S2 resp. S_{L-1});
+    5. anything else (home stage without a mirror, adjacent losses, an edge without swaps) -> ``fallback``:
        ``checkpoint`` (whole model from the last checkpoint), ``copy_neighbour`` (named degraded mode:
        copy a *surviving* adjacent body stage) or ``error`` (raise :class:`RecoveryError`).
 
-    Only survivors are ever sources: a stage rebuilt in this round never feeds another (no chains).
+    ``home_mirrors``: home replica -> the (stage, replica) units holding a mirror of it that is current
+    (tagged with the step the survivors resume at); ``None`` means home replication is off.
+    Only survivors are ever sources: a stage rebuilt in this round never feeds another (no chains),
+    so a holder lost in the same round is not a source.
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"recovery.fallback: {fallback!r} is not one of {FALLBACKS}")
@@ -240,12 +267,25 @@ def plan_rebuild(lost: Iterable[tuple[int, int]], num_stages: int, replicas: int
     def first_alive(stage: int) -> tuple[int, int]:
         return stage, layout.survivors(stage)[0]
 
+    mirrors: dict[int, list[tuple[int, int]]] | None = None
+    if home_mirrors is not None:
+        mirrors = {}
+        for hr, holders in home_mirrors.items():
+            for hs, hq in holders:
+                if not (1 <= hs < num_stages and 0 <= hq < counts[hs]):
+                    raise ValueError(f"plan_rebuild: home mirror holder (stage {hs}, replica {hq}) is not a body "
+                                     f"unit of the layout {counts}")
+            mirrors[int(hr)] = [tuple(h) for h in holders if tuple(h) not in layout.lost]  # type: ignore[misc]
+
     actions: list[RebuildAction] = []
     for s, r in sorted(layout.lost):
         survivors = layout.survivors(s)
         if survivors:
             actions.append(RebuildAction(s, r, REPLICA_COPY, ((s, survivors[0]),), fresh_optimizer=False,
                                          lr_scale=1.0))
+            continue
+        if s == 0 and mirrors is not None and mirrors.get(r):
+            actions.append(RebuildAction(s, r, HOME_MIRROR, (mirrors[r][0],), fresh_optimizer=False, lr_scale=1.0))
             continue
         if 2 <= s <= L - 1 and alive(s - 1) and alive(s + 1):
             actions.append(RebuildAction(s, r, CHECKFREE, (first_alive(s - 1), first_alive(s + 1)),
@@ -255,7 +295,7 @@ def plan_rebuild(lost: Iterable[tuple[int, int]], num_stages: int, replicas: int
         if partner is not None and alive(partner):
             actions.append(RebuildAction(s, r, PARTNER_COPY, (first_alive(partner),), lr_scale=lr_scale))
             continue
-        reason = _why_not(s, L, swaps_on, alive)
+        reason = _why_not(s, L, swaps_on, alive, None if home_mirrors is None else home_mirrors.get(r, ()))
         if fallback == "error":
             raise RecoveryError(f"cannot rebuild stage {s} (all replicas lost): {reason}; set recovery.fallback "
                                 f"to 'checkpoint' or 'copy_neighbour' to continue in a degraded mode")
@@ -272,9 +312,13 @@ def plan_rebuild(lost: Iterable[tuple[int, int]], num_stages: int, replicas: int
     return actions
 
 
-def _why_not(stage: int, L: int, swaps_on: bool, alive) -> str:
+def _why_not(stage: int, L: int, swaps_on: bool, alive, holders: Sequence[tuple[int, int]] | None) -> str:
+    if stage == 0 and holders is None:
+        return ("the home stage (embedding + head) lost every replica and has no replica elsewhere "
+                "(recovery.home_replica=false; true mirrors it on its neighbour stages)")
     if stage == 0:
-        return "the home stage (embedding + head) lost every replica and has no replica elsewhere"
+        return (f"the home stage (embedding + head) lost every replica and every neighbour holding a current "
+                f"mirror of it ({', '.join(f'stage {a} replica {b}' for a, b in holders) or 'none'}) was lost too")
     if stage in (1, L) and not swaps_on:
         return f"stage {stage} is an edge stage and CheckFree+ swaps are off (routing.kind=checkfree_plus enables them)"
     if stage in (1, L):

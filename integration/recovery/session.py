@@ -15,13 +15,16 @@ Recovery, on every process of the new generation (survivors and the replacement 
 3. exchange (failure-aware all-gather): who is joining, the step to resume at, stage gradient
    norms, scheduler state; every rank computes the same :func:`plan_rebuild` actions;
 4. transfers in one global action order (survivors -> joiner), the joiner applies the rule
-   (exact replica copy / CheckFree average / partner or neighbour copy) and the optimizer surgery;
+   (exact replica copy / home mirror copy / CheckFree average / partner or neighbour copy) and the
+   optimizer surgery;
 5. a new engine around the same module/optimizer/scheduler (``backend.rebuild_engine``), counters
    restored.
 
 Several failures recorded close together are coalesced: everybody regroups on the newest
-generation (:func:`integration.recovery.rendezvous.settle_generation`). Where the ladder cannot
-rebuild (adjacent losses, an edge without swaps, the home stage), ``fallback`` decides: a named
+generation (:func:`integration.recovery.rendezvous.settle_generation`). With ``home_replica`` the
+home stage (E + H) is mirrored on its neighbour stages (:mod:`integration.recovery.home`) and a lost
+home is copied exactly from a surviving mirror. Where the ladder cannot rebuild (adjacent losses, an
+edge without swaps, the home stage without a surviving mirror), ``fallback`` decides: a named
 degraded mode (``copy_neighbour``), a real rollback of every rank to the last complete DeepSpeed
 checkpoint (``checkpoint`` with ``checkpoint_every``), or a clear error that stops the whole job
 (``error``, or ``checkpoint`` with no checkpoint yet) - never a silent chain.
@@ -45,6 +48,7 @@ from .context import RankContext
 from .detect import ABORT_KEY, FailureMonitor, PeerFailure, all_gather_object, failures_between
 from .engine import FaultTolerantBackend, FaultTolerantEngine, StepGuard
 from .events import EventLog
+from .home import HomeMirror
 from .inject import FailureInjector, parse_schedule
 from .rendezvous import settle_generation
 from .transfer import recv_state, send_state
@@ -67,6 +71,7 @@ class RecoverySettings:
     iteration_seconds: float = 0.0
     checkpoint_every: int = 0             # fallback=checkpoint: DeepSpeed checkpoint every K steps (0: none)
     checkpoint_dir: str = ""              # "" : <output root>/checkpoints
+    home_replica: bool = False            # CheckFree+: mirror home (E + H) on its neighbour stages, exact restore
 
     @classmethod
     def from_mapping(cls, m: Any) -> "RecoverySettings":
@@ -80,17 +85,24 @@ class RecoverySettings:
             raise ValueError(f"recovery.fallback: {s.fallback!r} is not one of {rb.FALLBACKS}")
         if s.weight_statistic not in rb.STATISTICS:
             raise ValueError(f"recovery.weight_statistic: {s.weight_statistic!r} is not one of {rb.STATISTICS}")
+        if not isinstance(s.home_replica, bool):
+            raise ValueError(f"recovery.home_replica: must be true or false, got {s.home_replica!r}")
         return s
 
 
 def state_digest(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:
     """sha256 over the module's state dict and (optionally) the optimizer state, for bitwise audits."""
+    return digest_of(module.state_dict(), optimizer.state_dict() if optimizer is not None else None)
+
+
+def digest_of(model_state: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> str:
+    """:func:`state_digest` of a state dict and an optimizer ``state_dict()`` (e.g. a home mirror's)."""
     h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
+    for k, v in sorted(model_state.items()):
         h.update(k.encode())
         h.update(v.detach().contiguous().cpu().numpy().tobytes())
-    if optimizer is not None:
-        sd = optimizer.state_dict()
+    if optimizer_state is not None:
+        sd = optimizer_state
         for pid in sorted(sd["state"]):
             for k, v in sorted(sd["state"][pid].items()):
                 h.update(f"{pid}/{k}".encode())
@@ -108,25 +120,23 @@ def regroup_module(module) -> None:
     module.tied_comms = module._index_tied_modules()
 
 
+def local_key(key: str, start: int) -> str:
+    """A PipelineModule state key with its global layer index made local (``3.blocks..`` -> ``0.blocks..``)."""
+    head, _, rest = key.partition(".")
+    return f"{int(head) - start}.{rest}" if head.isdigit() else key
+
+
 def stage_state(module) -> dict[str, torch.Tensor]:
     """The stage's state dict with layer indices made local (``3.blocks..`` on stage 3 -> ``0.blocks..``),
     so neighbouring stages' keys match (a PipelineModule names its layers by global index)."""
     start = getattr(module, "_local_start", 0)
-    out = {}
-    for key, value in module.state_dict().items():
-        head, _, rest = key.partition(".")
-        out[f"{int(head) - start}.{rest}" if head.isdigit() else key] = value
-    return out
+    return {local_key(key, start): value for key, value in module.state_dict().items()}
 
 
 def load_stage_state(module, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`stage_state`: load local-index keys into this stage's PipelineModule."""
     start = getattr(module, "_local_start", 0)
-    full = {}
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        full[f"{int(head) + start}.{rest}" if head.isdigit() else key] = value
-    module.load_state_dict(full)
+    module.load_state_dict({local_key(key, -start): value for key, value in state.items()})
 
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
@@ -166,6 +176,14 @@ class FaultTolerantDeepSpeed:
         self.pending: dict | None = None  # the recovery in progress (timings for the event)
         self.recoveries: list[dict] = []
         self.backend = make_backend(self.guard, self.joining)
+        self.home: HomeMirror | None = None
+        if settings.home_replica:
+            if plan.num_stages < 2:
+                raise ValueError(f"recovery.home_replica: needs a home stage and at least one body stage to hold its "
+                                 f"mirror, the plan has {plan.num_stages} stage(s)")
+            self.home = HomeMirror(plan.stage_nodes, ctx.rank, self.monitor)
+            self.home.attach(self.module, self.optimizer)
+            self.guard.home = self.home
         if self.joining:
             rec = failures_between(self.store, generation - 1, generation)[-1] if generation > 0 else None
             self.pending = {"generation": generation, "t_fail": rec.time if rec else None, "t_detect": None,
@@ -258,7 +276,8 @@ class FaultTolerantDeepSpeed:
         info = {"rank": self.ctx.rank, "stage": self.stage, "replica": self.replica, "joining": self.joining,
                 "counters": counters, "grad_norm": self.guard.last_grad_norm,
                 "scheduler": None if self.joining or self.scheduler is None else self.scheduler.state_dict(),
-                "lrs": [g["lr"] for g in self.optimizer.param_groups], "loss": self.guard.last_loss}
+                "lrs": [g["lr"] for g in self.optimizer.param_groups], "loss": self.guard.last_loss,
+                "home_mirrors": self.home.tags() if self.home is not None else {}}
         infos = all_gather_object(info, self.monitor, "recovery exchange", self.ctx.world_size)
         survivors = [i for i in infos if not i["joining"]]
         if not survivors:
@@ -271,9 +290,16 @@ class FaultTolerantDeepSpeed:
         rank_of = {(s, r): n for s, reps in enumerate(plan.stage_nodes) for r, n in enumerate(reps)}
         lost = {(i["stage"], i["replica"]) for i in infos if i["joining"]}
         replicas = [len(reps) for reps in plan.stage_nodes]
+        home_mirrors = None
+        if self.home is not None:
+            # Usable mirrors: held by a survivor and tagged with the step everybody resumes at.
+            resume = next(iter(steps))
+            held = {(i["stage"], i["replica"]): i["home_mirrors"] for i in survivors}
+            home_mirrors = {r: [h for h in rb.home_holders(replicas, r) if held.get(h, {}).get(r) == resume]
+                            for r in range(replicas[0])}
         try:
             actions = rb.plan_rebuild(lost, plan.num_stages, replicas, self.swaps_on, self.settings.fallback,
-                                      self.settings.lr_scale)
+                                      self.settings.lr_scale, home_mirrors)
         except rb.RecoveryError as exc:
             self._abort_job(str(exc))
         for a in actions:
@@ -290,7 +316,9 @@ class FaultTolerantDeepSpeed:
             for src in a.sources:
                 src_rank = rank_of[src]
                 what = f"state of stage {src[0]} replica {src[1]} for {a.method}"
-                if self.ctx.rank == src_rank:
+                if self.ctx.rank == src_rank and a.method == rb.HOME_MIRROR:
+                    sent += send_state(self.home.payload(a.replica), target, self.monitor, what)
+                elif self.ctx.rank == src_rank:
                     payload = {"model": stage_state(self.module), "grad_norm": self.guard.last_grad_norm}
                     if a.method == rb.REPLICA_COPY:
                         payload["optimizer"] = self.optimizer.state_dict()
@@ -345,7 +373,7 @@ class FaultTolerantDeepSpeed:
 
     def _apply(self, action: rb.RebuildAction, received: list[dict], donor: dict) -> None:
         """The joiner applies its rebuild rule and the optimizer surgery."""
-        if action.method == rb.REPLICA_COPY:
+        if action.method in (rb.REPLICA_COPY, rb.HOME_MIRROR):  # exact: weights + optimizer state
             load_stage_state(self.module, received[0]["model"])
             self.optimizer.load_state_dict(received[0]["optimizer"])
             scale = self.optimizer.param_groups[0].get("lr_scale", 1.0)

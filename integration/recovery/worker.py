@@ -7,15 +7,19 @@ Overrides are ``key=value`` (Hydra syntax, passed through by the agent unchanged
 the default LLaMa-style ring model on synthetic tokens (step-addressed, so replays are exact) and
 writes per rank under ``out/rank<R>``: ``events.jsonl`` (recovery events), ``audit.jsonl`` (per
 applied step: loss and a sha256 of weights + optimizer state), ``recovery_g<G>.pt`` (the stage
-state right after each recovery, with the states received for a rebuild) and ``final.pt``.
+state right after each recovery, with the states received for a rebuild) and ``final.pt`` (with
+``recovery.home_replica=true`` also the digests and step tags of the home mirrors this rank holds
+and the replication's traffic and time).
 The tests of :mod:`tests.test_recovery_integration` check these files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -56,7 +60,8 @@ def main(argv: list[str]) -> None:
     from integration.recovery.checkpoint import Checkpointer
     from integration.recovery.engine import FaultTolerantBackend
     from integration.recovery.events import EventLog
-    from integration.recovery.session import FaultTolerantDeepSpeed, RecoverySettings, stage_state, state_digest
+    from integration.recovery.session import (FaultTolerantDeepSpeed, RecoverySettings, digest_of, stage_state,
+                                              state_digest)
 
     out = Path(cfg.out) / f"rank{ctx.rank}"
     out.mkdir(parents=True, exist_ok=True)
@@ -104,13 +109,19 @@ def main(argv: list[str]) -> None:
         loss = run.train_step(batch)
         if loss is None:
             continue
-        audit.write(json.dumps({"pid": os.getpid(), "generation": run.guard.generation, "step": step, "loss": loss,
+        audit.write(json.dumps({"pid": os.getpid(), "time": time.time(), "generation": run.guard.generation,
+                                "step": step, "loss": loss,
                                 "lr": run.optimizer.param_groups[0]["lr"],
                                 "digest": state_digest(run.module, run.optimizer)}) + "\n")
         audit.flush()
     opt_steps = sorted({int(st["step"]) for st in run.optimizer.state.values()})
+    home = None
+    if run.home is not None:
+        home = {"tags": run.home.tags(), "stats": dataclasses.asdict(run.home.stats),
+                "digests": {r: digest_of(p["model"], p["optimizer"])
+                            for r, p in ((r, run.home.payload(r)) for r in run.home.mirrors)}}
     torch.save({"model": stage_state(run.module), "opt_steps": opt_steps, "applied": run.guard.applied_steps,
-                "recoveries": run.recoveries}, out / "final.pt")
+                "recoveries": run.recoveries, "home_mirror": home}, out / "final.pt")
     from integration.recovery.detect import all_reduce
     all_reduce(torch.zeros(1), run.monitor, "final barrier")  # nobody leaves while a peer may still need it
     run.monitor.stop()
