@@ -11,15 +11,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_main_job_kill_stage_through_agent_recovers_and_loss_goes_down(tmp_path):
+def run_main_job(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("RANK", None)
     # Exactly the documented command (the schedule arrives unquoted, as from a shell), plus a short run.
     cmd = [sys.executable, "-m", "launch.agent", "--nproc", "4", "--spares", "1", "--log-dir", str(tmp_path / "logs"),
            "--", "integration/train.py", "recovery=checkfree", "recovery.inject=kill:stage=2,step=5,phase=backward",
-           f"output_root={tmp_path}/out", "train.steps=10", "progress=false"]
+           f"output_root={tmp_path}/out", "train.steps=10", "progress=false", *overrides]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_main_job_kill_stage_through_agent_recovers_and_loss_goes_down(tmp_path):
+    p = run_main_job(tmp_path)
     assert '"reason": "killed by SIGKILL"' in p.stderr and "promoted hot spare" in p.stderr
     out = tmp_path / "out"
     for r in range(4):
@@ -44,3 +49,17 @@ def test_main_job_kill_stage_through_agent_recovers_and_loss_goes_down(tmp_path)
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {"recovery/first_good_step_s", "recovery/transfer_s", "recovery/loss_after", "train/loss"} <= set(tags)
+
+
+def test_main_job_on_megatron_recovers_the_same_way(tmp_path):
+    p = run_main_job(tmp_path, "backend=megatron")
+    assert '"reason": "killed by SIGKILL"' in p.stderr
+    out = tmp_path / "out"
+    for r in range(4):
+        s = json.loads((out / f"rank{r}" / "summary.json").read_text())
+        assert s["backend"] == "megatron" and s["generation"] == 1
+        (ev,) = s["recoveries"]
+        assert ev["methods"] == ["checkfree"] and ev["resume_step"] == 5
+        assert len(s["loss_history"]) == (10 if r != 2 else 5)
+    s0 = json.loads((out / "rank0" / "summary.json").read_text())
+    assert s0["loss_last3"] < s0["loss_first3"] - 0.3, s0["loss_history"]

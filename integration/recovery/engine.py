@@ -196,6 +196,19 @@ class FaultTolerantBackend(DeepSpeedBackend):
             _init_deepspeed_comm_alone()
         super().__init__(*args, **kwargs)
 
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer
+
+    def release_groups(self) -> None:
+        """Drop the engine (it holds the old generation's groups); module, optimizer and scheduler stay."""
+        self.engine = None
+
+    def regroup(self) -> None:
+        """Recreate the PipelineModule's groups on the new generation (same order as a fresh module)."""
+        from .session import regroup_module
+        regroup_module(self.module)
+
     def rebuild_engine(self) -> None:
         if self._defer_engine:
             self._defer_engine = False

@@ -2,7 +2,8 @@
 
 Runs under :mod:`launch.agent` (which owns the store, detects deaths and hangs, respawns or promotes
 a hot spare). Same model, data, plan and outputs as the plain main job, but the process group,
-engine and recovery belong to :class:`integration.recovery.session.FaultTolerantDeepSpeed`:
+engine and recovery belong to :class:`integration.recovery.session.FaultTolerantSession` (``backend=deepspeed``
+or ``backend=megatron``, the latter at TP=1 in the ring layout):
 
     python -m launch.agent --nproc 4 --spares 1 -- integration/train.py recovery=checkfree \
         recovery.inject='kill:stage=2,step=5,phase=backward'
@@ -60,20 +61,26 @@ def run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_di
     from .detect import all_gather_object, all_reduce
     from .engine import FaultTolerantBackend
     from .events import EventLog
-    from .session import FaultTolerantDeepSpeed, RecoverySettings
+    from .session import FaultTolerantSession, RecoverySettings
 
     import torch
 
     if int(cfg.routing.get("resample_every", 0) or 0):
         raise ConfigError("recovery: routing.resample_every is not supported with recovery (every generation "
                           "must run one fixed plan); set routing.resample_every=0")
-    if cfg.backend.name != "deepspeed":
-        raise ConfigError(f"recovery: backend={cfg.backend.name} has no fault-tolerant engine; use backend=deepspeed")
+    megatron = cfg.backend.name == "megatron"
     rec = {k: v for k, v in OmegaConf.to_container(cfg.recovery, resolve=True).items() if k != "name"}
     try:
         settings = RecoverySettings.from_mapping(rec)
+        if megatron:
+            from .megatron_engine import check_megatron_recovery
+            check_megatron_recovery(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if megatron and settings.checkpoint_every > 0:
+        raise ConfigError("recovery.checkpoint_every: periodic checkpoints for the checkpoint fallback are written in "
+                          "DeepSpeed's format only; with backend=megatron set recovery.checkpoint_every=0 and "
+                          "recovery.fallback=copy_neighbour (or error)")
     if "RANK" not in os.environ and "SKIPFREE_SPARE" not in os.environ:
         raise ConfigError("recovery: run the job under the fault-tolerant agent: python -m launch.agent "
                           "--nproc N [--spares 1] -- integration/train.py recovery=... (it owns the store)")
@@ -91,7 +98,10 @@ def run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_di
     def val_batch(step: int, replica: int, index: int):
         return dataset.microbatch(0, replica, index, homes, val_mb, mbs, seq, split="validation")
 
-    def make_backend(guard, joining: bool) -> FaultTolerantBackend:
+    def make_backend(guard, joining: bool):
+        if megatron:
+            from .megatron_engine import FaultTolerantMegatronBackend
+            return FaultTolerantMegatronBackend(cfg, plan, model_cfg, rank, world, guard=guard, defer_engine=joining)
         return FaultTolerantBackend(cfg, plan, model_cfg, rank, world, guard=guard, defer_engine=joining)
 
     writer = None
@@ -103,8 +113,8 @@ def run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_di
         ckpt = Checkpointer(Path(settings.checkpoint_dir or out_dir.parent / "checkpoints").resolve(),
                             settings.checkpoint_every, ctx.connect(), world, rank)
     started_joining = ctx.joining
-    run = FaultTolerantDeepSpeed(ctx, plan, make_backend, settings, EventLog(out_dir / "events.jsonl", rank, writer),
-                                 checkpoints=ckpt)
+    run = FaultTolerantSession(ctx, plan, make_backend, settings, EventLog(out_dir / "events.jsonl", rank, writer),
+                               checkpoints=ckpt)
     if not started_joining:
         digest = hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest()
         if len(set(all_gather_object(digest, run.monitor, "plan agreement", world))) != 1:
@@ -112,7 +122,9 @@ def run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_di
                                f"config, or use routing=file")
 
     history = _train(run, cfg, plan, train_batch, mbs, seq, writer, lambda: _validate(run, val_batch, val_mb))
-    val = float(run.backend.validation_loss(val_batch, val_mb))
+    val = None
+    while val is None:  # a failure during the final validation is recovered, then validation reruns
+        val = _validate(run, val_batch, val_mb)
     log.info("validation loss (full model, all stages in order) %.4f at step %d", val, int(cfg.train.steps) - 1)
     if writer is not None:
         writer.add_scalar("val/loss_full_model", val, int(cfg.train.steps) - 1)

@@ -1,8 +1,10 @@
-"""Fault-tolerant DeepSpeed training for one process: regroup, ladder rebuild, engine rebuild, replay.
+"""Fault-tolerant training for one process: regroup, ladder rebuild, engine rebuild, replay.
 
-:class:`FaultTolerantDeepSpeed` owns what must survive a peer's failure - the stage module, the
-optimizer (with its state) and the LR scheduler - and rebuilds the DeepSpeed engine around them on
-every new generation. Its :meth:`train_step` either applies one committed step or, on a
+:class:`FaultTolerantSession` owns what must survive a peer's failure - the stage module, the
+optimizer (with its state) and the LR scheduler, held by a backend (DeepSpeed:
+:class:`integration.recovery.engine.FaultTolerantBackend`; megatron-core:
+:class:`integration.recovery.megatron_engine.FaultTolerantMegatronBackend`) - and has the backend
+rebuild its engine around them on every new generation. Its :meth:`train_step` either applies one committed step or, on a
 :class:`PeerFailure`, recovers and returns ``None`` so the caller replays (data is addressed by
 step, so the replay uses the same microbatches).
 
@@ -36,7 +38,7 @@ import gc
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -46,7 +48,7 @@ from .checkpoint import Checkpointer
 from .commit import StepCommit
 from .context import RankContext
 from .detect import ABORT_KEY, FailureMonitor, PeerFailure, all_gather_object, failures_between
-from .engine import FaultTolerantBackend, FaultTolerantEngine, StepGuard
+from .engine import StepGuard
 from .events import EventLog
 from .home import HomeMirror
 from .inject import FailureInjector, parse_schedule
@@ -99,6 +101,8 @@ def digest_of(model_state: dict[str, torch.Tensor], optimizer_state: dict | None
     """:func:`state_digest` of a state dict and an optimizer ``state_dict()`` (e.g. a home mirror's)."""
     h = hashlib.sha256()
     for k, v in sorted(model_state.items()):
+        if not torch.is_tensor(v):
+            continue  # megatron's `_extra_state` (None without Transformer Engine) holds no weights
         h.update(k.encode())
         h.update(v.detach().contiguous().cpu().numpy().tobytes())
     if optimizer_state is not None:
@@ -130,27 +134,73 @@ def stage_state(module) -> dict[str, torch.Tensor]:
     """The stage's state dict with layer indices made local (``3.blocks..`` on stage 3 -> ``0.blocks..``),
     so neighbouring stages' keys match (a PipelineModule names its layers by global index)."""
     start = getattr(module, "_local_start", 0)
-    return {local_key(key, start): value for key, value in module.state_dict().items()}
+    # Tensors only: megatron modules add `_extra_state` entries (None without Transformer Engine).
+    return {local_key(key, start): value for key, value in module.state_dict().items() if torch.is_tensor(value)}
 
 
 def load_stage_state(module, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`stage_state`: load local-index keys into this stage's PipelineModule."""
     start = getattr(module, "_local_start", 0)
-    module.load_state_dict({local_key(key, -start): value for key, value in state.items()})
+    missing, unexpected = module.load_state_dict({local_key(key, -start): value for key, value in state.items()},
+                                                 strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]  # see stage_state
+    if missing or unexpected:
+        raise RuntimeError(f"load_stage_state: state does not fit the stage (missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]})")
 
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 
-# make_backend(guard, joining) -> FaultTolerantBackend: called once the process group exists.
-BackendFactory = Callable[[StepGuard, bool], FaultTolerantBackend]
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Free the frames an exception keeps alive (the interrupted step's executor, its pending p2p
+    work), so they are destroyed now, while the old group still exists, and not after the regroup
+    (a pending gloo send destroyed after its group is gone can block its process)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
-class FaultTolerantDeepSpeed:
-    """One rank of a fault-tolerant routed DeepSpeed job (see the module docstring).
+class RecoverableBackend(Protocol):
+    """What the session needs from a backend (DeepSpeed and megatron-core implement it).
 
-    ``make_backend`` builds the rank's :class:`FaultTolerantBackend` (module, optimizer, scheduler,
-    engine) on the current process group; the session keeps it across generations and calls its
-    :meth:`rebuild_engine` after every regroup. ``checkpoints`` enables the checkpoint fallback.
+    ``engine`` drives steps (``global_steps`` and the other counters, ``set_batch_source``,
+    ``train_batch`` raising :class:`PeerFailure` for an aborted step); ``module`` is the stage model
+    whose state dict :func:`stage_state` reads; ``torch_optimizer`` the torch optimizer holding the
+    state (surgery, lr_scale); ``scheduler`` has ``state_dict``/``load_state_dict``.
+    """
+
+    engine: Any
+    module: Any
+    scheduler: Any
+
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer: ...
+
+    def release_groups(self) -> None:
+        """Before the old group is destroyed: drop every object that references it."""
+
+    def regroup(self) -> None:
+        """On the new generation's group: recreate the backend's groups (collective, same order everywhere)."""
+
+    def rebuild_engine(self) -> None:
+        """A new engine around the kept module, optimizer and scheduler (collective)."""
+
+    def validation_loss(self, batch_source: Any, microbatches_per_home: int) -> float: ...
+
+
+# make_backend(guard, joining) -> backend: called once the process group exists.
+BackendFactory = Callable[[StepGuard, bool], RecoverableBackend]
+
+
+class FaultTolerantSession:
+    """One rank of a fault-tolerant routed training job (see the module docstring).
+
+    ``make_backend`` builds the rank's backend (module, optimizer, scheduler, engine; see
+    :class:`RecoverableBackend`) on the current process group; the session keeps it across
+    generations, has it regroup and rebuild its engine after every failure. ``checkpoints``
+    enables the checkpoint fallback (DeepSpeed only).
     """
 
     def __init__(self, ctx: RankContext, plan, make_backend: BackendFactory, settings: RecoverySettings,
@@ -192,7 +242,7 @@ class FaultTolerantDeepSpeed:
 
     # The state that survives engine rebuilds lives on the backend.
     @property
-    def engine(self) -> FaultTolerantEngine:
+    def engine(self) -> Any:
         return self.backend.engine
 
     @property
@@ -201,7 +251,7 @@ class FaultTolerantDeepSpeed:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        return self.backend.optimizer
+        return self.backend.torch_optimizer
 
     @property
     def scheduler(self):
@@ -241,6 +291,7 @@ class FaultTolerantDeepSpeed:
     def recover(self, failure: PeerFailure) -> None:
         """Survivor side: abort the step, regroup on the newest generation, rebuild, new engine."""
         t_raise = time.time()
+        _drop_tracebacks(failure)
         old = self.guard.generation
         step = self.engine.global_steps
         if self.guard.commit.abort(old, step):
@@ -251,14 +302,16 @@ class FaultTolerantDeepSpeed:
         t_fail = min(r.time for r in records)
         counters = {k: getattr(self.engine, k) for k in _COUNTERS}
         loss_before = self.guard.last_loss
-        self.backend.engine = None  # drop every reference to the old groups before tearing them down
+        self.backend.release_groups()  # drop every reference to the old groups before tearing them down
         gc.collect()
         self.ctx.init_group(self.store, new, self.settings.rendezvous_timeout_s)
         self.monitor.set_generation(new)
         self.guard.generation = new
         self.guard.injector.generation = new
         t_regroup = time.time()
-        regroup_module(self.module)
+        self.backend.regroup()
+        if self.home is not None:
+            self.home.attach(self.module, self.optimizer)  # a backend may have rebuilt its module
         self.pending = {"generation": new, "t_fail": t_fail, "t_detect": self.monitor.detected_at or t_raise,
                         "t_raise": t_raise, "t_regroup": t_regroup, "cause": str(failure)[:300],
                         "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records],

@@ -1,10 +1,10 @@
-"""A small fault-tolerant training job for the agent: routed DeepSpeed pipeline with recovery.
+"""A small fault-tolerant training job for the agent: routed DeepSpeed or megatron-core pipeline with recovery.
 
     python -m launch.agent --nproc 5 --hot-spares 1 -- -m integration.recovery.worker \
         out=/tmp/run recovery.inject="kill:stage=2,step=3,phase=backward"
 
 Overrides are ``key=value`` (Hydra syntax, passed through by the agent unchanged). The job trains
-the default LLaMa-style ring model on synthetic tokens (step-addressed, so replays are exact) and
+the default LLaMa-style ring model (``backend=megatron``: megatron-core stages) on synthetic tokens (step-addressed, so replays are exact) and
 writes per rank under ``out/rank<R>``: ``events.jsonl`` (recovery events), ``audit.jsonl`` (per
 applied step: loss and a sha256 of weights + optimizer state), ``recovery_g<G>.pt`` (the stage
 state right after each recovery, with the states received for a rebuild) and ``final.pt`` (with
@@ -36,6 +36,7 @@ DEFAULTS = {
     "train": {"steps": 8, "micro_batch_size": 2, "microbatches": 2, "lr": 3e-3, "min_lr": 3e-4,
               "warmup_steps": 2, "weight_decay": 0.1, "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": 5},
     "routing": "full",  # full | checkfree_plus
+    "backend": "deepspeed",  # deepspeed | megatron (megatron-core stages, TP=1)
     "tensorboard": False,  # rank 0 writes recovery/* scalars under out/tensorboard
     "recovery": {"fallback": "checkpoint", "lr_scale": 1.1, "weight_statistic": "clipped_l2",
                  "heartbeat_s": 0.3, "poll_s": 0.03, "inject": ""},
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> None:
     from integration.recovery.checkpoint import Checkpointer
     from integration.recovery.engine import FaultTolerantBackend
     from integration.recovery.events import EventLog
-    from integration.recovery.session import (FaultTolerantDeepSpeed, RecoverySettings, digest_of, stage_state,
+    from integration.recovery.session import (FaultTolerantSession, RecoverySettings, digest_of, stage_state,
                                               state_digest)
 
     out = Path(cfg.out) / f"rank{ctx.rank}"
@@ -72,14 +73,22 @@ def main(argv: list[str]) -> None:
     tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, 200_000, dtype=np.int64)
     data = TokenDataset(tokens, 0.0, seed=1)
     # The main job's config shape, so the worker builds exactly what DeepSpeedBackend builds.
-    backend_cfg = OmegaConf.create({"parallel": {"stages": S, "replicas": D},
-                                    "model": {"layout": "ring", "layers_per_stage": int(cfg.layers_per_stage)},
+    backend_cfg = OmegaConf.create({"parallel": {"stages": S, "replicas": D, "tensor": 1},
+                                    "model": {"layout": "ring", "layers_per_stage": int(cfg.layers_per_stage),
+                                              "n_heads": model_cfg.n_heads, "d_model": model_cfg.d_model,
+                                              "seq_len": model_cfg.seq_len},
                                     "train": OmegaConf.to_container(tr), "routing": {"gradient_rule": "visited"}})
+    if str(cfg.backend) not in ("deepspeed", "megatron"):
+        raise ValueError(f"backend: {cfg.backend!r}; use deepspeed or megatron")
 
     def batch(step: int, replica: int, index: int):
         return data.microbatch(step, replica, index, D, int(tr.microbatches), mbs, seq)
 
-    def make_backend(guard, joining: bool) -> FaultTolerantBackend:
+    def make_backend(guard, joining: bool):
+        if cfg.backend == "megatron":
+            from integration.recovery.megatron_engine import FaultTolerantMegatronBackend
+            return FaultTolerantMegatronBackend(backend_cfg, plan, model_cfg, ctx.rank, S * D, guard=guard,
+                                                defer_engine=joining)
         return FaultTolerantBackend(backend_cfg, plan, model_cfg, ctx.rank, S * D, guard=guard, defer_engine=joining)
 
     def on_recovered(info: dict) -> None:
@@ -101,8 +110,8 @@ def main(argv: list[str]) -> None:
     if settings.checkpoint_every > 0:
         ckpt = Checkpointer(Path(settings.checkpoint_dir or Path(cfg.out) / "checkpoints"), settings.checkpoint_every,
                             ctx.connect(), S * D, ctx.rank)
-    run = FaultTolerantDeepSpeed(ctx, plan, make_backend, settings, EventLog(out / "events.jsonl", ctx.rank, writer),
-                                 on_recovered, checkpoints=ckpt)
+    run = FaultTolerantSession(ctx, plan, make_backend, settings, EventLog(out / "events.jsonl", ctx.rank, writer),
+                               on_recovered, checkpoints=ckpt)
     audit = (out / "audit.jsonl").open("a")
     while run.global_steps < int(tr.steps):
         step = run.global_steps

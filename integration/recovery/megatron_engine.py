@@ -1,0 +1,223 @@
+"""Fault-tolerant routed training on megatron-core: the megatron counterpart of :mod:`.engine`.
+
+:class:`FaultTolerantMegatronBackend` is the main job's megatron backend
+(:class:`integration.megatron.backend.MegatronBackend`) with what recovery needs:
+
+* every p2p wait of the routed schedule goes through :meth:`FailureMonitor.wait`, and the failure
+  injector runs ahead of each forward/backward op;
+* the collectives of a step are ours, async and failure-aware: the data-parallel all-reduce of
+  megatron DDP's contiguous gradient buffers (in place of ``finalize_model_grads``), the global
+  gradient-norm all-reduce for clipping and the loss all-reduce; all run *before* the commit vote,
+  then megatron's optimizer steps with its own clipping off (that step holds no collective);
+* regroup = rebuild: megatron keeps process groups in module attributes, DDP buckets and
+  ``parallel_state`` globals, so after a new generation's group exists the backend snapshots its
+  stage state in memory (weights, optimizer state, LR schedule), builds groups, grid, model, DDP,
+  optimizer and schedule again (the same collective sequence a replacement's construction runs)
+  and loads the snapshot: survivors keep their exact state, nothing is read from disk;
+* CheckFree+ home replication (:mod:`.home`) hooks in exactly as in the DeepSpeed engine.
+
+Limits (refused up front with the reason): tensor parallelism (the TP all-reduces inside megatron's
+layers are not failure-aware), the linear layout (the ladder's stage numbering is the ring's), and
+the checkpoint fallback's periodic saves (DeepSpeed's checkpoint format only).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+from typing import Any
+
+import torch
+
+from ..megatron.backend import MegatronBackend
+from ..megatron.build import gpt_forward_step
+from ..megatron.schedule import RoutedForwardBackward
+from ..runtime.program import BWD, FWD
+from . import rebuild as rb
+from .detect import PeerFailure, all_reduce
+from .engine import StepGuard
+from .session import load_stage_state, stage_state
+
+
+def check_megatron_recovery(cfg: Any) -> None:
+    """Refuse configurations the megatron fault-tolerant path does not cover, before any group exists."""
+    tensor = int(cfg.parallel.get("tensor", 1) or 1)
+    if tensor != 1:
+        raise ValueError(f"recovery with backend=megatron: parallel.tensor={tensor} is not supported (the tensor-"
+                         f"parallel all-reduces inside megatron's layers are not failure-aware); use "
+                         f"parallel.tensor=1 or backend=deepspeed")
+    if str(cfg.model.layout) != "ring":
+        raise ValueError(f"recovery with backend=megatron: model.layout={cfg.model.layout} is not supported; the "
+                         f"rebuild ladder numbers stages as the ring layout does (model.layout=ring)")
+
+
+class MegatronSteps:
+    """The step loop's view of the megatron backend (what a DeepSpeed engine is to the session):
+    counters, the batch source and one guarded, committed step per :meth:`train_batch`."""
+
+    def __init__(self, backend: "FaultTolerantMegatronBackend"):
+        self.backend = backend
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self.batch_source = None
+
+    def set_batch_source(self, source) -> None:
+        self.batch_source = source
+
+    def train_batch(self) -> torch.Tensor:
+        """One iteration; raises :class:`PeerFailure` (nothing applied) if the step was aborted."""
+        loss = self.backend.guarded_step(self.global_steps, self.batch_source)
+        self.global_steps += 1
+        self.micro_steps += self.backend.microbatches
+        self.global_samples += self.backend.microbatches * self.backend.micro_batch_size * len(
+            self.backend.plan.stage_nodes[0])
+        return torch.tensor(loss)
+
+
+class FaultTolerantMegatronBackend(MegatronBackend):
+    """See the module docstring. ``guard`` carries the monitor, commit vote and injector."""
+
+    def __init__(self, cfg: Any, plan, model_cfg: Any, rank: int, world_size: int, *, guard: StepGuard,
+                 defer_engine: bool = False):
+        check_megatron_recovery(cfg)
+        self.guard = guard
+        super().__init__(cfg, plan, model_cfg, rank, world_size)
+        self.engine: MegatronSteps | None = MegatronSteps(self)
+        self._snapshot: dict | None = None
+
+    # ------------------------------------------------------------------ construction hooks
+    def _optimizer_clip(self) -> float:
+        return 0.0  # clipped by us before the commit vote (megatron's norm would be a blind collective)
+
+    def _build(self, plan) -> None:
+        super()._build(plan)
+        self.config.finalize_model_grads_func = self._reduce_replica_grads
+        self.fb.p2p_wait = self.guard.monitor.wait
+        self.fb.before_op = self._inject
+
+    def _configure_fb(self, fb: RoutedForwardBackward) -> None:
+        fb.p2p_wait = self.guard.monitor.wait
+
+    def _all_reduce(self, tensor: torch.Tensor, what: str) -> None:
+        all_reduce(tensor, self.guard.monitor, what)
+
+    def _inject(self, op) -> None:
+        if self.guard.injector is not None and op.kind in (FWD, BWD) and self.engine is not None:
+            self.guard.injector.at(self.engine.global_steps, "forward" if op.kind == FWD else "backward")
+
+    # ------------------------------------------------------------------ the session's view
+    @property
+    def module(self) -> torch.nn.Module:
+        """The stage model without its DDP wrapper (its state dict keys are the stage's own)."""
+        return self.model.module
+
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch Adam inside megatron's optimizer: state dict, param groups, lr_scale hooks."""
+        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        if len(opts) != 1:
+            raise RuntimeError(f"recovery with backend=megatron expects one optimizer, megatron built {len(opts)}")
+        return opts[0].optimizer
+
+    # ------------------------------------------------------------------ one step
+    def _reduce_replica_grads(self, models, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
+        """``finalize_model_grads`` for TP=1 + ring: the mean over replicas of DDP's grad buffers."""
+        dp_group = pg_collection.dp_cp if pg_collection is not None else None
+        dp = dp_group.size() if dp_group is not None else 1
+        if dp == 1:
+            return
+        for model in models:
+            for buf in list(model.buffers) + list(getattr(model, "expert_parallel_buffers", [])):
+                all_reduce(buf.grad_data, self.guard.monitor, "gradient all-reduce over replicas", group=dp_group)
+                buf.grad_data.div_(dp)
+
+    def _main_grads(self) -> list[torch.Tensor]:
+        return [p.main_grad for p in self.model.module.parameters() if getattr(p, "main_grad", None) is not None]
+
+    def guarded_step(self, step: int, batch_source) -> float:
+        """Routed forward/backward, failure-aware reductions, commit vote, then the optimizer step."""
+        g = self.guard
+        g.monitor.check("start of step")
+        if g.home is not None:
+            g.home.begin_step(g.generation, step)
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self.fb(forward_step_func=gpt_forward_step,
+                          data_iterator=self._batches(batch_source, step, self.microbatches), model=[self.model],
+                          num_microbatches=self.microbatches, seq_length=self.seq_len,
+                          micro_batch_size=self.micro_batch_size)
+        visited = self.fb.last_stage_visited
+        grads = self._main_grads() if visited else []
+        sq = sum(float(t.double().pow(2).sum()) for t in grads)
+        clip = float(self.cfg.train.grad_clip or 0.0)
+        total_norm = None
+        if clip > 0:
+            t = torch.tensor([sq], dtype=torch.float64)
+            all_reduce(t, g.monitor, "gradient-norm all-reduce", group=self.grid_pp_group())
+            total_norm = math.sqrt(float(t.item()))
+        total = sum(float(o["lm loss"]) for o in outputs)
+        stats = torch.tensor([total, float(len(outputs))], dtype=torch.float64)
+        all_reduce(stats, g.monitor, "loss all-reduce")
+        coef = clip / (total_norm + 1e-6) if total_norm is not None and total_norm > clip else None
+        if g.home is not None:  # before the vote, so a committed step is always in the holders' hands
+            for p in self.module.parameters():
+                if getattr(p, "main_grad", None) is not None:
+                    p.grad = p.main_grad  # what megatron's FP32Optimizer.prepare_grads does; the mirror reads .grad
+            g.home.exchange_gradients(step, coef)
+        if not g.commit.decide(g.generation, step):
+            raise PeerFailure(f"rank {self.rank}: step {step} aborted (a failure was recorded before every rank "
+                              f"was ready to step)", g.monitor.latest)
+        # Committed: nothing below talks to another rank, so the step is applied everywhere.
+        if coef is not None:
+            for t in grads:
+                t.mul_(coef)
+        if g.home is not None:
+            g.home.apply_committed(step)
+        if visited:
+            g.last_grad_norm = math.sqrt(sq)
+        self.optimizer.step()
+        self.scheduler.step(increment=1)
+        loss = float(stats[0] / stats[1])
+        g.last_loss = loss
+        g.applied_steps.append(step)
+        return loss
+
+    def grid_pp_group(self):
+        """The pipeline group of this rank (megatron's model-parallel group at TP=1): where the
+        global gradient norm lives."""
+        from megatron.core import parallel_state as ps
+        return ps.get_pipeline_model_parallel_group()
+
+    # ------------------------------------------------------------------ regroup
+    def release_groups(self) -> None:
+        """Before the old process group is destroyed: snapshot the state, drop every object that
+        holds an old group (so peers' pending receives fail at once)."""
+        from megatron.core import parallel_state as ps
+        opt = self.torch_optimizer
+        self._snapshot = {"model": {k: v.detach().clone() for k, v in stage_state(self.module).items()},
+                          "optimizer": copy.deepcopy(opt.state_dict()), "scheduler": self.scheduler.state_dict()}
+        self.model = self.optimizer = self.scheduler = self.fb = None
+        self._eval_fb = {}
+        self.config = None
+        ps.destroy_model_parallel()
+        gc.collect()
+
+    def regroup(self) -> None:
+        """On the new generation's group: build everything again and load the snapshot."""
+        snap, self._snapshot = self._snapshot, None
+        self._build(self.plan)
+        load_stage_state(self.module, snap["model"])
+        opt = self.torch_optimizer
+        opt.load_state_dict(snap["optimizer"])
+        scale = opt.param_groups[0].get("lr_scale", 1.0)
+        if scale != 1.0:
+            rb.set_lr_scale(opt, scale)  # hooks live on the optimizer object, which is new
+        self.scheduler.load_state_dict(snap["scheduler"])
+
+    def rebuild_engine(self) -> None:
+        """A new step driver; the session restores the counters."""
+        self.engine = MegatronSteps(self)
