@@ -1,6 +1,7 @@
 """Recovery cost on this machine: run a job under launch.agent, SIGKILL a stage, print the time breakdown.
 
-    python benchmarks/recovery_bench.py [--job worker|main] [--spare hot,cold] [--phase forward] [--steps 6]
+    python benchmarks/recovery_bench.py [--job worker|main] [--backend deepspeed|megatron] [--spare hot,cold]
+        [--phase forward] [--steps 6]
     python benchmarks/recovery_bench.py --home-sync-cost [--steps 20] [--model-sizes 128x32,8192x128]
 
 ``--job worker``: the small fault-tolerant worker (ring model d=32, 5 ranks);
@@ -33,7 +34,7 @@ COLS = ("methods", "detect_s", "regroup_s", "transfer_s", "engine_rebuild_s", "f
 
 
 def run(job: str, steps: int, phase: str, kill_stage: int, spare: bool, routing: str,
-        home_replica: bool = False) -> list[dict]:
+        home_replica: bool = False, backend: str = "deepspeed") -> list[dict]:
     """One run; returns the recovery events of rank 0 (of rank 2 when the home, rank 0, is the one killed)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
@@ -43,11 +44,12 @@ def run(job: str, steps: int, phase: str, kill_stage: int, spare: bool, routing:
         if job == "worker":
             nproc, events = 5, Path(tmp) / witness / "events.jsonl"
             target = ["-m", "integration.recovery.worker", f"out={tmp}", f"train.steps={steps}", f"routing={routing}",
-                      f'recovery.inject="{inject}"', f"recovery.home_replica={str(home_replica).lower()}"]
+                      f'recovery.inject="{inject}"', f"recovery.home_replica={str(home_replica).lower()}",
+                      f"backend={backend}"]
         else:
             nproc, events = 4, Path(tmp) / "out" / witness / "events.jsonl"
             target = ["integration/train.py", "recovery=checkfree", f"recovery.inject={inject}", f"output_root={tmp}/out",
-                      f"train.steps={steps}", "progress=false", "tensorboard=false"]
+                      f"train.steps={steps}", "progress=false", "tensorboard=false", f"backend={backend}"]
         cmd = [sys.executable, "-m", "launch.agent", "--nproc", str(nproc), "--hot-spares", "1" if spare else "0",
                "--heartbeat-timeout", "10", "--log-dir", f"{tmp}/logs", "--", *target]
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -98,6 +100,7 @@ def main() -> None:
     ap.add_argument("--phase", default="forward", choices=["forward", "backward", "boundary"])
     ap.add_argument("--kill-stage", type=int, default=2)
     ap.add_argument("--routing", default="full", help="worker only")
+    ap.add_argument("--backend", default="deepspeed", choices=["deepspeed", "megatron"])
     ap.add_argument("--home-replica", action="store_true", help="worker only: recovery.home_replica=true")
     ap.add_argument("--home-sync-cost", action="store_true", help="measure CheckFree+ home replication, no failure")
     ap.add_argument("--model-sizes", default="128x32,8192x128", help="--home-sync-cost: VOCABxD_MODEL list")
@@ -116,12 +119,12 @@ def main() -> None:
                          f"{r.get('holder_s_per_step', 0.0):.4f}", str(r.get("full_sync_bytes", 0))]
                 print("| " + " | ".join(cells) + " |", flush=True)
         return
-    print("| job | spare | " + " | ".join(COLS) + " |")
-    print("|" + "---|" * (len(COLS) + 2))
+    print("| job | backend | spare | " + " | ".join(COLS) + " |")
+    print("|" + "---|" * (len(COLS) + 3))
     for mode in a.spare.split(","):
-        for e in run(a.job, a.steps, a.phase, a.kill_stage, mode == "hot", a.routing, a.home_replica):
+        for e in run(a.job, a.steps, a.phase, a.kill_stage, mode == "hot", a.routing, a.home_replica, a.backend):
             cells = [f"{e[c]:.3f}" if isinstance(e[c], float) else str(e[c]) for c in COLS]
-            print(f"| {a.job} | {mode} | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {a.job} | {a.backend} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,29 @@ def test_kill_replica_in_backward_exact_copy(tmp_path):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # replicas stay in lockstep
 
 
+def test_failure_during_recovery_regroups_again_and_rebuilds_both(tmp_path):
+    # Stage 2 dies mid-backward; stage 4 dies inside that recovery (new group formed, before the
+    # exchange). Everybody regroups once more and both stages are rebuilt from the survivors.
+    steps = 4
+    rc, log = run_job(tmp_path, 6, "stages=6", f"train.steps={steps}",
+                      "recovery.inject=\"kill:stage=2,step=2,phase=backward;kill:stage=4,step=2,phase=recovery\"")
+    assert rc == 0, log
+    assert log.count('"reason": "killed by SIGKILL"') == 2
+    resume = check_exactly_once(tmp_path, 6, steps, {2, 4})
+    assert resume == {2: 2, 4: 2}
+    check_survivors_unchanged(tmp_path, 6, {2, 4}, 2)
+    evs = events(tmp_path, 0)
+    assert [e["event"] for e in evs] == ["recovery_interrupted", "recovery"]
+    ev = evs[1]
+    assert ev["generation"] == 2 and sorted(ev["failed_ranks"]) == [2, 4] and ev["methods"] == ["checkfree"]
+    assert ev["first_good_step_s"] < 30  # no op timeout on the way (a pending gloo collective would cost 60 s)
+    dump = {r: torch.load(tmp_path / f"rank{r}" / "recovery_g2.pt", weights_only=False) for r in range(6)}
+    for lost, (a, b) in ((2, (1, 3)), (4, (3, 5))):  # sources are survivors only
+        want = checkfree_average(dump[a]["model"], dump[b]["model"], stage_weight(dump[a]["grad_norm"]),
+                                 stage_weight(dump[b]["grad_norm"]))
+        assert all(torch.equal(dump[lost]["model"][k], want[k]) for k in want), lost
+
+
 @pytest.mark.slow
 def test_edge_partner_copy_then_hang_detected(tmp_path):
     steps = 6

@@ -2,7 +2,9 @@
 
 A :class:`FailureInjector` is called by the training loop and the executor at fixed points
 (``at(step, phase)``: ``phase`` is ``forward`` or ``backward`` for op-level points, ``boundary``
-between iterations). When a scheduled or random failure matches this rank, the process signals
+between iterations, ``recovery`` on a survivor inside a recovery that resumes at ``step``, after
+the new group formed and before the exchange: a failure during recovery). When a scheduled or
+random failure matches this rank, the process signals
 itself: ``kill`` sends SIGKILL (the process is gone, exactly like a lost node: no cleanup, no
 exception, sockets reset by the kernel) and ``hang`` sends SIGSTOP (the process freezes with its
 sockets open, like a stuck node: only heartbeats can tell).
@@ -21,7 +23,7 @@ from typing import Callable
 
 from .rebuild import per_iteration_probability
 
-PHASES = ("forward", "backward", "boundary")
+PHASES = ("forward", "backward", "boundary", "recovery")
 MODES = ("kill", "hang")
 
 
@@ -59,7 +61,7 @@ def parse_schedule(text: str | None) -> list[ScheduledFailure]:
             key, value = key.strip(), value.strip()
             if not sep or key not in ("stage", "step", "phase", "replica", "after_ops"):
                 raise ValueError(f"recovery.inject: cannot read {kv!r} in {item!r}; use "
-                                 f"mode:stage=S,step=T[,phase=forward|backward|boundary][,replica=R][,after_ops=N]")
+                                 f"mode:stage=S,step=T[,phase=forward|backward|boundary|recovery][,replica=R][,after_ops=N]")
             fields[key] = value if key == "phase" else (None if value in ("any", "*") else int(value))
         if "stage" not in fields or "step" not in fields:
             raise ValueError(f"recovery.inject: {item!r} needs stage= and step=")

@@ -11,11 +11,13 @@ another one abandoned.
 
 from __future__ import annotations
 
+import pickle
 import time
+from typing import Any
 
 import torch.distributed as dist
 
-from .detect import read_generation
+from .detect import FailureMonitor, read_generation
 
 CLOSED = "closed"
 STALE = "stale"
@@ -47,3 +49,25 @@ def settle_generation(store: dist.Store, world_size: int, generation: int, timeo
             raise TimeoutError(f"recovery: only {int(store.add(f'{_key(g)}/arrived', 0))} of {world_size} ranks "
                                f"arrived for generation {g} within {timeout_s:.0f} s")
         time.sleep(poll_s)
+
+
+def store_all_gather(store: dist.Store, key: str, obj: Any, rank: int, world_size: int, monitor: FailureMonitor,
+                     timeout_s: float = 60.0, poll_s: float = 0.01) -> list[Any]:
+    """All-gather of small picklable objects through the store, failure-aware.
+
+    Used for the recovery exchange instead of a gloo collective: a gloo group cannot be destroyed
+    while one of its collectives is pending (its destructor waits for the work), so a rank dying
+    during the exchange would hold every survivor's regroup for the op timeout. A store poll has
+    nothing pending: on a new failure it raises :class:`PeerFailure` and the group goes at once.
+    ``key`` must be unique per exchange (e.g. include the generation).
+    """
+    store.set(f"{key}/{rank}", pickle.dumps(obj))
+    keys = [f"{key}/{r}" for r in range(world_size)]
+    deadline = time.time() + timeout_s
+    while not store.check(keys):
+        monitor.check(f"store exchange {key}")
+        if time.time() > deadline:
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            raise TimeoutError(f"recovery: ranks {missing} did not publish {key} within {timeout_s:.0f} s")
+        time.sleep(poll_s)
+    return [pickle.loads(store.get(k)) for k in keys]

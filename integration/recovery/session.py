@@ -47,12 +47,12 @@ from . import rebuild as rb
 from .checkpoint import Checkpointer
 from .commit import StepCommit
 from .context import RankContext
-from .detect import ABORT_KEY, FailureMonitor, PeerFailure, all_gather_object, failures_between
+from .detect import ABORT_KEY, FailureMonitor, PeerFailure, failures_between
 from .engine import StepGuard
 from .events import EventLog
 from .home import HomeMirror
 from .inject import FailureInjector, parse_schedule
-from .rendezvous import settle_generation
+from .rendezvous import settle_generation, store_all_gather
 from .transfer import recv_state, send_state
 
 
@@ -238,7 +238,11 @@ class FaultTolerantSession:
             rec = failures_between(self.store, generation - 1, generation)[-1] if generation > 0 else None
             self.pending = {"generation": generation, "t_fail": rec.time if rec else None, "t_detect": None,
                             "t_regroup": time.time()}
-            self._exchange_and_rebuild(counters=None)
+            try:
+                self._exchange_and_rebuild(counters=None)
+            except PeerFailure as again:  # a survivor died while this replacement was joining
+                self._interrupted(again)
+                self._regroup_until_rebuilt(generation, None, dict(self.pending))
 
     # The state that survives engine rebuilds lives on the backend.
     @property
@@ -296,27 +300,51 @@ class FaultTolerantSession:
         step = self.engine.global_steps
         if self.guard.commit.abort(old, step):
             raise RuntimeError(f"rank {self.ctx.rank}: step {step} was committed but not applied here (bug)")
-        self.monitor.wait_for_generation(old, self.settings.confirm_timeout_s)
-        new = settle_generation(self.store, self.ctx.world_size, old + 1, self.settings.rendezvous_timeout_s)
-        records = failures_between(self.store, old, new)
-        t_fail = min(r.time for r in records)
         counters = {k: getattr(self.engine, k) for k in _COUNTERS}
-        loss_before = self.guard.last_loss
-        self.backend.release_groups()  # drop every reference to the old groups before tearing them down
-        gc.collect()
-        self.ctx.init_group(self.store, new, self.settings.rendezvous_timeout_s)
-        self.monitor.set_generation(new)
-        self.guard.generation = new
-        self.guard.injector.generation = new
-        t_regroup = time.time()
-        self.backend.regroup()
-        if self.home is not None:
-            self.home.attach(self.module, self.optimizer)  # a backend may have rebuilt its module
-        self.pending = {"generation": new, "t_fail": t_fail, "t_detect": self.monitor.detected_at or t_raise,
-                        "t_raise": t_raise, "t_regroup": t_regroup, "cause": str(failure)[:300],
-                        "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records],
-                        "loss_before": loss_before}
-        self._exchange_and_rebuild(counters)
+        self._regroup_until_rebuilt(old, counters, {"t_raise": t_raise, "cause": str(failure)[:300],
+                                                    "loss_before": self.guard.last_loss})
+
+    def _regroup_until_rebuilt(self, old: int, counters: dict | None, event: dict) -> None:
+        """Regroup on the newest generation and rebuild; a failure *during* that (a survivor or the
+        replacement dies in the exchange or a transfer) regroups again on the next generation,
+        with every unit lost so far rebuilt together from the survivors (nothing applied on a
+        survivor before the exchange completes, so nothing is lost or applied twice)."""
+        first = old
+        t_fail = None
+        while True:
+            self.monitor.wait_for_generation(old, self.settings.confirm_timeout_s)
+            new = settle_generation(self.store, self.ctx.world_size, old + 1, self.settings.rendezvous_timeout_s)
+            records = failures_between(self.store, first, new)
+            t_fail = t_fail or min(r.time for r in records)
+            self.backend.release_groups()  # drop every reference to the old groups before tearing them down
+            gc.collect()
+            detected = self.monitor.detected_at  # set_generation resets it
+            self.ctx.init_group(self.store, new, self.settings.rendezvous_timeout_s)
+            self.monitor.set_generation(new)
+            self.guard.generation = new
+            t_regroup = time.time()
+            self.backend.regroup()
+            if self.home is not None:
+                self.home.attach(self.module, self.optimizer)  # a backend may have rebuilt its module
+            if self.guard.injector is not None:  # the "recovery" injection point belongs to the round that failed
+                if counters is not None:
+                    self.guard.injector.at(counters["global_steps"], "recovery")
+                self.guard.injector.generation = new
+            self.pending = {**event, "generation": new, "t_fail": t_fail, "t_regroup": t_regroup,
+                            "t_detect": event.get("t_detect") or detected or event.get("t_raise"),
+                            "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records]}
+            try:
+                self._exchange_and_rebuild(counters)
+                return
+            except PeerFailure as again:
+                self._interrupted(again)
+                event = {k: v for k, v in self.pending.items() if k in ("t_raise", "cause", "loss_before", "t_detect")}
+                old = new
+
+    def _interrupted(self, failure: PeerFailure) -> None:
+        _drop_tracebacks(failure)
+        self.events.emit("recovery_interrupted", step=None, generation=self.guard.generation,
+                         cause=str(failure)[:300])
 
     def _abort_job(self, message: str) -> None:
         """Unrecoverable: tell every agent to stop the job (no respawn loop), then raise."""
@@ -331,7 +359,8 @@ class FaultTolerantSession:
                 "scheduler": None if self.joining or self.scheduler is None else self.scheduler.state_dict(),
                 "lrs": [g["lr"] for g in self.optimizer.param_groups], "loss": self.guard.last_loss,
                 "home_mirrors": self.home.tags() if self.home is not None else {}}
-        infos = all_gather_object(info, self.monitor, "recovery exchange", self.ctx.world_size)
+        infos = store_all_gather(self.store, f"exchange/g{self.guard.generation}", info, self.ctx.rank,
+                                 self.ctx.world_size, self.monitor, self.settings.rendezvous_timeout_s)
         survivors = [i for i in infos if not i["joining"]]
         if not survivors:
             self._abort_job("recovery: every rank is joining; nothing survived to rebuild from")
