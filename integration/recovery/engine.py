@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from deepspeed.runtime.pipe import schedule as ds_schedule
@@ -59,6 +59,48 @@ class StepGuard:
     last_loss: float | None = None
     home: Any = None  # HomeMirror when recovery.home_replica is on
 
+
+
+def commit_step(guard: StepGuard, step: int, grads: list[torch.Tensor], visited: bool, clip: float, norm_group: Any,
+                loss_sum: float, loss_count: int, who: str,
+                before_mirror: Callable[[], None] | None = None) -> float:
+    """The end of a fault-tolerant step, the same for every backend; returns the step's mean loss.
+
+    Before the vote: the global gradient-norm all-reduce (when clipping) over ``norm_group`` and
+    the loss all-reduce, failure-aware, and the home mirror's gradient exchange (so a committed
+    step is always in the holders' hands). Then the store vote: an aborted step raises
+    :class:`PeerFailure` with nothing applied. After a commit nothing talks to another rank:
+    ``grads`` are clipped in place, the mirror steps, and the guard records the step; the caller
+    runs its optimizer step (which must hold no collective). ``before_mirror`` prepares what the
+    mirror reads (megatron: ``param.grad`` from DDP's ``main_grad``).
+    """
+    sq = sum(float(t.double().pow(2).sum()) for t in grads)
+    total_norm = None
+    if clip > 0:
+        t = torch.tensor([sq], dtype=torch.float64)
+        all_reduce(t, guard.monitor, "gradient-norm all-reduce", group=norm_group)
+        total_norm = math.sqrt(float(t.item()))
+    stats = torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64)
+    all_reduce(stats, guard.monitor, "loss all-reduce")
+    coef = clip / (total_norm + 1e-6) if total_norm is not None and total_norm > clip else None
+    if guard.home is not None:
+        if before_mirror is not None:
+            before_mirror()
+        guard.home.exchange_gradients(step, coef)
+    if not guard.commit.decide(guard.generation, step):
+        raise PeerFailure(f"{who}: step {step} aborted (a failure was recorded before every rank was ready to "
+                          f"step)", guard.monitor.latest)
+    if coef is not None:
+        for t in grads:
+            t.mul_(coef)
+    if guard.home is not None:
+        guard.home.apply_committed(step)
+    if visited:
+        guard.last_grad_norm = math.sqrt(sq)
+    loss = float(stats[0] / stats[1])
+    guard.last_loss = loss
+    guard.applied_steps.append(step)
+    return loss
 
 class FaultTolerantEngine(RoutedPipelineEngine):
     """See the module docstring. ``guard`` must be set right after construction (:func:`attach_guard`)."""
@@ -109,39 +151,15 @@ class FaultTolerantEngine(RoutedPipelineEngine):
                     p.grad.mul_(factor)
 
     def _exec_commit(self):
-        g = self.guard
         params = [p for p in self.module.parameters() if p.grad is not None] if self._my_stage_visited else []
-        sq = sum(float(p.grad.double().pow(2).sum()) for p in params)
-        clip = super().gradient_clipping()
-        total_norm = None
-        if clip > 0:
-            t = torch.tensor([sq], dtype=torch.float64)
-            all_reduce(t, g.monitor, "gradient-norm all-reduce", group=self.grid.get_model_parallel_group())
-            total_norm = math.sqrt(float(t.item()))
         losses = self.last_result.losses if self.last_result is not None else {}
         total = torch.zeros((), dtype=torch.float32)
         for mb in sorted(losses):
             total += losses[mb].float()
-        stats = torch.stack([total, torch.tensor(float(len(losses)))])
-        all_reduce(stats, g.monitor, "loss all-reduce")
-        step = self.global_steps
-        coef = clip / (total_norm + 1e-6) if total_norm is not None and total_norm > clip else None
-        if g.home is not None:  # before the vote, so a committed step is always in the holders' hands
-            g.home.exchange_gradients(step, coef)
-        if not g.commit.decide(g.generation, step):
-            raise PeerFailure(f"rank {self.global_rank}: step {step} aborted (a failure was recorded before every "
-                              f"rank was ready to step)", g.monitor.latest)
-        # Committed: from here on nothing talks to another rank, so the step is applied everywhere.
-        if coef is not None:
-            for p in params:
-                p.grad.mul_(coef)
-        if g.home is not None:
-            g.home.apply_committed(step)
-        if self._my_stage_visited:
-            g.last_grad_norm = math.sqrt(sq)
-        self.agg_train_loss = stats[0] / stats[1]
-        g.last_loss = float(self.agg_train_loss)
-        g.applied_steps.append(step)
+        loss = commit_step(self.guard, self.global_steps, [p.grad for p in params], self._my_stage_visited,
+                           super().gradient_clipping(), self.grid.get_model_parallel_group(), float(total),
+                           len(losses), f"rank {self.global_rank}")
+        self.agg_train_loss = torch.tensor(loss)
 
     def _exec_optimizer_step(self, lr_kwargs=None):
         self._clipped_already = True

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import math
 from typing import Any
 
 import torch
@@ -35,8 +34,8 @@ from ..megatron.build import gpt_forward_step
 from ..megatron.schedule import RoutedForwardBackward
 from ..runtime.program import BWD, FWD
 from . import rebuild as rb
-from .detect import PeerFailure, all_reduce
-from .engine import StepGuard
+from .detect import all_reduce
+from .engine import StepGuard, commit_step
 from .session import load_stage_state, stage_state
 
 
@@ -152,39 +151,17 @@ class FaultTolerantMegatronBackend(MegatronBackend):
                           micro_batch_size=self.micro_batch_size)
         visited = self.fb.last_stage_visited
         grads = self._main_grads() if visited else []
-        sq = sum(float(t.double().pow(2).sum()) for t in grads)
-        clip = float(self.cfg.train.grad_clip or 0.0)
-        total_norm = None
-        if clip > 0:
-            t = torch.tensor([sq], dtype=torch.float64)
-            all_reduce(t, g.monitor, "gradient-norm all-reduce", group=self.grid_pp_group())
-            total_norm = math.sqrt(float(t.item()))
-        total = sum(float(o["lm loss"]) for o in outputs)
-        stats = torch.tensor([total, float(len(outputs))], dtype=torch.float64)
-        all_reduce(stats, g.monitor, "loss all-reduce")
-        coef = clip / (total_norm + 1e-6) if total_norm is not None and total_norm > clip else None
-        if g.home is not None:  # before the vote, so a committed step is always in the holders' hands
-            for p in self.module.parameters():
-                if getattr(p, "main_grad", None) is not None:
-                    p.grad = p.main_grad  # what megatron's FP32Optimizer.prepare_grads does; the mirror reads .grad
-            g.home.exchange_gradients(step, coef)
-        if not g.commit.decide(g.generation, step):
-            raise PeerFailure(f"rank {self.rank}: step {step} aborted (a failure was recorded before every rank "
-                              f"was ready to step)", g.monitor.latest)
-        # Committed: nothing below talks to another rank, so the step is applied everywhere.
-        if coef is not None:
-            for t in grads:
-                t.mul_(coef)
-        if g.home is not None:
-            g.home.apply_committed(step)
-        if visited:
-            g.last_grad_norm = math.sqrt(sq)
+        loss = commit_step(g, step, grads, visited, float(self.cfg.train.grad_clip or 0.0), self.grid_pp_group(),
+                           sum(float(o["lm loss"]) for o in outputs), len(outputs), f"rank {self.rank}",
+                           before_mirror=self._grads_for_mirror)
         self.optimizer.step()
         self.scheduler.step(increment=1)
-        loss = float(stats[0] / stats[1])
-        g.last_loss = loss
-        g.applied_steps.append(step)
         return loss
+
+    def _grads_for_mirror(self) -> None:
+        for p in self.module.parameters():
+            if getattr(p, "main_grad", None) is not None:
+                p.grad = p.main_grad  # what megatron's FP32Optimizer.prepare_grads does; the mirror reads .grad
 
     def grid_pp_group(self):
         """The pipeline group of this rank (megatron's model-parallel group at TP=1): where the
