@@ -62,13 +62,16 @@ def test_adjacent_kill_degraded_mode_copies_surviving_neighbours_and_says_so(tmp
         assert [row["step"] for row in audit(tmp_path, r)] == list(range(steps))
 
 
-def test_adjacent_kill_checkpoint_fallback_rolls_back_every_rank(tmp_path):
+@pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
+def test_adjacent_kill_checkpoint_fallback_rolls_back_every_rank(tmp_path, backend):
     steps = 7
     rc, log = run_job(tmp_path, f"train.steps={steps}", "recovery.fallback=checkpoint",
-                      "recovery.checkpoint_every=2", ADJACENT.format(s=5))
+                      "recovery.checkpoint_every=2", ADJACENT.format(s=5), f"backend={backend}")
     assert rc == 0, log
     ckdir = tmp_path / "checkpoints"
-    assert (ckdir / "step4-g0" / "mp_rank_02_model_states.pt").exists()  # DeepSpeed's own files, per stage
+    # The host framework's own files, per stage: DeepSpeed's, or Megatron-LM's per-rank torch layout.
+    own = {"deepspeed": "mp_rank_02_model_states.pt", "megatron": "mp_rank_00_002/model_optim_rng.pt"}[backend]
+    assert (ckdir / "step4-g0" / own).exists()
     (rb,) = [e for e in events(tmp_path, 0) if e["event"] == "recovery_rollback"]
     assert rb["checkpoint_step"] == 4 and rb["tag"] == "step4-g0"
     (ev,) = [e for e in events(tmp_path, 0) if e["event"] == "recovery"]

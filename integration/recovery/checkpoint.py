@@ -1,4 +1,6 @@
-"""Checkpoint fallback in DeepSpeed's own format: periodic ``save_checkpoint``, rollback by ``load_checkpoint``.
+"""Checkpoint fallback in the host framework's format: periodic ``engine.save_checkpoint``, rollback by
+``engine.load_checkpoint`` (DeepSpeed's own; on megatron-core the step driver's Megatron-LM layout,
+:class:`integration.recovery.megatron_engine.MegatronSteps`).
 
 Used only where the recovery ladder cannot rebuild a stage (adjacent losses, an edge without
 CheckFree+ swaps, the home stage without a surviving mirror): every rank of the new generation
@@ -38,7 +40,7 @@ class Checkpointer:
         return self.every > 0 and steps_done > 0 and steps_done % self.every == 0
 
     def save(self, engine, generation: int) -> str:
-        """Collective: every rank saves its stage (DeepSpeed's layer and ``mp_rank`` files) under one tag."""
+        """Every rank saves its stage under one tag (DeepSpeed: its layer and ``mp_rank`` files, collective)."""
         step = int(engine.global_steps)
         tag = f"step{step}-g{generation}"
         try:

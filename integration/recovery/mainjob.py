@@ -77,10 +77,6 @@ def run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_di
             check_megatron_recovery(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    if megatron and settings.checkpoint_every > 0:
-        raise ConfigError("recovery.checkpoint_every: periodic checkpoints for the checkpoint fallback are written in "
-                          "DeepSpeed's format only; with backend=megatron set recovery.checkpoint_every=0 and "
-                          "recovery.fallback=copy_neighbour (or error)")
     if "RANK" not in os.environ and "SKIPFREE_SPARE" not in os.environ:
         raise ConfigError("recovery: run the job under the fault-tolerant agent: python -m launch.agent "
                           "--nproc N [--spares 1] -- integration/train.py recovery=... (it owns the store)")

@@ -16,15 +16,17 @@
   and loads the snapshot: survivors keep their exact state, nothing is read from disk;
 * CheckFree+ home replication (:mod:`.home`) hooks in exactly as in the DeepSpeed engine.
 
-Limits (refused up front with the reason): tensor parallelism (the TP all-reduces inside megatron's
-layers are not failure-aware), the linear layout (the ladder's stage numbering is the ring's), and
-the checkpoint fallback's periodic saves (DeepSpeed's checkpoint format only).
+The checkpoint fallback saves and restores in Megatron-LM's per-rank ``torch`` checkpoint layout
+(:meth:`MegatronSteps.save_checkpoint`). Limits (refused up front with the reason): tensor
+parallelism (the TP all-reduces inside megatron's layers are not failure-aware) and the linear
+layout (the ladder's stage numbering is the ring's).
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +67,45 @@ class MegatronSteps:
 
     def set_batch_source(self, source) -> None:
         self.batch_source = source
+
+    # ------------------------------------------------------------------ checkpoint fallback
+    def _checkpoint_file(self, directory: str, tag: str) -> Path:
+        b = self.backend
+        return Path(directory) / tag / f"mp_rank_{b.tensor_rank:02d}_{b.stage:03d}" / "model_optim_rng.pt"
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        """Megatron-LM's per-rank ``torch`` checkpoint layout (``<tag>/mp_rank_TT_PPP/model_optim_rng.pt``
+        with ``model``, ``optimizer``, ``opt_param_scheduler``, ``iteration``); replicas are equal
+        after every step, so data-parallel rank 0 writes, as Megatron-LM does. No collective."""
+        b = self.backend
+        if b.replica != 0:
+            return
+        path = self._checkpoint_file(directory, tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"checkpoint_version": 3.0, "iteration": self.global_steps, "model": stage_state(b.module),
+                 "optimizer": b.torch_optimizer.state_dict(), "opt_param_scheduler": b.scheduler.state_dict(),
+                 "counters": {k: getattr(self, k) for k in ("global_samples", "micro_steps", "skipped_steps")}}
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # a save cut short never looks complete
+
+    def load_checkpoint(self, directory: str, tag: str, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True) -> tuple[str | None, dict]:
+        """Restore weights, optimizer state, LR schedule and counters from :meth:`save_checkpoint`'s file."""
+        b = self.backend
+        path = self._checkpoint_file(directory, tag)
+        if not path.is_file():
+            return None, {}
+        state = torch.load(path, weights_only=False)
+        load_stage_state(b.module, state["model"])
+        if load_optimizer_states:
+            b.torch_optimizer.load_state_dict(state["optimizer"])
+        if load_lr_scheduler_states:
+            b.scheduler.load_state_dict(state["opt_param_scheduler"])
+        self.global_steps = int(state["iteration"])
+        for k, v in state["counters"].items():
+            setattr(self, k, v)
+        return str(path), {}
 
     def train_batch(self) -> torch.Tensor:
         """One iteration; raises :class:`PeerFailure` (nothing applied) if the step was aborted."""

@@ -71,7 +71,7 @@ class RecoverySettings:
     inject: str = ""                      # failure schedule, see integration.recovery.inject
     rate_per_hour: float = 0.0
     iteration_seconds: float = 0.0
-    checkpoint_every: int = 0             # fallback=checkpoint: DeepSpeed checkpoint every K steps (0: none)
+    checkpoint_every: int = 0             # fallback=checkpoint: checkpoint every K steps (0: none)
     checkpoint_dir: str = ""              # "" : <output root>/checkpoints
     home_replica: bool = False            # CheckFree+: mirror home (E + H) on its neighbour stages, exact restore
 
