@@ -64,6 +64,18 @@ def test_random_rate_is_same_draw_for_every_rank_of_a_stage():
     assert hits[0] == hits[1] and 40 < hits[0] < 120  # p_it = 1 - 0.1**(1/6) ~ 0.32
 
 
+def test_random_failures_reach_the_home_only_when_it_is_replicated():
+    def hits(random_home: bool) -> int:
+        fired = []
+        inj = FailureInjector(0, 0, rate_per_hour=0.9, iteration_seconds=600, seed=7, signal_self=fired.append,
+                              random_home=random_home)
+        for step in range(200):
+            inj.at(step, "boundary")
+        return len(fired)
+
+    assert hits(False) == 0 and hits(True) > 40
+
+
 @pytest.mark.parametrize("mode,check", [("kill", "killed"), ("hang", "stopped")])
 def test_real_signal(mode, check):
     code = ("from integration.recovery.inject import FailureInjector, parse_schedule;"

@@ -81,13 +81,14 @@ class FailureInjector:
     ``rate_per_hour`` with ``iteration_seconds`` adds random failures at iteration boundaries
     (p_it from :func:`integration.recovery.rebuild.per_iteration_probability`), drawn from a
     generator seeded by (seed, step), so every rank draws the same numbers, and applied to this
-    rank's stage only.
+    rank's stage only (the home stage only with ``random_home``, i.e. when it is replicated).
     """
 
     def __init__(self, stage: int, replica: int, schedule: list[ScheduledFailure] | None = None,
                  rate_per_hour: float = 0.0, iteration_seconds: float = 0.0, seed: int = 0,
                  num_stages: int | None = None, active: bool = True,
-                 signal_self: Callable[[int], None] | None = None, generation: int = 0):
+                 signal_self: Callable[[int], None] | None = None, generation: int = 0,
+                 random_home: bool = False):
         self.stage = stage
         self.replica = replica
         self.schedule = list(schedule or [])
@@ -96,6 +97,9 @@ class FailureInjector:
         self.num_stages = num_stages
         self.active = active
         self.generation = generation
+        # Random failures spare the home stage unless it can be rebuilt exactly (CheckFree+ home
+        # replication): the spec's failure model puts E and H on a home that never fails.
+        self.random_home = random_home
         steps = sorted({f.step for f in self.schedule})
         # Round k is fired in generation k + (failures a round produces beyond one, before it).
         self._round_generation: dict[int, int] = {}
@@ -119,7 +123,7 @@ class FailureInjector:
             if (self._mine(f) and f.step == step and f.phase == phase and f.after_ops == n
                     and self._round_generation[f.step] == self.generation):
                 self.fire(f.mode)
-        if phase == "boundary" and self.p_iteration > 0 and n == 0 and self.stage > 0:
+        if phase == "boundary" and self.p_iteration > 0 and n == 0 and (self.stage > 0 or self.random_home):
             rng = random.Random(f"{self.seed}:{step}:{self.stage}")
             if rng.random() < self.p_iteration:
                 self.fire("kill")

@@ -219,7 +219,8 @@ class FaultTolerantSession:
         ctx.init_group(self.store, generation, settings.rendezvous_timeout_s)
         self.stage, self.replica = plan.node_stage()[ctx.rank]
         injector = FailureInjector(self.stage, self.replica, parse_schedule(settings.inject),
-                                   settings.rate_per_hour, settings.iteration_seconds, generation=generation)
+                                   settings.rate_per_hour, settings.iteration_seconds, generation=generation,
+                                   random_home=settings.home_replica)
         self.guard = StepGuard(self.monitor, StepCommit(self.store, ctx.world_size, self.monitor), generation,
                                injector)
         self.joining = ctx.joining
