@@ -348,8 +348,17 @@ class FaultTolerantSession:
                          cause=str(failure)[:300])
 
     def _abort_job(self, message: str) -> None:
-        """Unrecoverable: tell every agent to stop the job (no respawn loop), then raise."""
+        """Unrecoverable: tell every agent to stop the job (no respawn loop), then raise.
+
+        Every rank reaches the same decision (the ladder is computed from the same exchange); they
+        wait for each other (a few seconds at most) before the stop, so every rank's log and
+        events say why the job stopped, not only the fastest one's."""
         self.events.emit("recovery_failed", step=None, error=message)
+        key = f"abort_ready/g{self.guard.generation}"
+        self.store.add(key, 1)
+        deadline = time.time() + 5.0
+        while int(self.store.add(key, 0)) < self.ctx.world_size and time.time() < deadline:
+            time.sleep(0.02)
         self.store.set(ABORT_KEY, message[:500])
         raise rb.RecoveryError(message)
 
