@@ -112,7 +112,8 @@ def solve_uniform(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequen
     layer_nodes = [body[k * per_layer:(k + 1) * per_layer] for k in range(hops)]
     link = int(round(uniform_link_cost(C, homes + body) / UNIT_S))
     gap = int(round(gap_s / UNIT_S))
-    dur = {n: int(round(w[n] / UNIT_S)) for n in homes + body}
+    dur = {n: int(round(w[n] / UNIT_S)) for n in homes + body}            # forward
+    dur_b = {n: int(round(1.5 * w[n] / UNIT_S)) for n in homes + body}    # backward
     one_per_slot = all(cap[n] == slots for n in body)
 
     md = cp_model.CpModel()
@@ -152,7 +153,7 @@ def solve_uniform(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequen
         return md.NewIntVar(0, horizon, "")
 
     for h, home in enumerate(homes):
-        dF, dL, dB = dur[home], int(round(0.25 * w[home] / UNIT_S)), int(round(1.5 * w[home] / UNIT_S))
+        dF, dL, dB = dur[home], int(round(0.25 * w[home] / UNIT_S)), dur_b[home]
         for j in range(m):
             rt = (h, j % slots)
             mb = (h, j)
@@ -173,9 +174,8 @@ def solve_uniform(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequen
                 s = starts[mb, "B", k] = var()
                 md.Add(s >= prev + link)
                 for n in layer_nodes[k]:
-                    dBn = int(round(1.5 * w[n] / UNIT_S))
-                    node_ops[n].append(md.NewOptionalFixedSizeIntervalVar(s, dBn + gap, x[rt, k, n], ""))
-                prev = s + sum(int(round(1.5 * w[n] / UNIT_S)) * x[rt, k, n] for n in layer_nodes[k])
+                    node_ops[n].append(md.NewOptionalFixedSizeIntervalVar(s, dur_b[n] + gap, x[rt, k, n], ""))
+                prev = s + sum(dur_b[n] * x[rt, k, n] for n in layer_nodes[k])
             b0 = starts[mb, "B", -1] = var()
             md.Add(b0 >= prev + link)
             home_ops[h].append(md.NewFixedSizeIntervalVar(b0, dB + gap, ""))

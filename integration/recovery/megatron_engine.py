@@ -82,8 +82,7 @@ class MegatronSteps:
             return
         path = self._checkpoint_file(directory, tag)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"checkpoint_version": 3.0, "iteration": self.global_steps, "model": stage_state(b.module),
-                 "optimizer": b.torch_optimizer.state_dict(), "opt_param_scheduler": b.scheduler.state_dict(),
+        state = {"checkpoint_version": 3.0, "iteration": self.global_steps, **b.state_bundle(),
                  "counters": {k: getattr(self, k) for k in ("global_samples", "micro_steps", "skipped_steps")}}
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -97,11 +96,7 @@ class MegatronSteps:
         if not path.is_file():
             return None, {}
         state = torch.load(path, weights_only=False)
-        load_stage_state(b.module, state["model"])
-        if load_optimizer_states:
-            b.torch_optimizer.load_state_dict(state["optimizer"])
-        if load_lr_scheduler_states:
-            b.scheduler.load_state_dict(state["opt_param_scheduler"])
+        b.load_state_bundle(state, optimizer=load_optimizer_states, scheduler=load_lr_scheduler_states)
         self.global_steps = int(state["iteration"])
         for k, v in state["counters"].items():
             setattr(self, k, v)
@@ -122,6 +117,8 @@ class FaultTolerantMegatronBackend(MegatronBackend):
 
     def __init__(self, cfg: Any, plan, model_cfg: Any, rank: int, world_size: int, *, guard: StepGuard,
                  defer_engine: bool = False):
+        # defer_engine: the factory's signature; megatron's construction broadcasts no weights, so a
+        # replacement has nothing to defer.
         check_megatron_recovery(cfg)
         self.guard = guard
         super().__init__(cfg, plan, model_cfg, rank, world_size)
@@ -215,9 +212,7 @@ class FaultTolerantMegatronBackend(MegatronBackend):
         """Before the old process group is destroyed: snapshot the state, drop every object that
         holds an old group (so peers' pending receives fail at once)."""
         from megatron.core import parallel_state as ps
-        opt = self.torch_optimizer
-        self._snapshot = {"model": {k: v.detach().clone() for k, v in stage_state(self.module).items()},
-                          "optimizer": copy.deepcopy(opt.state_dict()), "scheduler": self.scheduler.state_dict()}
+        self._snapshot = copy.deepcopy(self.state_bundle())  # the live tensors go with the old objects
         self.model = self.optimizer = self.scheduler = self.fb = None
         self._eval_fb = {}
         self.config = None
@@ -228,13 +223,22 @@ class FaultTolerantMegatronBackend(MegatronBackend):
         """On the new generation's group: build everything again and load the snapshot."""
         snap, self._snapshot = self._snapshot, None
         self._build(self.plan)
-        load_stage_state(self.module, snap["model"])
-        opt = self.torch_optimizer
-        opt.load_state_dict(snap["optimizer"])
-        scale = opt.param_groups[0].get("lr_scale", 1.0)
-        if scale != 1.0:
-            rb.set_lr_scale(opt, scale)  # hooks live on the optimizer object, which is new
-        self.scheduler.load_state_dict(snap["scheduler"])
+        self.load_state_bundle(snap)
+
+    def state_bundle(self) -> dict:
+        """The stage's whole training state, keyed as Megatron-LM's checkpoints key it: ``model``,
+        ``optimizer`` (the torch optimizer's, lr_scale included), ``opt_param_scheduler``."""
+        return {"model": stage_state(self.module), "optimizer": self.torch_optimizer.state_dict(),
+                "opt_param_scheduler": self.scheduler.state_dict()}
+
+    def load_state_bundle(self, bundle: dict, optimizer: bool = True, scheduler: bool = True) -> None:
+        """Inverse of :meth:`state_bundle` (into this generation's objects)."""
+        load_stage_state(self.module, bundle["model"])
+        if optimizer:
+            self.torch_optimizer.load_state_dict(bundle["optimizer"])
+            rb.reattach_lr_scale(self.torch_optimizer)  # hooks live on the optimizer object, which is new
+        if scheduler:
+            self.scheduler.load_state_dict(bundle["opt_param_scheduler"])
 
     def rebuild_engine(self) -> None:
         """A new step driver; the session restores the counters."""

@@ -165,6 +165,14 @@ def set_lr_scale(optimizer: torch.optim.Optimizer, scale: float) -> None:
         optimizer._skipfree_lr_scale_hooks = True
 
 
+def reattach_lr_scale(optimizer: torch.optim.Optimizer) -> None:
+    """After an optimizer state was loaded: a multiplier its groups carry needs this optimizer
+    object's step hooks (a copied or restored rebuilt stage keeps its ``lr_scale``)."""
+    scale = optimizer.param_groups[0].get("lr_scale", 1.0)
+    if scale != 1.0:
+        set_lr_scale(optimizer, scale)
+
+
 def effective_lr(optimizer: torch.optim.Optimizer) -> list[float]:
     """The LR each group's next step uses (schedule value x lr_scale)."""
     return [g["lr"] * g.get("lr_scale", 1.0) for g in optimizer.param_groups]

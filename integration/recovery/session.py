@@ -327,10 +327,9 @@ class FaultTolerantSession:
             self.backend.regroup()
             if self.home is not None:
                 self.home.attach(self.module, self.optimizer)  # a backend may have rebuilt its module
-            if self.guard.injector is not None:  # the "recovery" injection point belongs to the round that failed
-                if counters is not None:
-                    self.guard.injector.at(counters["global_steps"], "recovery")
-                self.guard.injector.generation = new
+            if counters is not None:  # the "recovery" injection point belongs to the round that failed
+                self.guard.injector.at(counters["global_steps"], "recovery")
+            self.guard.injector.generation = new
             self.pending = {**event, "generation": new, "t_fail": t_fail, "t_regroup": t_regroup,
                             "t_detect": event.get("t_detect") or detected or event.get("t_raise"),
                             "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records]}
@@ -450,9 +449,7 @@ class FaultTolerantSession:
         t_transfer = time.time()
         self.backend.rebuild_engine()
         resumed = self.checkpoints.restore(self.engine, tag)
-        scale = self.optimizer.param_groups[0].get("lr_scale", 1.0)
-        if scale != 1.0:
-            rb.set_lr_scale(self.optimizer, scale)  # restored groups keep their multiplier; hooks may be new
+        rb.reattach_lr_scale(self.optimizer)  # restored groups keep their multiplier; hooks may be new
         self.guard.last_grad_norm = None  # a pre-rollback statistic would weight a later average wrongly
         self.joining = False
         self.events.emit("recovery_rollback", step=resumed, tag=tag, checkpoint_step=step)
@@ -468,9 +465,7 @@ class FaultTolerantSession:
         if action.method in (rb.REPLICA_COPY, rb.HOME_MIRROR):  # exact: weights + optimizer state
             load_stage_state(self.module, received[0]["model"])
             self.optimizer.load_state_dict(received[0]["optimizer"])
-            scale = self.optimizer.param_groups[0].get("lr_scale", 1.0)
-            if scale != 1.0:
-                rb.set_lr_scale(self.optimizer, scale)  # a copied rebuilt stage keeps its multiplier
+            rb.reattach_lr_scale(self.optimizer)
         else:
             if action.method == rb.CHECKFREE:
                 prev, nxt = received
