@@ -46,9 +46,9 @@ def _engine(cfg, model: dict, layout: str, S: int, m: int, plan=None, stock: boo
     import deepspeed
     import torch
 
-    from integration.deepspeed.backend import build_pipeline_module
-    from integration.deepspeed.engine import RoutingSettings
-    from integration.deepspeed.module import initialize_routed
+    from integration.backends.deepspeed.backend import build_pipeline_module
+    from integration.backends.deepspeed.engine import RoutingSettings
+    from integration.backends.deepspeed.module import initialize_routed
 
     module = build_pipeline_module(cfg, layout, S, 1, model["layers"], 0)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3, foreach=False)
@@ -73,7 +73,7 @@ def _alternate(engines: dict, batch, m: int, iters: int, warmup: int = 3) -> dic
 
 
 def overhead_worker(rank: int, world: int, model: dict, iters: int) -> dict:
-    from integration.deepspeed.module import ensure_deepspeed_comm
+    from integration.backends.deepspeed.module import ensure_deepspeed_comm
     from integration.plan import full_pipeline, grid_stage_nodes
     ensure_deepspeed_comm()
     S, m = world, 8
@@ -84,7 +84,7 @@ def overhead_worker(rank: int, world: int, model: dict, iters: int) -> dict:
 
 
 def skip_worker(rank: int, world: int, model: dict, iters: int) -> dict:
-    from integration.deepspeed.module import ensure_deepspeed_comm
+    from integration.backends.deepspeed.module import ensure_deepspeed_comm
     from integration.plan import full_pipeline, grid_stage_nodes, oblivious_skip
     ensure_deepspeed_comm()
     S = world

@@ -34,10 +34,10 @@ def _worker(rank: int, world: int, iters: int, warmup: int):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from integration.megatron.build import build_model, build_optimizer, gpt_forward_step, initialize_megatron
-    from integration.megatron.layout import MegatronGrid
-    from integration.megatron.schedule import RoutedForwardBackward
-    from integration.megatron.stages import gpt_config
+    from integration.backends.megatron.build import build_model, build_optimizer, gpt_forward_step, initialize_megatron
+    from integration.backends.megatron.layout import MegatronGrid
+    from integration.backends.megatron.schedule import RoutedForwardBackward
+    from integration.backends.megatron.stages import gpt_config
     from integration.plan import full_pipeline
 
     initialize_megatron(1, world, 0)

@@ -32,9 +32,9 @@ def worker(rank: int, world: int, arm: str, steps: int, seed: int) -> dict:
     import torch
 
     from integration.data.dataset import build_dataset
-    from integration.deepspeed.backend import build_pipeline_module, warmup_cosine
-    from integration.deepspeed.engine import RoutingSettings
-    from integration.deepspeed.module import initialize_routed
+    from integration.backends.deepspeed.backend import build_pipeline_module, warmup_cosine
+    from integration.backends.deepspeed.engine import RoutingSettings
+    from integration.backends.deepspeed.module import initialize_routed
     from integration.models.llama import LlamaConfig
     from integration.plan import full_pipeline, grid_stage_nodes, oblivious_skip
 

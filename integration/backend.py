@@ -25,7 +25,7 @@ class StepResult:
 
 
 class TrainingBackend(Protocol):
-    """What ``train.py`` calls; see :mod:`integration.deepspeed.backend` for the reference implementation."""
+    """What ``train.py`` calls; see :mod:`integration.backends.deepspeed.backend` for the reference implementation."""
 
     plan: RoutePlan
 

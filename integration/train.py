@@ -65,7 +65,7 @@ def setup_environment() -> str:
 def stage_nodes_for(cfg: DictConfig) -> list[list[int]]:
     """Stage -> replica -> global rank of the backend's rank grid."""
     if cfg.backend.name == "megatron":
-        from integration.megatron.backend import plan_stage_nodes
+        from integration.backends.megatron.backend import plan_stage_nodes
         return plan_stage_nodes(cfg)
     from integration.plan.routeplan import grid_stage_nodes
     return grid_stage_nodes(int(cfg.parallel.stages), int(cfg.parallel.replicas))
@@ -73,9 +73,9 @@ def stage_nodes_for(cfg: DictConfig) -> list[list[int]]:
 
 def build_backend(cfg: DictConfig, plan, model_cfg, rank: int, world_size: int):
     if cfg.backend.name == "megatron":
-        from integration.megatron.backend import build_megatron_backend
+        from integration.backends.megatron.backend import build_megatron_backend
         return build_megatron_backend(cfg, plan, model_cfg, rank, world_size)
-    from integration.deepspeed.backend import build_deepspeed_backend
+    from integration.backends.deepspeed.backend import build_deepspeed_backend
     return build_deepspeed_backend(cfg, plan, model_cfg, rank, world_size)
 
 

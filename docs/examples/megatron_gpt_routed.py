@@ -29,9 +29,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from integration.megatron.cpu_compat import apply_cpu_patches
-from integration.megatron.layout import MegatronGrid  # ROUTED
-from integration.megatron.schedule import RoutedForwardBackward  # ROUTED
+from integration.backends.megatron.cpu_compat import apply_cpu_patches
+from integration.backends.megatron.layout import MegatronGrid  # ROUTED
+from integration.backends.megatron.schedule import RoutedForwardBackward  # ROUTED
 from integration.plan import build_plan  # ROUTED
 
 VOCAB, SEQ, MICRO_BATCH, MICROBATCHES = 128, 16, 2, 4

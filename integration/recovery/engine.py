@@ -1,6 +1,6 @@
 """RoutedPipelineEngine with failure-aware communication and a commit point before the optimizer step.
 
-Differences from :class:`integration.deepspeed.engine.RoutedPipelineEngine` (everything else is
+Differences from :class:`integration.backends.deepspeed.engine.RoutedPipelineEngine` (everything else is
 inherited, including the gradient rule and the unvisited-stage rule):
 
 * p2p waits go through :meth:`FailureMonitor.wait` (``RoutedP2P``'s ``wait`` hook);
@@ -25,9 +25,9 @@ from typing import Any, Callable
 import torch
 from deepspeed.runtime.pipe import schedule as ds_schedule
 
-from ..deepspeed import schedule as rsched
-from ..deepspeed.backend import DeepSpeedBackend
-from ..deepspeed.engine import RoutedPipelineEngine
+from ..backends.deepspeed import schedule as rsched
+from ..backends.deepspeed.backend import DeepSpeedBackend
+from ..backends.deepspeed.engine import RoutedPipelineEngine
 from ..runtime.program import BWD, FWD
 from .commit import StepCommit
 from .detect import FailureMonitor, PeerFailure, all_reduce

@@ -1,7 +1,7 @@
 """Fault-tolerant routed training on megatron-core: the megatron counterpart of :mod:`.engine`.
 
 :class:`FaultTolerantMegatronBackend` is the main job's megatron backend
-(:class:`integration.megatron.backend.MegatronBackend`) with what recovery needs:
+(:class:`integration.backends.megatron.backend.MegatronBackend`) with what recovery needs:
 
 * every p2p wait of the routed schedule goes through :meth:`FailureMonitor.wait`, and the failure
   injector runs ahead of each forward/backward op;
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from ..megatron.backend import MegatronBackend
-from ..megatron.build import gpt_forward_step
-from ..megatron.schedule import RoutedForwardBackward
+from ..backends.megatron.backend import MegatronBackend
+from ..backends.megatron.build import gpt_forward_step
+from ..backends.megatron.schedule import RoutedForwardBackward
 from ..runtime.program import BWD, FWD
 from . import rebuild as rb
 from .detect import all_reduce

@@ -10,7 +10,7 @@ applied step: loss and a sha256 of weights + optimizer state), ``recovery_g<G>.p
 state right after each recovery, with the states received for a rebuild) and ``final.pt`` (with
 ``recovery.home_replica=true`` also the digests and step tags of the home mirrors this rank holds
 and the replication's traffic and time).
-The tests of :mod:`tests.test_recovery_integration` check these files.
+The tests of :mod:`tests.recovery.test_recovery_integration` check these files.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Two launches (4 and 6 ranks) with many assertions each: process start-up dominat
 import pytest
 
 from integration.runtime.spawn import run_workers
-from tests.ds_workers import cross_replica_checks, four_rank_checks
+from tests.deepspeed.ds_workers import cross_replica_checks, four_rank_checks
 
 TOL = 2e-6  # fp32: the reference sums microbatch gradients in another order than the pipeline
 

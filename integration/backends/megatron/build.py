@@ -2,7 +2,7 @@
 
 Shared by the main job's backend, the example, the tests and the benchmark, so they all build the
 same thing: ``initialize_model_parallel`` (default rank order), a stage model from
-:mod:`integration.megatron.stages` wrapped in megatron's DDP (plain, no distributed optimizer),
+:mod:`integration.backends.megatron.stages` wrapped in megatron's DDP (plain, no distributed optimizer),
 megatron's optimizer (Adam, fp32), and a standard GPT ``forward_step_func``.
 """
 

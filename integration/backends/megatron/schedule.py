@@ -42,11 +42,11 @@ from megatron.core.pipeline_parallel import schedules as mcore_schedules
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_attr_wrapped_model, get_model_config, get_model_type
 
-from ..plan.routeplan import RoutePlan
-from ..plan.rules import Rules
-from ..runtime.executor import ProgramExecutor
-from ..runtime.p2p import RoutedP2P, TensorSpec
-from ..runtime.program import LOSS_PARTS, PART_EMBED, PART_FIRST, PART_HEAD, PART_LAST, Program, compile_plan
+from ...plan.routeplan import RoutePlan
+from ...plan.rules import Rules
+from ...runtime.executor import ProgramExecutor
+from ...runtime.p2p import RoutedP2P, TensorSpec
+from ...runtime.program import LOSS_PARTS, PART_EMBED, PART_FIRST, PART_HEAD, PART_LAST, Program, compile_plan
 from .cpu_compat import apply_cpu_patches, check_megatron_version
 from .layout import MegatronGrid, check_plan_fits
 

@@ -20,7 +20,7 @@ import torch
 
 from integration.recovery.rebuild import checkfree_average, stage_weight
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_job(tmp: Path, nproc: int, *overrides: str, timeout: int = 240, hb: float = 4.0) -> tuple[int, str]:

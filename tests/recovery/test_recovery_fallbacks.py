@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ADJACENT = 'recovery.inject="kill:stage=2,step={s},phase=boundary;kill:stage=3,step={s},phase=boundary"'
 
 

@@ -33,11 +33,11 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.module import PipelineModule
 
-from ..plan.routeplan import RoutePlan
-from ..plan.rules import Rules, check_fits_grid
-from ..runtime.executor import IterationResult, ProgramExecutor
-from ..runtime.p2p import RoutedP2P, TensorSpec
-from ..runtime.program import PART_EMBED, PART_HEAD, Program, compile_plan
+from ...plan.routeplan import RoutePlan
+from ...plan.rules import Rules, check_fits_grid
+from ...runtime.executor import IterationResult, ProgramExecutor
+from ...runtime.p2p import RoutedP2P, TensorSpec
+from ...runtime.program import PART_EMBED, PART_HEAD, Program, compile_plan
 from . import schedule as rsched
 
 GRADIENT_RULES = ("visited", "all")

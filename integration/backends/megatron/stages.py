@@ -38,7 +38,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..runtime.program import PART_BODY, PART_EMBED, PART_HEAD
+from ...runtime.program import PART_BODY, PART_EMBED, PART_HEAD
 
 RING_PARTS = (PART_EMBED, PART_BODY, PART_HEAD)
 

@@ -21,7 +21,7 @@ from integration.recovery.home import _build_mirror, _mirror_step
 from integration.recovery.rebuild import set_lr_scale
 from integration.recovery.session import digest_of, state_digest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_job(tmp: Path, *overrides: str, timeout: int = 400) -> tuple[int, str]:

@@ -1,6 +1,6 @@
 """Checkpoint-free recovery on the megatron-core backend: real processes under launch.agent, real SIGKILL.
 
-The same worker and the same checks as the DeepSpeed runs (:mod:`tests.test_recovery_integration`),
+The same worker and the same checks as the DeepSpeed runs (:mod:`tests.recovery.test_recovery_integration`),
 with ``backend=megatron``: megatron-core stages, megatron DDP and optimizer, rebuilt in-process on the
 new process-group generation from an in-memory snapshot.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from integration.recovery.rebuild import checkfree_average, stage_weight
-from tests.test_recovery_integration import audit, check_exactly_once, check_survivors_unchanged, events, run_job
+from tests.recovery.test_recovery_integration import audit, check_exactly_once, check_survivors_unchanged, events, run_job
 
 
 def test_megatron_kill_middle_stage_in_backward_checkfree(tmp_path):

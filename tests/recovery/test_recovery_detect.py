@@ -17,7 +17,7 @@ from integration.recovery.commit import StepCommit
 from integration.recovery.detect import FailureMonitor, failures_between, read_generation, record_failure
 from tests.dist_utils import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Rank 0 sends nothing (it sleeps: alive but silent, or is killed); rank 1 waits on rank 0;
 # rank 2 waits on rank 1. Each reports when and how its wait ended.

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..plan.routeplan import RoutePlan
-from ..plan.rules import Rules, check_fits_grid
-from ..runtime.program import Op
+from ...plan.routeplan import RoutePlan
+from ...plan.rules import Rules, check_fits_grid
+from ...runtime.program import Op
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,6 @@ def check_plan_fits(plan: RoutePlan, grid: MegatronGrid, num_microbatches: int, 
     """Refuse a plan that does not fit the megatron layout, with a message naming the mismatch."""
     check_fits_grid(plan, grid.stage_nodes, num_microbatches, rules, "megatron",
                     f"stage s, replica r -> global rank of tensor rank 0; TP={grid.tensor}, DP={grid.replicas}; "
-                    f"build the plan on integration.megatron.MegatronGrid.stage_nodes",
+                    f"build the plan on integration.backends.megatron.MegatronGrid.stage_nodes",
                     "the schedule is called with num_microbatches")
 

@@ -80,7 +80,7 @@ def check_megatron_version(version: str | None = None) -> None:
     version = version if version is not None else megatron_version()
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedMegatronVersion(
-            f"megatron-core {version} is not supported by integration.megatron (supported: "
+            f"megatron-core {version} is not supported by integration.backends.megatron (supported: "
             f"{', '.join(SUPPORTED_VERSIONS)}); the routed schedule and the CPU patches use megatron-core internals "
             f"that change between releases. Install megatron-core=={SUPPORTED_VERSIONS[-1]}")
 

@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from ..backend import BatchSource, StepResult
-from ..plan.builders import full_pipeline
-from ..plan.routeplan import Hop, MicrobatchRoute, RoutePlan, grid_stage_nodes
+from ...backend import BatchSource, StepResult
+from ...plan.builders import full_pipeline
+from ...plan.routeplan import Hop, MicrobatchRoute, RoutePlan, grid_stage_nodes
 from .build import (build_model, build_optimizer, check_parallel_layout, gpt_forward_step, initialize_megatron)
 from .cpu_compat import check_megatron_version
 from .layout import MegatronGrid, check_plan_fits

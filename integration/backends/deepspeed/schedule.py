@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from deepspeed.runtime.pipe import schedule as ds_schedule
 
-from ..runtime import program as prog
+from ...runtime import program as prog
 
 
 class RoutedInstruction(ds_schedule.PipeInstruction):

@@ -9,7 +9,7 @@ import pytest
 from integration.plan.cluster import (GIB, ClusterConfigError, builtin_cluster, cluster_from_dict, load_cluster,
                                       load_network, network_file, synthetic_cluster)
 
-PKG_DATA = Path(__file__).resolve().parents[1] / "integration" / "plan" / "data" / "skippipe_geo_network.json"
+PKG_DATA = Path(__file__).resolve().parents[2] / "integration" / "plan" / "data" / "skippipe_geo_network.json"
 
 
 def test_geo12_regions_and_link_cost():

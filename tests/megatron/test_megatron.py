@@ -12,7 +12,7 @@ import torch
 from integration.plan import Rules, full_pipeline, make_route
 from integration.plan.routeplan import RoutePlan
 
-from .dist_utils import run_workers
+from tests.dist_utils import run_workers
 
 VOCAB, SEQ, HIDDEN, HEADS, MBS, LAYERS, SEED = 64, 8, 32, 4, 2, 1, 3
 LR, BETAS, WD = 3e-3, (0.9, 0.95), 0.1
@@ -35,10 +35,10 @@ def _train(layout: str, tp: int, pp: int, plan_fn, m: int, steps: int, *, stock:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from integration.megatron.build import build_model, build_optimizer, gpt_forward_step, initialize_megatron
-    from integration.megatron.layout import MegatronGrid
-    from integration.megatron.schedule import RoutedForwardBackward
-    from integration.megatron.stages import gpt_config
+    from integration.backends.megatron.build import build_model, build_optimizer, gpt_forward_step, initialize_megatron
+    from integration.backends.megatron.layout import MegatronGrid
+    from integration.backends.megatron.schedule import RoutedForwardBackward
+    from integration.backends.megatron.stages import gpt_config
 
     initialize_megatron(tp, pp, SEED)
     grid = MegatronGrid.from_parallel_state()
@@ -74,8 +74,8 @@ def _reference(plan: RoutePlan, pp: int, m: int, steps: int, *, gradient_rule: s
 
     Needs megatron initialised with TP=1, PP=1 (modules read their groups from parallel_state).
     """
-    from integration.megatron.build import gpt_loss_func
-    from integration.megatron.stages import build_stage_model, gpt_config
+    from integration.backends.megatron.build import gpt_loss_func
+    from integration.backends.megatron.stages import build_stage_model, gpt_config
 
     config = gpt_config(num_layers=LAYERS * (pp - 1), hidden_size=HIDDEN, num_attention_heads=HEADS)
     stages = [build_stage_model("ring", config, stage=s, num_stages=pp, vocab_size=VOCAB, seq_len=SEQ,
@@ -163,7 +163,7 @@ def _launch_four(rank: int, world: int):
     out["cross"] = _train("ring", 1, 2, ring_cross_replica_plan, 2, 2)
     # (f) TP=2 x PP=2 ring (plan nodes = tensor-rank-0 ranks).
     out["tp2"] = _train("ring", 2, 2, partial(full_pipeline, microbatches_per_home=3, layout="ring"), 3, 2)
-    from integration.megatron.build import initialize_megatron
+    from integration.backends.megatron.build import initialize_megatron
     initialize_megatron(1, 1, SEED)  # collective: every rank, before rank 0 computes alone
     if rank == 0:  # single-process references (and negative controls) on the same megatron modules
         nodes4 = [[0], [1], [2], [3]]
@@ -278,7 +278,7 @@ def test_tp2_pp2_ring_matches_tp1_reference(four):
 
 # ----------------------------------------------------------------------------- bad input (no processes)
 def test_plan_that_does_not_fit_the_grid_is_refused():
-    from integration.megatron.layout import MegatronGrid, check_plan_fits
+    from integration.backends.megatron.layout import MegatronGrid, check_plan_fits
 
     grid = MegatronGrid({(s, r, t): t + 2 * (r + 1 * s) for s in range(2) for r in range(1) for t in range(2)}, 2, 1, 2)
     assert grid.stage_nodes == [[0], [2]]
@@ -309,8 +309,8 @@ def test_bad_parallel_layout_and_version_refused_before_any_group_exists(monkeyp
     import torch.distributed as dist
     from megatron.core import package_info
 
-    from integration.megatron.backend import build_megatron_backend
-    from integration.megatron.cpu_compat import UnsupportedMegatronVersion, check_megatron_version
+    from integration.backends.megatron.backend import build_megatron_backend
+    from integration.backends.megatron.cpu_compat import UnsupportedMegatronVersion, check_megatron_version
 
     plan = full_pipeline([[0], [1]], 2, "ring")
     with pytest.raises(ValueError, match="parallel.tensor=4 does not divide model.n_heads=6"):
@@ -332,9 +332,9 @@ def _launch_two(rank: int, world: int):
 
     from omegaconf import OmegaConf
 
-    from integration.megatron.backend import build_megatron_backend
+    from integration.backends.megatron.backend import build_megatron_backend
 
-    path = Path(__file__).resolve().parents[1] / "docs" / "examples" / "megatron_gpt_routed.py"
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "megatron_gpt_routed.py"
     spec = importlib.util.spec_from_file_location("megatron_gpt_routed", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
@@ -355,7 +355,7 @@ def _launch_two(rank: int, world: int):
     out["steps"] = [backend.train_step(s, _data) for s in range(3)]
     out["val"] = backend.validation_loss(lambda step, replica, i: _data(99, replica, i), 2)
     out["stage_of_rank"] = [backend.stage_of_rank(r) for r in range(world)]
-    from integration.megatron.backend import plan_stage_nodes
+    from integration.backends.megatron.backend import plan_stage_nodes
     out["grid_matches_config"] = plan_stage_nodes(cfg) == backend.grid.stage_nodes
     return out
 
@@ -382,10 +382,10 @@ def test_cpu_patch_diff_applies_to_the_pinned_megatron(tmp_path):
 
     import megatron.core
 
-    from integration.megatron.cpu_compat import SUPPORTED_VERSIONS, megatron_version
+    from integration.backends.megatron.cpu_compat import SUPPORTED_VERSIONS, megatron_version
 
     assert megatron_version() in SUPPORTED_VERSIONS
-    diff = Path(__file__).resolve().parents[1] / "patches" / "megatron-core-0.16.1-cpu.diff"
+    diff = Path(__file__).resolve().parents[2] / "patches" / "megatron-core-0.16.1-cpu.diff"
     site = Path(megatron.core.__file__).parents[2]
     files = [line[6:].strip() for line in diff.read_text().splitlines() if line.startswith("+++ b/")]
     assert len(files) == 2

@@ -260,7 +260,7 @@ def test_home_replica_setting_validated_and_on_for_checkfree_plus():
 
     from integration.recovery.session import RecoverySettings
 
-    conf = Path(__file__).resolve().parent.parent / "hydra_conf" / "recovery"
+    conf = Path(__file__).resolve().parents[2] / "hydra_conf" / "recovery"
     assert OmegaConf.load(conf / "checkfree_plus.yaml").home_replica is True
     assert OmegaConf.load(conf / "checkfree.yaml").home_replica is False
     assert RecoverySettings.from_mapping({"home_replica": True}).home_replica is True

@@ -38,9 +38,9 @@ def capture_grads(module, optimizer) -> dict:
 
 def routed_engine(layout: str, plan: RoutePlan, S: int, D: int, m: int, rule: str = "visited",
                   rules: Rules | None = None, layers_per_stage: int = 1):
-    from integration.deepspeed.backend import build_pipeline_module
-    from integration.deepspeed.engine import RoutingSettings
-    from integration.deepspeed.module import initialize_routed
+    from integration.backends.deepspeed.backend import build_pipeline_module
+    from integration.backends.deepspeed.engine import RoutingSettings
+    from integration.backends.deepspeed.module import initialize_routed
 
     module = build_pipeline_module(CFG, layout, S, D, layers_per_stage, SEED)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-2, foreach=False)
@@ -91,8 +91,8 @@ def compare(engine_grads: dict, ref: dict, prefix: str) -> float:
 # --------------------------------------------------------------------- launch 1: 4 ranks, D=1
 def four_rank_checks(rank: int, world: int) -> dict:
     import deepspeed
-    from integration.deepspeed.backend import build_pipeline_module
-    from integration.deepspeed.module import ensure_deepspeed_comm
+    from integration.backends.deepspeed.backend import build_pipeline_module
+    from integration.backends.deepspeed.module import ensure_deepspeed_comm
     from integration.plan.rules import PlanValidationError
 
     ensure_deepspeed_comm()
@@ -170,7 +170,7 @@ def four_rank_checks(rank: int, world: int) -> dict:
 
 # --------------------------------------------------------------------- launch 2: 6 ranks, S=3 x D=2
 def cross_replica_checks(rank: int, world: int) -> dict:
-    from integration.deepspeed.module import ensure_deepspeed_comm
+    from integration.backends.deepspeed.module import ensure_deepspeed_comm
 
     ensure_deepspeed_comm()
     S, D, m = 3, 2, 4

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from ..backend import BatchSource, StepResult
-from ..models.llama import BlockStack, DecoderBlock, HomeStage, LlamaConfig, LMHead, TokenEmbedding, lm_loss
-from ..plan.builders import full_pipeline
-from ..plan.routeplan import RoutePlan
-from ..plan.rules import Rules
+from ...backend import BatchSource, StepResult
+from ...models.llama import BlockStack, DecoderBlock, HomeStage, LlamaConfig, LMHead, TokenEmbedding, lm_loss
+from ...plan.builders import full_pipeline
+from ...plan.routeplan import RoutePlan
+from ...plan.rules import Rules
 from .engine import RoutedPipelineEngine, RoutingSettings
 from .module import FactorySpec, initialize_routed, linear_pipeline_module, ring_pipeline_module
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.dist_utils import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # A tiny worker: no process group, just the agent's contract (env, store, generation, spare wait).
 WORKER = r"""
