@@ -16,34 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-# The deepspeed launcher appends --local_rank unless --no_local_rank is given; Hydra would reject it.
-sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
-if __package__ in (None, ""):
-    # Run as a script by the launcher: Python put integration/ itself on sys.path, where our
-    # subpackages `deepspeed` and `megatron` would shadow the real libraries. Use the repo root.
-    _here = Path(__file__).resolve().parent
-    sys.path = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+import hydra
+from omegaconf import DictConfig
 
-
-# A failure schedule typed in a shell (``recovery.inject=kill:stage=2,step=5``) arrives unquoted and
-# its commas would read as a Hydra sweep: quote it.
-def _quote_failure_schedule(argv: list[str]) -> list[str]:
-    out = []
-    for a in argv:
-        key, _, value = a.partition("=")
-        if key == "recovery.inject" and value and value[0] not in "'\"":
-            a = f'{key}="{value}"'
-        out.append(a)
-    return out
-
-
-sys.argv = sys.argv[:1] + _quote_failure_schedule(sys.argv[1:])
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from integration.config import (BAD_INPUT, Preflight, compose_and_check, preflight,
+                                quote_failure_schedule)
 
 log = logging.getLogger("skipfree.train")
+#: The preflight run before Hydra started (same overrides), reused instead of planning twice.
+_CHECKED: dict[str, Preflight] = {}
 
 
 def setup_environment() -> str:
@@ -62,15 +43,6 @@ def setup_environment() -> str:
     return "gloo"
 
 
-def stage_nodes_for(cfg: DictConfig) -> list[list[int]]:
-    """Stage -> replica -> global rank of the backend's rank grid."""
-    if cfg.backend.name == "megatron":
-        from integration.backends.megatron.backend import plan_stage_nodes
-        return plan_stage_nodes(cfg)
-    from integration.plan.routeplan import grid_stage_nodes
-    return grid_stage_nodes(int(cfg.parallel.stages), int(cfg.parallel.replicas))
-
-
 def build_backend(cfg: DictConfig, plan, model_cfg, rank: int, world_size: int):
     if cfg.backend.name == "megatron":
         from integration.backends.megatron.backend import build_megatron_backend
@@ -81,38 +53,29 @@ def build_backend(cfg: DictConfig, plan, model_cfg, rank: int, world_size: int):
 
 def run(cfg: DictConfig) -> dict:
     """Train as configured; returns the summary written to ``summary.json``."""
-    from integration.config import ConfigError, model_config, validate_config, world_size_from_env
+    from omegaconf import OmegaConf
 
-    world_size = world_size_from_env()
-    rank = int(os.environ.get("RANK", "0"))
+    from integration.config import as_config_error, build_plan, model_config
+
+    checked = _CHECKED.get(OmegaConf.to_yaml(cfg)) or preflight(cfg)  # before anything is written
+    job, plan, world_size, rank = checked.job, checked.plan, checked.world_size, checked.rank
     out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    validate_config(cfg, world_size)
-
-    # The plan is pure data: build and check it before any process group exists or anything computes.
-    from integration.plan.from_config import plan_from_config
-    from integration.plan.rules import PlanValidationError, Rules, validate
-
-    stage_nodes = stage_nodes_for(cfg)
-    mb_per_home = int(cfg.train.microbatches)
+    _console_on_rank0(rank)
+    mb_per_home = job.train.microbatches
 
     def make_plan(step: int):
-        return plan_from_config(cfg.routing, stage_nodes, mb_per_home, cfg.model.layout, cfg.get("cluster"), step)
+        return build_plan(job, checked.stage_nodes, step)
 
-    try:
-        plan = make_plan(0)
-    except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError(str(exc)) from exc
-    if plan.num_stages != int(cfg.parallel.stages):
-        raise ConfigError(f"routing: the plan has {plan.num_stages} stages but parallel.stages is "
-                          f"{cfg.parallel.stages}; use a plan built for this layout")
-    violations = validate(plan, Rules.from_mapping(dict(cfg.routing.get("rules") or {})))
-    if violations:
-        raise PlanValidationError(violations, "routing plan")
     if rank == 0:
         plan.save(out_dir / "plan.json")
+    if job.dry_run:  # the checked plan and the compiled programs every rank would run; no data, no groups
+        from integration.runtime.program import rank_summary
+        print(f"plan: {plan.num_microbatches} microbatches, L={plan.path_length}, "
+              f"skip ratio {plan.achieved_skip_ratio():.2f}, stage visits {plan.stage_visits()}")
+        print(rank_summary(checked.program))
+        return {"dry_run": True}
 
     backend_name = setup_environment()
-    import torch
     import torch.distributed as dist
 
     from integration.data.dataset import build_dataset
@@ -120,14 +83,8 @@ def run(cfg: DictConfig) -> dict:
     try:
         dataset, vocab = build_dataset(cfg.data)
     except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError(str(exc)) from exc
+        raise as_config_error(exc, "data") from exc
     model_cfg = model_config(cfg, vocab).validate()
-    if cfg.dry_run:
-        from integration.runtime.program import compile_plan, rank_summary
-        print(f"plan: {plan.num_microbatches} microbatches, L={plan.path_length}, "
-              f"skip ratio {plan.achieved_skip_ratio():.2f}, stage visits {plan.stage_visits()}")
-        print(rank_summary(compile_plan(plan, cfg.routing.get("max_inflight"))))
-        return {"dry_run": True}
 
     # --- recovery branch: recovery=checkfree|checkfree_plus|degraded under launch.agent ---
     from integration.recovery.mainjob import recovery_enabled
@@ -240,19 +197,46 @@ def _tensorboard(cfg: DictConfig, out_dir: Path, rank: int):
     return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
 
-@hydra.main(config_path="../hydra_conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from integration.config import ConfigError
-    from integration.plan.routeplan import PlanFormatError
-    from integration.plan.rules import PlanValidationError
+def _console_on_rank0(rank: int) -> None:
+    """Rank 0 prints to the console; every rank keeps its own log file (Hydra's ``train.log``)."""
+    if rank == 0:
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            root.removeHandler(h)
 
+
+def _refuse(exc: Exception) -> None:
+    """Bad input: rank 0 prints one message, every rank exits 2 (no traceback)."""
+    if os.environ.get("RANK", "0").strip() in ("0", "") or not os.environ.get("RANK", "0").strip().isdigit():
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(config_path="../hydra_conf", config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (ConfigError, PlanValidationError, PlanFormatError) as exc:
-        # Bad input: one clear message and a non-zero exit, nothing trained.
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        log.error("%s", exc)
-        sys.exit(2)
+    except BAD_INPUT as exc:
+        log.error("%s", exc)  # to this rank's train.log; the console message comes from _refuse
+        _refuse(exc)
+
+
+def main() -> None:
+    """Check config, environment, plan and data first (nothing written), then let Hydra run the job."""
+    from omegaconf import OmegaConf
+
+    # The deepspeed launcher appends --local_rank unless --no_local_rank is given; Hydra would reject it.
+    overrides = quote_failure_schedule([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    sys.argv = sys.argv[:1] + overrides
+    if not any(a.startswith("-") for a in overrides):  # Hydra's own flags (--cfg, -m, ...): Hydra handles them
+        try:
+            cfg, checked = compose_and_check(overrides)
+        except BAD_INPUT as exc:
+            _refuse(exc)
+        _CHECKED[OmegaConf.to_yaml(cfg)] = checked
+    hydra_main()
 
 
 if __name__ == "__main__":

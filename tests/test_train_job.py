@@ -80,7 +80,7 @@ def test_missing_data_path(tmp_path):
 
 def test_invalid_routing_settings_named(tmp_path):
     proc = run_job(["train.microbatches=4"], tmp_path, env_extra={"WORLD_SIZE": "4"})
-    assert_refused(proc, "CC5", "routing.microbatches")
+    assert_refused(proc, "CC5", "train.microbatches")
 
 
 def test_dry_run_prints_plan_and_programs(tmp_path):

@@ -11,7 +11,7 @@ from ...backend import BatchSource, StepResult
 from ...models.llama import BlockStack, DecoderBlock, HomeStage, LlamaConfig, LMHead, TokenEmbedding, lm_loss
 from ...plan.builders import full_pipeline
 from ...plan.routeplan import RoutePlan
-from ...plan.rules import Rules
+from ...config import rules_of
 from .engine import RoutedPipelineEngine, RoutingSettings
 from .module import FactorySpec, initialize_routed, linear_pipeline_module, ring_pipeline_module
 
@@ -79,7 +79,7 @@ class DeepSpeedBackend:
         self.scheduler = scheduler if scheduler is not None else torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(int(tr.warmup_steps), int(tr.steps), float(tr.min_lr) / float(tr.lr)))
         mbs, seq = int(tr.micro_batch_size), int(model_cfg.seq_len)
-        rules = Rules.from_mapping(dict(cfg.routing.get("rules") or {}))
+        rules = rules_of(cfg)
         settings = RoutingSettings(plan=plan, act_shape=(mbs, seq, model_cfg.d_model), label_shape=(mbs, seq),
                                    gradient_rule=str(cfg.routing.gradient_rule), rules=rules,
                                    max_inflight=cfg.routing.get("max_inflight"))

@@ -1,0 +1,344 @@
+"""The main job's typed config schema: one dataclass per ``hydra_conf/`` group, registered in Hydra's
+ConfigStore as the schema of ``hydra_conf/config.yaml``.
+
+Composition refuses unknown keys (``+foo=1``) and values of the wrong type (``parallel.stages=4.7``
+or ``=abc``, ``tensorboard=maybe``): OmegaConf checks them against these types. The range checks
+(finite floats, positive counts, probabilities in [0, 1], ...) are the ``__post_init__`` of each
+dataclass, run by ``OmegaConf.to_object`` in :func:`integration.config.preflight`. Every problem is a
+:class:`ConfigError` naming the field, the problem and the fix. The choice constants (backends,
+layouts, routing kinds, gradient rules, recovery methods) are defined here once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+from .plan.routeplan import LAYOUTS
+
+BACKENDS = ("deepspeed", "megatron")
+ROUTING_KINDS = ("full", "skip", "checkfree_plus", "planned", "file")
+#: visited: each stage's gradient is the mean over the microbatches that visited it; all: over all microbatches.
+GRADIENT_RULES = ("visited", "all")
+DATA_SOURCES = ("stdlib", "text", "megatron")
+TOKENIZERS = ("bpe", "bytes")
+RECOVERY_METHODS = ("none", "checkfree", "checkfree_plus", "degraded")
+FALLBACKS = ("checkpoint", "copy_neighbour", "error")
+STATISTICS = ("clipped_l2", "l2", "squared_l2")
+
+__all__ = ["BACKENDS", "ROUTING_KINDS", "GRADIENT_RULES", "LAYOUTS", "DATA_SOURCES", "TOKENIZERS",
+           "RECOVERY_METHODS", "FALLBACKS", "STATISTICS", "ConfigError", "JobConfig", "register"]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. ``str()`` is ``<field>: <problem>; <fix>``."""
+
+    def __init__(self, field: str, problem: str | None = None, fix: str = ""):
+        if problem is None:  # re-raised by OmegaConf with the message only
+            field, _, problem = field.partition(": ")
+        self.field, self.problem, self.fix = field, problem, fix
+        super().__init__(f"{field}: {problem}" + (f"; {fix}" if fix else ""))
+
+
+# ----------------------------------------------------------------------------- checks
+def _finite(key: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value}", f"set {key} to a real value")
+
+
+def positive(key: str, value: float) -> None:
+    """``value`` > 0 (and finite)."""
+    _finite(key, value)
+    if value <= 0:
+        raise ConfigError(key, f"must be > 0, got {value}", f"set {key} to a positive value")
+
+
+def at_least(key: str, value: float, low: float) -> None:
+    """``value`` >= ``low`` (and finite)."""
+    _finite(key, value)
+    if value < low:
+        raise ConfigError(key, f"must be >= {low}, got {value}", f"set {key}={low} or more")
+
+
+def in_range(key: str, value: float, low: float, high: float, *, low_open: bool = False,
+             high_open: bool = False) -> None:
+    """``value`` in the interval [low, high] (either end open when asked)."""
+    _finite(key, value)
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(key, f"must be in {interval}, got {value}", f"set {key} inside {interval}")
+
+
+def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}",
+                          f"set {key}={choices[0]} (or another of these)")
+
+
+# ----------------------------------------------------------------------------- groups
+@dataclass
+class BackendConfig:
+    """``backend=deepspeed|megatron``."""
+
+    name: str = "deepspeed"
+
+    def __post_init__(self) -> None:
+        one_of("backend.name", self.name, BACKENDS)
+
+
+@dataclass
+class ModelConfig:
+    """``model=tiny|small``: the LLaMa-style decoder (vocab_size comes from the data)."""
+
+    layout: str = "ring"
+    d_model: int = 128
+    n_heads: int = 4
+    ffn_hidden: Optional[int] = None
+    layers_per_stage: int = 1
+    seq_len: int = 64
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        one_of("model.layout", self.layout, LAYOUTS)
+        for key in ("d_model", "n_heads", "layers_per_stage", "seq_len"):
+            at_least(f"model.{key}", getattr(self, key), 1)
+        if self.ffn_hidden is not None:
+            at_least("model.ffn_hidden", self.ffn_hidden, 1)
+        positive("model.rope_theta", self.rope_theta)
+        positive("model.init_std", self.init_std)
+
+
+@dataclass
+class ParallelConfig:
+    """``parallel=pp4|pp6|pp3x2|...``: world size = stages x replicas (x tensor on megatron)."""
+
+    stages: int = 4
+    replicas: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        at_least("parallel.stages", self.stages, 2)
+        at_least("parallel.replicas", self.replicas, 1)
+        at_least("parallel.tensor", self.tensor, 1)
+
+
+@dataclass
+class RulesConfig:
+    """``routing.rules``: overrides of :class:`integration.plan.rules.Rules` (null: the rule's default)."""
+
+    path_length: Optional[int] = None
+    max_swaps: Optional[int] = None
+    max_swap_distance: Optional[int] = None
+    max_swap_total: Optional[int] = None
+    max_jump: Optional[int] = None
+    equal_visits: Optional[bool] = None
+    memory: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for key in ("path_length", "memory", "max_swap_distance"):
+            if getattr(self, key) is not None:
+                at_least(f"routing.rules.{key}", getattr(self, key), 1)
+        for key in ("max_swaps", "max_swap_total", "max_jump"):
+            if getattr(self, key) is not None:
+                at_least(f"routing.rules.{key}", getattr(self, key), 0)
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys the user set, for ``Rules.from_mapping``."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class RoutingConfig:
+    """``routing=full|skip|checkfree_plus|planned|file``: how microbatches route through the stages."""
+
+    kind: str = "full"
+    skip_ratio: Optional[float] = None
+    path_length: Optional[int] = None
+    swap_prob: float = 0.0
+    seed: int = 0
+    memory: Optional[int] = None
+    resample_every: int = 0
+    gradient_rule: str = "visited"
+    max_inflight: Optional[int] = None
+    path: Optional[str] = None
+    rules: RulesConfig = field(default_factory=RulesConfig)
+
+    def __post_init__(self) -> None:
+        one_of("routing.kind", self.kind, ROUTING_KINDS)
+        one_of("routing.gradient_rule", self.gradient_rule, GRADIENT_RULES)
+        if self.skip_ratio is not None:
+            in_range("routing.skip_ratio", self.skip_ratio, 0.0, 1.0, high_open=True)
+        in_range("routing.swap_prob", self.swap_prob, 0.0, 1.0)
+        at_least("routing.seed", self.seed, 0)
+        at_least("routing.resample_every", self.resample_every, 0)
+        if self.path_length is not None:
+            at_least("routing.path_length", self.path_length, 2)
+        if self.memory is not None:
+            at_least("routing.memory", self.memory, 1)
+        if self.max_inflight is not None:
+            at_least("routing.max_inflight", self.max_inflight, 1)
+        if self.kind == "file" and not self.path:
+            raise ConfigError("routing.path", "routing=file needs a plan file", "set routing.path=plan.json")
+        if self.kind in ("skip", "planned") and self.skip_ratio is None and self.path_length is None:
+            raise ConfigError("routing.skip_ratio", f"routing={self.kind} needs a skip ratio or a path length",
+                              "set routing.skip_ratio=0.33 or routing.path_length=L")
+
+
+@dataclass
+class DataConfig:
+    """``data=stdlib|text|megatron``."""
+
+    source: str = "stdlib"
+    paths: List[str] = field(default_factory=list)
+    prefix: Optional[str] = None
+    tokenizer: str = "bpe"
+    vocab_size: Optional[int] = 1024
+    cache_dir: str = "~/.cache/skipfree/data"
+    max_bytes: int = 8_000_000
+    seed: int = 0
+    val_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        one_of("data.source", self.source, DATA_SOURCES)
+        one_of("data.tokenizer", self.tokenizer, TOKENIZERS)
+        if self.vocab_size is not None:
+            at_least("data.vocab_size", self.vocab_size, 2)
+        at_least("data.max_bytes", self.max_bytes, 1)
+        at_least("data.seed", self.seed, 0)
+        in_range("data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        if self.source == "text" and not self.paths:
+            raise ConfigError("data.paths", "empty", "list text files or globs: 'data.paths=[corpus/*.txt]'")
+        if self.source == "megatron" and not self.prefix:
+            raise ConfigError("data.prefix", "required with data=megatron",
+                              "set data.prefix=/path/corpus_text_document (without .bin/.idx)")
+        if self.source != "megatron" and self.vocab_size is None:
+            raise ConfigError("data.vocab_size", f"null is only allowed with data=megatron (inferred from the ids)",
+                              "set data.vocab_size=1024")
+
+
+@dataclass
+class ClusterConfig:
+    """``cluster=geo-12|5-clusters|single-cluster`` (or ``cluster.path``), used by ``routing=planned``."""
+
+    name: str = "geo-12"
+    path: Optional[str] = None
+
+
+@dataclass
+class RecoveryConfig:
+    """``recovery=none|checkfree|checkfree_plus|degraded`` (fault-tolerant runs under ``launch.agent``)."""
+
+    name: str = "none"
+    fallback: str = "checkpoint"
+    lr_scale: float = 1.1
+    weight_statistic: str = "clipped_l2"
+    swaps_on: Optional[bool] = None
+    heartbeat_s: float = 0.5
+    poll_s: float = 0.05
+    rendezvous_timeout_s: float = 60.0
+    confirm_timeout_s: float = 30.0
+    inject: str = ""
+    rate_per_hour: float = 0.0
+    iteration_seconds: float = 0.0
+    checkpoint_every: int = 0
+    checkpoint_dir: str = ""
+    home_replica: bool = False
+
+    def __post_init__(self) -> None:
+        one_of("recovery.name", self.name, RECOVERY_METHODS)
+        one_of("recovery.fallback", self.fallback, FALLBACKS)
+        one_of("recovery.weight_statistic", self.weight_statistic, STATISTICS)
+        positive("recovery.lr_scale", self.lr_scale)
+        for key in ("heartbeat_s", "poll_s", "rendezvous_timeout_s", "confirm_timeout_s"):
+            positive(f"recovery.{key}", getattr(self, key))
+        for key in ("rate_per_hour", "iteration_seconds", "checkpoint_every"):
+            at_least(f"recovery.{key}", getattr(self, key), 0)
+        if self.rate_per_hour > 0 and self.iteration_seconds <= 0:
+            raise ConfigError("recovery.iteration_seconds", "random failures (recovery.rate_per_hour > 0) need the "
+                              "iteration time", "set recovery.iteration_seconds to the seconds per step")
+        if self.inject:
+            from .recovery.inject import parse_schedule  # the failure schedule is read up front
+            try:
+                parse_schedule(self.inject)
+            except (ValueError, TypeError) as exc:
+                problem = str(exc).removeprefix("recovery.inject: ")
+                raise ConfigError("recovery.inject", problem,
+                                  "write mode:stage=S,step=T[,phase=...] entries separated by ';'") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+    def settings(self) -> dict[str, Any]:
+        """The keys of ``integration.recovery.session.RecoverySettings``."""
+        return {k: v for k, v in self.__dict__.items() if k != "name"}
+
+
+@dataclass
+class TrainConfig:
+    """``train.*``: optimisation and the iteration's shape."""
+
+    steps: int = 120
+    micro_batch_size: int = 4
+    microbatches: int = 6
+    lr: float = 3.0e-3
+    min_lr: float = 3.0e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    bf16: bool = False
+    seed: int = 1234
+    eval_every: int = 0
+    val_microbatches: int = 4
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "micro_batch_size", "microbatches", "val_microbatches"):
+            at_least(f"train.{key}", getattr(self, key), 1)
+        for key in ("warmup_steps", "eval_every", "seed"):
+            at_least(f"train.{key}", getattr(self, key), 0)
+        positive("train.lr", self.lr)
+        at_least("train.min_lr", self.min_lr, 0)
+        if self.min_lr > self.lr:
+            raise ConfigError("train.min_lr", f"{self.min_lr} is above train.lr={self.lr}",
+                              "set train.min_lr <= train.lr")
+        at_least("train.weight_decay", self.weight_decay, 0)
+        at_least("train.grad_clip", self.grad_clip, 0)
+        if len(self.betas) != 2:
+            raise ConfigError("train.betas", f"needs two values, got {list(self.betas)}", "set train.betas=[0.9,0.95]")
+        for i, b in enumerate(self.betas):
+            in_range(f"train.betas[{i}]", b, 0.0, 1.0, high_open=True)
+
+
+@dataclass
+class JobConfig:
+    """The whole main job (``hydra_conf/config.yaml``)."""
+
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_name: str = MISSING
+    output_root: str = MISSING
+    dry_run: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+
+
+def register() -> None:
+    """Register :class:`JobConfig` as ``schema`` (the first entry of ``hydra_conf/config.yaml``'s defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=JobConfig)
+
+
+register()
