@@ -8,7 +8,8 @@ data, plan building, logging and the progress bar, so both backends report the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 
@@ -24,16 +25,22 @@ class StepResult:
     lr: float
 
 
-class TrainingBackend(Protocol):
-    """What ``train.py`` calls; see :mod:`integration.backends.deepspeed.backend` for the reference implementation."""
+class TrainingBackend(ABC):
+    """What the main job calls; both backends (and their fault-tolerant variants) implement it.
+
+    Reference implementation: :class:`integration.backends.deepspeed.backend.DeepSpeedBackend`.
+    """
 
     plan: RoutePlan
 
+    @abstractmethod
+    def set_plan(self, plan: RoutePlan) -> None:
+        """Run ``plan`` from the next :meth:`train_step` on (``routing.resample_every``); same rank grid."""
+
+    @abstractmethod
     def train_step(self, step: int, batch_source: BatchSource) -> StepResult:
         """Run one iteration of ``plan`` on the microbatches ``batch_source`` gives for ``step``."""
 
+    @abstractmethod
     def validation_loss(self, batch_source: BatchSource, microbatches_per_home: int) -> float:
         """Mean loss of the FULL model (all stages in order), forward only, same value on every rank."""
-
-    def stage_of_rank(self, rank: int) -> tuple[int, int]:
-        """(pipeline stage, replica) of a global rank."""

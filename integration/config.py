@@ -296,8 +296,9 @@ def check_plan(job: JobConfig, plan, stage_nodes: list[list[int]]) -> None:
         check_fits_grid(plan, stage_nodes, job.train.microbatches, rules, framework,
                         f"stage s, replica r -> rank {'T*(s*D+r)' if framework == 'megatron' else 's*D+r'}",
                         "train.microbatches")
-    except PlanValidationError:
-        raise
+    except PlanValidationError as exc:
+        raise ConfigError("routing.path" if job.routing.kind == "file" else "routing", str(exc),
+                          "fix the plan, or routing.rules.* where a limit should differ") from None
     except (ValueError, IndexError, KeyError, TypeError) as exc:
         raise as_config_error(exc, "routing", "rebuild the plan for this parallel.* layout and train.microbatches") from None
 

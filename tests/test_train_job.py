@@ -107,3 +107,15 @@ def test_planned_routing_from_hydra_config(tmp_path):
     assert "L=3" in proc.stdout and "stage visits [6, 4, 4, 4]" in proc.stdout
     plan = json.loads((tmp_path / "out" / "rank0" / "plan.json").read_text())
     assert plan["node_order"] and plan["meta"]
+
+
+def test_megatron_backend_resamples_the_plan(tmp_path):
+    """routing.resample_every on megatron: a new plan every 2 steps (the backend contract's set_plan)."""
+    proc = run_job(["backend=megatron", "train.steps=5", "routing.resample_every=2", "train.eval_every=0"],
+                   tmp_path, world=4)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    history = json.loads((tmp_path / "out" / "rank0" / "history.json").read_text())
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
+    assert all(h["loss"] == h["loss"] and h["loss"] < 20 for h in history)  # finite losses after each resample
+    assert all(h["stage_visits"] == [6, 4, 4, 4] for h in history)

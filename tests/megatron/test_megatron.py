@@ -354,9 +354,10 @@ def _launch_two(rank: int, world: int):
     backend = build_megatron_backend(cfg, full_pipeline([[0], [1]], 2, "ring"), model_cfg, rank, world)
     out["steps"] = [backend.train_step(s, _data) for s in range(3)]
     out["val"] = backend.validation_loss(lambda step, replica, i: _data(99, replica, i), 2)
-    out["stage_of_rank"] = [backend.stage_of_rank(r) for r in range(world)]
-    from integration.backends.megatron.backend import plan_stage_nodes
-    out["grid_matches_config"] = plan_stage_nodes(cfg) == backend.grid.stage_nodes
+    out["stage_of_rank"] = [backend.grid.coords(r)[:2] for r in range(world)]
+    from integration.config import stage_nodes_for
+    out["grid_matches_config"] = stage_nodes_for(OmegaConf.merge(cfg, {"backend": {"name": "megatron"}})) == \
+        backend.grid.stage_nodes
     return out
 
 

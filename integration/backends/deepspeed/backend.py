@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ...backend import BatchSource, StepResult
+from ...backend import BatchSource, StepResult, TrainingBackend
 from ...models.llama import BlockStack, DecoderBlock, HomeStage, LlamaConfig, LMHead, TokenEmbedding, lm_loss
 from ...plan.builders import full_pipeline
 from ...plan.routeplan import RoutePlan
@@ -57,7 +57,7 @@ def deepspeed_config(train_cfg: Any, replicas: int) -> dict:
     }
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(TrainingBackend):
     """Routed DeepSpeed pipeline training for the main job (see :class:`integration.backend.TrainingBackend`)."""
 
     # Recovery hook: the engine class :meth:`rebuild_engine` builds (a subclass may swap it).
@@ -116,9 +116,6 @@ class DeepSpeedBackend:
     def validation_loss(self, batch_source: BatchSource, microbatches_per_home: int) -> float:
         full = full_pipeline(self.plan.stage_nodes, microbatches_per_home, self.plan.layout)
         return float(self.engine.evaluate(full, batch_source))
-
-    def stage_of_rank(self, rank: int) -> tuple[int, int]:
-        return self.plan.node_stage()[rank]
 
 
 def build_deepspeed_backend(cfg: Any, plan: RoutePlan, model_cfg: LlamaConfig, rank: int,

@@ -38,9 +38,8 @@ from ...plan.rules import Rules, check_fits_grid
 from ...runtime.executor import IterationResult, ProgramExecutor
 from ...runtime.p2p import RoutedP2P, TensorSpec
 from ...runtime.program import PART_EMBED, PART_HEAD, Program, compile_plan
+from ...schema import GRADIENT_RULES
 from . import schedule as rsched
-
-GRADIENT_RULES = ("visited", "all")
 
 BatchSource = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
 

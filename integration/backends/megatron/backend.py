@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from ...backend import BatchSource, StepResult
+from ...backend import BatchSource, StepResult, TrainingBackend
 from ...plan.builders import full_pipeline
 from ...plan.routeplan import Hop, MicrobatchRoute, RoutePlan, grid_stage_nodes
 from .build import (build_model, build_optimizer, check_parallel_layout, gpt_forward_step, initialize_megatron)
@@ -30,14 +30,6 @@ from .cpu_compat import check_megatron_version
 from .layout import MegatronGrid, check_plan_fits
 from .schedule import RoutedForwardBackward
 from .stages import gpt_config
-
-
-def plan_stage_nodes(cfg: Any) -> list[list[int]]:
-    """The plan's ``stage_nodes`` for megatron's default rank order, from the config alone:
-    stage s, replica r -> rank T*(r + D*s) (the tensor-rank-0 member of that TP group)."""
-    tensor = int(cfg.parallel.get("tensor", 1) or 1)
-    stages, replicas = int(cfg.parallel.stages), int(cfg.parallel.replicas)
-    return [[tensor * (r + replicas * s) for r in range(replicas)] for s in range(stages)]
 
 
 def relabel_plan(plan: RoutePlan, stage_nodes: list[list[int]]) -> RoutePlan:
@@ -51,7 +43,7 @@ def relabel_plan(plan: RoutePlan, stage_nodes: list[list[int]]) -> RoutePlan:
     return dataclasses.replace(plan, stage_nodes=[list(s) for s in stage_nodes], routes=routes, node_order=node_order)
 
 
-class MegatronBackend:
+class MegatronBackend(TrainingBackend):
     """:class:`integration.backend.TrainingBackend` on megatron-core."""
 
     def __init__(self, cfg: Any, plan: RoutePlan, model_cfg: Any, rank: int, world_size: int):
@@ -122,10 +114,13 @@ class MegatronBackend:
         """Gradient clipping inside megatron's optimizer (its norm is a collective over the model-parallel group)."""
         return float(self.cfg.train.grad_clip or 0.0)
 
-    # ------------------------------------------------------------------ protocol
-    def stage_of_rank(self, rank: int) -> tuple[int, int]:
-        s, r, _ = self.grid.coords(rank)
-        return s, r
+    # ------------------------------------------------------------------ contract
+    def set_plan(self, plan: RoutePlan) -> None:
+        """Run ``plan`` from the next step on (checked against the grid; the schedule recompiles)."""
+        if self.tensor > 1 and plan.stage_nodes == grid_stage_nodes(self.stages, self.replicas):
+            plan = relabel_plan(plan, self.grid.stage_nodes)
+        self.fb.set_plan(plan, self.microbatches)
+        self.plan = self.fb.plan
 
     def _batches(self, batch_source: BatchSource, step: int, count: int):
         if not self.is_home:

@@ -47,10 +47,9 @@ from ...plan.rules import Rules
 from ...runtime.executor import ProgramExecutor
 from ...runtime.p2p import RoutedP2P, TensorSpec
 from ...runtime.program import LOSS_PARTS, PART_EMBED, PART_FIRST, PART_HEAD, PART_LAST, Program, compile_plan
+from ...schema import GRADIENT_RULES
 from .cpu_compat import apply_cpu_patches, check_megatron_version
 from .layout import MegatronGrid, check_plan_fits
-
-GRADIENT_RULES = ("visited", "all")
 
 
 class RoutedForwardBackward:
