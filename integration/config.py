@@ -195,8 +195,8 @@ def as_config_error(exc: Exception, default_field: str, fix: str = "") -> Config
     """A library's ValueError as a :class:`ConfigError` on the key its message starts with."""
     text = str(exc).replace("routing.microbatches", "train.microbatches")
     key = _field_of(text, default_field)
-    if text.startswith(key):
-        text = text[len(key):].lstrip(" :")
+    if text.startswith(key + ":"):
+        text = text[len(key) + 1:].lstrip()
     return ConfigError(key, text, fix)
 
 
@@ -300,7 +300,7 @@ def check_plan(job: JobConfig, plan, stage_nodes: list[list[int]]) -> None:
         raise ConfigError("routing.path" if job.routing.kind == "file" else "routing", str(exc),
                           "fix the plan, or routing.rules.* where a limit should differ") from None
     except (ValueError, IndexError, KeyError, TypeError) as exc:
-        raise as_config_error(exc, "routing", "rebuild the plan for this parallel.* layout and train.microbatches") from None
+        raise as_config_error(exc, "routing.path" if job.routing.kind == "file" else "routing", "rebuild the plan for this parallel.* layout and train.microbatches") from None
 
 
 def _load_plan(job: JobConfig, stage_nodes: list[list[int]]):
