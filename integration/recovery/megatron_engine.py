@@ -115,10 +115,9 @@ class MegatronSteps:
 class FaultTolerantMegatronBackend(MegatronBackend):
     """See the module docstring. ``guard`` carries the monitor, commit vote and injector."""
 
-    def __init__(self, cfg: Any, plan, model_cfg: Any, rank: int, world_size: int, *, guard: StepGuard,
-                 defer_engine: bool = False):
-        # defer_engine: the factory's signature; megatron's construction broadcasts no weights, so a
-        # replacement has nothing to defer.
+    def __init__(self, cfg: Any, plan, model_cfg: Any, rank: int, world_size: int, *, guard: StepGuard):
+        # Unlike DeepSpeed's engine, megatron's construction broadcasts no weights, so a replacement
+        # has nothing to defer.
         check_megatron_recovery(cfg)
         self.guard = guard
         super().__init__(cfg, plan, model_cfg, rank, world_size)

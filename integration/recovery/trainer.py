@@ -1,9 +1,11 @@
-"""The main job's fault-tolerant branch (``integration/train.py recovery=checkfree|checkfree_plus|degraded``).
+"""The main job's fault-tolerant trainer (``integration/train.py recovery=checkfree|checkfree_plus|degraded``).
 
 Runs under :mod:`launch.agent` (which owns the store, detects deaths and hangs, respawns or promotes
-a hot spare). Same model, data, plan and outputs as the plain main job, but the process group,
-engine and recovery belong to :class:`integration.recovery.session.FaultTolerantSession` (``backend=deepspeed``
-or ``backend=megatron``, the latter at TP=1 in the ring layout):
+a hot spare). :class:`FaultTolerantTrainer` is :class:`integration.trainer.Trainer` with what recovery
+changes overridden: the process group, engine and recovery belong to
+:class:`integration.recovery.session.FaultTolerantSession` (``backend=deepspeed`` or ``backend=megatron``,
+the latter at TP=1 in the ring layout), a step may be replayed, a validation may be interrupted by a
+recovery, and the process ends without interpreter shutdown:
 
     python -m launch.agent --nproc 4 --spares 1 -- integration/train.py recovery=checkfree \
         recovery.inject='kill:stage=2,step=5,phase=backward'
@@ -15,22 +17,16 @@ goes to the rank's log (``train.log``), ``events.jsonl`` and, on rank 0, TensorB
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+
+from ..backend import StepResult
+from ..config import ConfigError
+from ..trainer import Trainer, plan_digest
 
 log = logging.getLogger("skipfree.train")
-
-
-def recovery_enabled(cfg: Any) -> bool:
-    """True when the config selects a recovery method (``recovery`` group other than ``none``)."""
-    rec = cfg.get("recovery")
-    return rec is not None and str(rec.get("name", "none")) != "none"
 
 
 def _retarget_outputs(out_dir: Path, rank: int) -> Path:
@@ -51,150 +47,117 @@ def _retarget_outputs(out_dir: Path, rank: int) -> Path:
     return want
 
 
-def run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_dir: Path) -> dict:
-    """Train as configured, surviving stage failures; returns (and writes) the summary. Ends the process."""
-    from omegaconf import OmegaConf
+class FaultTolerantTrainer(Trainer):
+    """:class:`Trainer` surviving stage failures (config checked by the preflight, incl. recovery's limits)."""
 
-    from ..config import ConfigError
-    from .checkpoint import Checkpointer
-    from .context import RankContext
-    from .detect import all_gather_object, all_reduce
-    from .engine import FaultTolerantBackend
-    from .events import EventLog
-    from .session import FaultTolerantSession, RecoverySettings
+    def setup(self) -> None:
+        from .checkpoint import Checkpointer
+        from .context import RankContext
+        from .detect import all_gather_object
+        from .events import EventLog
+        from .session import FaultTolerantSession, RecoverySettings
 
-    import torch
+        if "RANK" not in os.environ and "SKIPFREE_SPARE" not in os.environ:
+            raise ConfigError("recovery", "run the job under the fault-tolerant agent (it owns the store)",
+                              "python -m launch.agent --nproc N [--spares 1] -- integration/train.py recovery=...")
+        settings = RecoverySettings.from_mapping(self.job.recovery.settings())
+        ctx = RankContext.from_env()  # a hot spare waits here (imports, data and plan already done)
+        self.out_dir = _retarget_outputs(self.out_dir, ctx.rank)
+        self.world_size, self.rank = ctx.world_size, ctx.rank
+        cfg, plan, model_cfg, megatron = self.cfg, self.plan, self.model_cfg, self.job.backend.name == "megatron"
 
-    if int(cfg.routing.get("resample_every", 0) or 0):
-        raise ConfigError("recovery: routing.resample_every is not supported with recovery (every generation "
-                          "must run one fixed plan); set routing.resample_every=0")
-    megatron = cfg.backend.name == "megatron"
-    rec = {k: v for k, v in OmegaConf.to_container(cfg.recovery, resolve=True).items() if k != "name"}
-    try:
-        settings = RecoverySettings.from_mapping(rec)
-        if megatron:
-            from .megatron_engine import check_megatron_recovery
-            check_megatron_recovery(cfg)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    if "RANK" not in os.environ and "SKIPFREE_SPARE" not in os.environ:
-        raise ConfigError("recovery: run the job under the fault-tolerant agent: python -m launch.agent "
-                          "--nproc N [--spares 1] -- integration/train.py recovery=... (it owns the store)")
+        def make_backend(guard, joining: bool):
+            if megatron:
+                from .megatron_engine import FaultTolerantMegatronBackend
+                return FaultTolerantMegatronBackend(cfg, plan, model_cfg, ctx.rank, ctx.world_size, guard=guard)
+            from .engine import FaultTolerantBackend
+            return FaultTolerantBackend(cfg, plan, model_cfg, ctx.rank, ctx.world_size, guard=guard,
+                                        defer_engine=joining)
 
-    ctx = RankContext.from_env()  # a hot spare waits here (imports, data and plan already done)
-    out_dir = _retarget_outputs(out_dir, ctx.rank)
-    world, rank = ctx.world_size, ctx.rank
-    mbs, seq, mb_per_home = int(cfg.train.micro_batch_size), int(model_cfg.seq_len), int(cfg.train.microbatches)
-    homes = len(plan.stage_nodes[0])
-    val_mb = int(cfg.train.val_microbatches)
+        self.writer = self.tensorboard()
+        ckpt = None
+        if settings.checkpoint_every > 0:
+            ckpt = Checkpointer(Path(settings.checkpoint_dir or self.out_dir.parent / "checkpoints").resolve(),
+                                settings.checkpoint_every, ctx.connect(), ctx.world_size, ctx.rank)
+        started_joining = ctx.joining
+        self.session = FaultTolerantSession(ctx, plan, make_backend, settings,
+                                            EventLog(self.out_dir / "events.jsonl", ctx.rank, self.writer),
+                                            checkpoints=ckpt)
+        self.seen_recoveries = 0
+        if not started_joining:
+            digests = all_gather_object(plan_digest(plan), self.session.monitor, "plan agreement", ctx.world_size)
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"rank {ctx.rank}: the ranks built different routing plans; give every rank the "
+                                   f"same config, or use routing=file")
 
-    def train_batch(step: int, replica: int, index: int):
-        return dataset.microbatch(step, replica, index, homes, mb_per_home, mbs, seq)
+    # ------------------------------------------------------------------ the loop's overrides
+    def current_step(self, done: int) -> int:
+        return self.session.global_steps  # a rollback rewinds it
 
-    def val_batch(step: int, replica: int, index: int):
-        return dataset.microbatch(0, replica, index, homes, val_mb, mbs, seq, split="validation")
+    def maybe_resample(self, step: int) -> None:
+        """Never: every generation runs one fixed plan (the preflight refuses routing.resample_every)."""
 
-    def make_backend(guard, joining: bool):
-        if megatron:
-            from .megatron_engine import FaultTolerantMegatronBackend
-            return FaultTolerantMegatronBackend(cfg, plan, model_cfg, rank, world, guard=guard, defer_engine=joining)
-        return FaultTolerantBackend(cfg, plan, model_cfg, rank, world, guard=guard, defer_engine=joining)
+    def train_step(self, step: int) -> StepResult | None:
+        lr = self.session.optimizer.param_groups[0]["lr"]
+        loss = self.session.train_step(self.train_batch)
+        return None if loss is None else StepResult(loss=loss, lr=lr)
 
-    writer = None
-    if cfg.tensorboard and rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-    ckpt = None
-    if settings.checkpoint_every > 0:
-        ckpt = Checkpointer(Path(settings.checkpoint_dir or out_dir.parent / "checkpoints").resolve(),
-                            settings.checkpoint_every, ctx.connect(), world, rank)
-    started_joining = ctx.joining
-    run = FaultTolerantSession(ctx, plan, make_backend, settings, EventLog(out_dir / "events.jsonl", rank, writer),
-                               checkpoints=ckpt)
-    if not started_joining:
-        digest = hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest()
-        if len(set(all_gather_object(digest, run.monitor, "plan agreement", world))) != 1:
-            raise RuntimeError(f"rank {rank}: the ranks built different routing plans; give every rank the same "
-                               f"config, or use routing=file")
+    def record(self, step: int, result: StepResult, dt: float) -> dict:
+        return {**super().record(step, result, dt), "generation": self.session.guard.generation}
 
-    history = _train(run, cfg, plan, train_batch, mbs, seq, writer, lambda: _validate(run, val_batch, val_mb))
-    val = None
-    while val is None:  # a failure during the final validation is recovered, then validation reruns
-        val = _validate(run, val_batch, val_mb)
-    log.info("validation loss (full model, all stages in order) %.4f at step %d", val, int(cfg.train.steps) - 1)
-    if writer is not None:
-        writer.add_scalar("val/loss_full_model", val, int(cfg.train.steps) - 1)
-    losses = [h["loss"] for h in sorted(history, key=lambda h: h["step"])]
-    first = sum(losses[:3]) / max(1, min(3, len(losses)))
-    last = sum(losses[-3:]) / max(1, min(3, len(losses)))
-    summary = {"backend": cfg.backend.name, "routing": cfg.routing.kind, "layout": cfg.model.layout,
-               "recovery": str(cfg.recovery.name), "steps": int(cfg.train.steps), "world_size": world, "rank": rank,
-               "generation": run.guard.generation, "loss_first3": first, "loss_last3": last,
-               "val_loss_full_model": val, "loss_history": losses, "recoveries": run.recoveries,
-               "stage_visits": plan.stage_visits()}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    (out_dir / "history.json").write_text(json.dumps(history, default=str))
-    if rank == 0:
-        print(f"done: loss {first:.4f} -> {last:.4f} (mean of first/last 3 steps), validation loss of the full "
-              f"model {val:.4f}, {len(run.recoveries)} recoveries; outputs in {out_dir}", flush=True)
-    all_reduce(torch.zeros(1), run.monitor, "final barrier")  # nobody leaves while a peer may still need it
-    run.monitor.stop()
-    if writer is not None:
-        writer.close()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # An abandoned waiter thread may still sit in a gloo wait of a dead group; interpreter shutdown
-    # would then abort in C++ (std::terminate), so leave without it.
-    os._exit(0)
+    def log_step(self, rec: dict) -> None:
+        log.info("step %d loss %.4f lr %.2e %.0f tok/s generation %d", rec["step"], rec["loss"], rec["lr"],
+                 rec["tokens_per_s"], rec["generation"])
+        run = self.session
+        for r in run.recoveries[self.seen_recoveries:]:
+            log.warning("recovered: %s detect %.3f s regroup %.3f s transfer %.3f s first good step %.3f s "
+                        "loss %s -> %.4f", r["methods"], r["detect_s"] or 0.0, r["regroup_s"], r["transfer_s"],
+                        r["first_good_step_s"], r["loss_before"], r["loss_after"])
+        self.seen_recoveries = len(run.recoveries)
+        w = self.writer
+        if w is not None:
+            w.add_scalar("train/loss", rec["loss"], rec["step"])
+            w.add_scalar("train/lr", rec["lr"], rec["step"])
+            w.add_scalar("train/tokens_per_s", rec["tokens_per_s"], rec["step"])
+            w.add_scalar("recovery/generation", rec["generation"], rec["step"])
 
+    def validation(self) -> float | None:
+        """A failure during validation is recovered like one in a step (then no value; it reruns)."""
+        from .detect import PeerFailure
 
-def _validate(run: Any, val_batch: Callable, val_mb: int) -> float | None:
-    """Periodic validation; a failure during it is recovered like one in a step (then no value)."""
-    from .detect import PeerFailure
+        try:
+            return float(self.session.backend.validation_loss(self.val_batch, self.job.train.val_microbatches))
+        except PeerFailure as failure:
+            self.session.recover(failure)
+            return None
 
-    try:
-        return float(run.backend.validation_loss(val_batch, val_mb))
-    except PeerFailure as failure:
-        run.recover(failure)
-        return None
+    def summary(self, history: list[dict], val: float) -> dict:
+        losses = [h["loss"] for h in history]
+        first = sum(losses[:3]) / max(1, min(3, len(losses)))
+        last = sum(losses[-3:]) / max(1, min(3, len(losses)))
+        return {"backend": self.job.backend.name, "routing": self.job.routing.kind, "layout": self.job.model.layout,
+                "recovery": self.job.recovery.name, "steps": self.steps, "world_size": self.world_size,
+                "rank": self.rank, "generation": self.session.guard.generation, "loss_first3": first,
+                "loss_last3": last, "val_loss_full_model": val, "loss_history": losses,
+                "recoveries": self.session.recoveries, "stage_visits": self.plan.stage_visits()}
 
+    def done_line(self, summary: dict) -> str:
+        return (f"done: loss {summary['loss_first3']:.4f} -> {summary['loss_last3']:.4f} (mean of first/last 3 "
+                f"steps), validation loss of the full model {summary['val_loss_full_model']:.4f}, "
+                f"{len(self.session.recoveries)} recoveries; outputs in {self.out_dir}")
 
-def _train(run: Any, cfg: Any, plan: Any, train_batch: Callable, mbs: int, seq: int, writer: Any,
-           validate: Callable[[], float | None]) -> list[dict]:
-    """The step loop: a ``None`` step result means a recovery happened and the step is replayed."""
-    steps = int(cfg.train.steps)
-    tokens_per_step = plan.num_microbatches * mbs * seq
-    history: dict[int, dict] = {}  # by step: a rollback's replayed steps overwrite their first run
-    seen_recoveries = 0
-    while run.global_steps < steps:
-        step = run.global_steps
-        lr = run.optimizer.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        loss = run.train_step(train_batch)
-        dt = time.perf_counter() - t0
-        if loss is None:
-            continue
-        history[step] = {"step": step, "loss": loss, "lr": lr, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                         "generation": run.guard.generation}
-        log.info("step %d loss %.4f lr %.2e %.0f tok/s generation %d", step, loss, lr, tokens_per_step / dt,
-                 run.guard.generation)
-        if len(run.recoveries) > seen_recoveries:
-            for r in run.recoveries[seen_recoveries:]:
-                log.warning("recovered: %s detect %.3f s regroup %.3f s transfer %.3f s first good step %.3f s "
-                            "loss %s -> %.4f", r["methods"], r["detect_s"] or 0.0, r["regroup_s"], r["transfer_s"],
-                            r["first_good_step_s"], r["loss_before"], r["loss_after"])
-            seen_recoveries = len(run.recoveries)
-        if writer is not None:
-            writer.add_scalar("train/loss", loss, step)
-            writer.add_scalar("train/lr", lr, step)
-            writer.add_scalar("train/tokens_per_s", tokens_per_step / dt, step)
-            writer.add_scalar("recovery/generation", run.guard.generation, step)
-        every = int(cfg.train.eval_every)
-        if every and (step + 1) % every == 0 and step + 1 < steps:
-            val = validate()
-            if val is not None:
-                log.info("validation loss (full model, all stages in order) %.4f at step %d", val, step)
-                if writer is not None:
-                    writer.add_scalar("val/loss_full_model", val, step)
-    return [history[s] for s in sorted(history)]
+    def finish(self) -> None:
+        """Leave without interpreter shutdown: an abandoned waiter thread may still sit in a gloo wait of a
+        dead group, and shutdown would then abort in C++ (std::terminate)."""
+        import torch
+
+        from .detect import all_reduce
+
+        all_reduce(torch.zeros(1), self.session.monitor, "final barrier")  # nobody leaves while a peer may need it
+        self.session.monitor.stop()
+        if self.writer is not None:
+            self.writer.close()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -87,8 +87,7 @@ def main(argv: list[str]) -> None:
     def make_backend(guard, joining: bool):
         if cfg.backend == "megatron":
             from integration.recovery.megatron_engine import FaultTolerantMegatronBackend
-            return FaultTolerantMegatronBackend(backend_cfg, plan, model_cfg, ctx.rank, S * D, guard=guard,
-                                                defer_engine=joining)
+            return FaultTolerantMegatronBackend(backend_cfg, plan, model_cfg, ctx.rank, S * D, guard=guard)
         return FaultTolerantBackend(backend_cfg, plan, model_cfg, ctx.rank, S * D, guard=guard, defer_engine=joining)
 
     def on_recovered(info: dict) -> None:
