@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, MissingMandatoryValue, OmegaConfBaseException
 
 from .models.llama import LlamaConfig
-from .schema import BACKENDS, LAYOUTS, ROUTING_KINDS, ConfigError, JobConfig  # noqa: F401 (re-exported)
+from .schema import ConfigError, JobConfig
 
 
 def _bad_input() -> tuple[type[Exception], ...]:

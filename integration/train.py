@@ -30,12 +30,15 @@ def run(cfg: DictConfig) -> dict:
     """Train as configured; returns the summary written to ``summary.json``."""
     from omegaconf import OmegaConf
 
-    from integration.trainer import trainer_for
+    from integration.trainer import Trainer
 
     checked = _CHECKED.get(OmegaConf.to_yaml(cfg)) or preflight(cfg)  # before anything is written
     _console_on_rank0(checked.rank)
     out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    return trainer_for(cfg, checked, out_dir).run()
+    trainer_class = Trainer
+    if checked.job.recovery.enabled:  # recovery=checkfree|checkfree_plus|degraded, under launch.agent
+        from integration.recovery.trainer import FaultTolerantTrainer as trainer_class
+    return trainer_class(cfg, checked, out_dir).run()
 
 
 def _console_on_rank0(rank: int) -> None:

@@ -256,11 +256,3 @@ class Trainer:
             self.writer.close()
         dist.barrier()
         dist.destroy_process_group()
-
-
-def trainer_for(cfg: Any, checked: Preflight, out_dir: Path) -> Trainer:
-    """:class:`Trainer`, or the fault-tolerant one when ``recovery`` names a method."""
-    if checked.job.recovery.enabled:
-        from .recovery.trainer import FaultTolerantTrainer
-        return FaultTolerantTrainer(cfg, checked, out_dir)
-    return Trainer(cfg, checked, out_dir)

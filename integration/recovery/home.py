@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from .detect import FailureMonitor
 from .rebuild import home_holders
+from .state import local_key, stage_state
 from .transfer import pack_state, recv_state, send_packed
 
 TAG = 0x4E  # p2p tag of mirror traffic, apart from pipeline and recovery transfers (tag 0)
@@ -142,8 +143,6 @@ class HomeMirror:
             self.stats.seconds += time.time() - t0
 
     def _full_state(self, step: int) -> dict:
-        from .session import local_key, stage_state
-
         start = getattr(self.module, "_local_start", 0)
         names = {id(p): local_key(n, start) for n, p in self.module.named_parameters()}
         opt = self.optimizer

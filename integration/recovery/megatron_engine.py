@@ -37,8 +37,8 @@ from ..backends.megatron.schedule import RoutedForwardBackward
 from ..runtime.program import BWD, FWD
 from . import rebuild as rb
 from .detect import all_reduce
-from .engine import StepGuard, commit_step
-from .session import load_stage_state, stage_state
+from .guard import StepGuard, commit_step
+from .state import load_stage_state, stage_state
 
 
 def check_megatron_recovery(cfg: Any) -> None:

@@ -35,24 +35,23 @@ checkpoint (``checkpoint`` with ``checkpoint_every``), or a clear error that sto
 from __future__ import annotations
 
 import gc
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
-import torch.distributed as dist
 
 from . import rebuild as rb
 from .checkpoint import Checkpointer
 from .commit import StepCommit
 from .context import RankContext
 from .detect import ABORT_KEY, FailureMonitor, PeerFailure, failures_between
-from .engine import StepGuard
+from .guard import StepGuard
 from .events import EventLog
 from .home import HomeMirror
 from .inject import FailureInjector, parse_schedule
 from .rendezvous import settle_generation, store_all_gather
+from .state import load_stage_state, stage_state
 from .transfer import recv_state, send_state
 
 
@@ -90,63 +89,6 @@ class RecoverySettings:
         if not isinstance(s.home_replica, bool):
             raise ValueError(f"recovery.home_replica: must be true or false, got {s.home_replica!r}")
         return s
-
-
-def state_digest(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:
-    """sha256 over the module's state dict and (optionally) the optimizer state, for bitwise audits."""
-    return digest_of(module.state_dict(), optimizer.state_dict() if optimizer is not None else None)
-
-
-def digest_of(model_state: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> str:
-    """:func:`state_digest` of a state dict and an optimizer ``state_dict()`` (e.g. a home mirror's)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model_state.items()):
-        if not torch.is_tensor(v):
-            continue  # megatron's `_extra_state` (None without Transformer Engine) holds no weights
-        h.update(k.encode())
-        h.update(v.detach().contiguous().cpu().numpy().tobytes())
-    if optimizer_state is not None:
-        sd = optimizer_state
-        for pid in sorted(sd["state"]):
-            for k, v in sorted(sd["state"][pid].items()):
-                h.update(f"{pid}/{k}".encode())
-                h.update(v.detach().contiguous().cpu().numpy().tobytes() if torch.is_tensor(v) else repr(v).encode())
-    return h.hexdigest()
-
-
-def regroup_module(module) -> None:
-    """Recreate a PipelineModule's process groups on the current world, in PipelineModule's order."""
-    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
-
-    module.world_group = dist.new_group(ranks=range(dist.get_world_size()))
-    module.global_rank = dist.get_rank(group=module.world_group)
-    module._grid = PipelineParallelGrid(process_group=module.world_group, topology=module._topo)
-    module.tied_comms = module._index_tied_modules()
-
-
-def local_key(key: str, start: int) -> str:
-    """A PipelineModule state key with its global layer index made local (``3.blocks..`` -> ``0.blocks..``)."""
-    head, _, rest = key.partition(".")
-    return f"{int(head) - start}.{rest}" if head.isdigit() else key
-
-
-def stage_state(module) -> dict[str, torch.Tensor]:
-    """The stage's state dict with layer indices made local (``3.blocks..`` on stage 3 -> ``0.blocks..``),
-    so neighbouring stages' keys match (a PipelineModule names its layers by global index)."""
-    start = getattr(module, "_local_start", 0)
-    # Tensors only: megatron modules add `_extra_state` entries (None without Transformer Engine).
-    return {local_key(key, start): value for key, value in module.state_dict().items() if torch.is_tensor(value)}
-
-
-def load_stage_state(module, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`stage_state`: load local-index keys into this stage's PipelineModule."""
-    start = getattr(module, "_local_start", 0)
-    missing, unexpected = module.load_state_dict({local_key(key, -start): value for key, value in state.items()},
-                                                 strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]  # see stage_state
-    if missing or unexpected:
-        raise RuntimeError(f"load_stage_state: state does not fit the stage (missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]})")
 
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")

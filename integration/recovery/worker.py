@@ -61,8 +61,8 @@ def main(argv: list[str]) -> None:
     from integration.recovery.checkpoint import Checkpointer
     from integration.recovery.engine import FaultTolerantBackend
     from integration.recovery.events import EventLog
-    from integration.recovery.session import (FaultTolerantSession, RecoverySettings, digest_of, stage_state,
-                                              state_digest)
+    from integration.recovery.session import FaultTolerantSession, RecoverySettings
+    from integration.recovery.state import digest_of, stage_state, state_digest
 
     out = Path(cfg.out) / f"rank{ctx.rank}"
     out.mkdir(parents=True, exist_ok=True)

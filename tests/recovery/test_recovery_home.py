@@ -19,7 +19,7 @@ import torch
 
 from integration.recovery.home import _build_mirror, _mirror_step
 from integration.recovery.rebuild import set_lr_scale
-from integration.recovery.session import digest_of, state_digest
+from integration.recovery.state import digest_of, state_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 
