@@ -1,29 +1,8 @@
 """The main job as a user runs it: the deepspeed launcher, Hydra overrides, bad input, outputs."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-from integration.runtime.spawn import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def run_job(args, tmp_path, world=None, env_extra=None, timeout=600):
-    """Run train.py through the deepspeed launcher (world given) or directly as one rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    overrides = [f"output_root={tmp_path}/out", *args]
-    if world is None:
-        cmd = [sys.executable, "integration/train.py", *overrides]
-    else:
-        cmd = [DEEPSPEED, "--no_local_rank", "--num_gpus", str(world), "--master_port", str(free_port()),
-               "integration/train.py", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+from tests.conftest import run_job
 
 
 def assert_refused(proc, *needles):

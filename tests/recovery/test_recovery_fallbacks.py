@@ -4,34 +4,18 @@ silent chain."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import audit, events, run_agent_job
+
 ADJACENT = 'recovery.inject="kill:stage=2,step={s},phase=boundary;kill:stage=3,step={s},phase=boundary"'
 
 
 def run_job(tmp: Path, *overrides: str, max_restarts: int = 4, timeout: int = 300) -> tuple[int, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "launch.agent", "--nproc", "5", "--hot-spares", "1", "--heartbeat-timeout", "5",
-           "--max-restarts", str(max_restarts), "--log-dir", str(tmp / "logs"), "--",
-           "-m", "integration.recovery.worker", f"out={tmp}", *overrides]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return p.returncode, "\n".join(x for x in p.stderr.splitlines() if x.startswith("agent: "))
-
-
-def events(tmp: Path, rank: int) -> list[dict]:
-    return [json.loads(x) for x in (tmp / f"rank{rank}" / "events.jsonl").read_text().splitlines()]
-
-
-def audit(tmp: Path, rank: int) -> list[dict]:
-    return [json.loads(x) for x in (tmp / f"rank{rank}" / "audit.jsonl").read_text().splitlines()]
+    return run_agent_job(tmp, *overrides, max_restarts=max_restarts, timeout=timeout)
 
 
 def test_adjacent_kill_without_checkpoint_is_a_clear_job_wide_error(tmp_path):

@@ -9,10 +9,6 @@ replication is off.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -21,20 +17,11 @@ from integration.recovery.home import _build_mirror, _mirror_step
 from integration.recovery.rebuild import set_lr_scale
 from integration.recovery.state import digest_of, state_digest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import rows, run_agent_job
 
 
 def run_job(tmp: Path, *overrides: str, timeout: int = 400) -> tuple[int, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "launch.agent", "--nproc", "5", "--hot-spares", "1", "--heartbeat-timeout", "5",
-           "--max-restarts", "6", "--log-dir", str(tmp / "logs"), "--",
-           "-m", "integration.recovery.worker", f"out={tmp}", *overrides]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return p.returncode, "\n".join(x for x in p.stderr.splitlines() if x.startswith("agent: "))
-
-
-def rows(tmp: Path, rank: int, name: str) -> list[dict]:
-    return [json.loads(x) for x in (tmp / f"rank{rank}" / name).read_text().splitlines()]
+    return run_agent_job(tmp, *overrides, max_restarts=6, timeout=timeout)
 
 
 def test_home_mirror_step_is_bitwise_the_home_step():

@@ -9,10 +9,6 @@ what it was after their last applied step, and every step is applied exactly onc
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,25 +16,11 @@ import torch
 
 from integration.recovery.rebuild import checkfree_average, stage_weight
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import audit, events, run_agent_job
 
 
 def run_job(tmp: Path, nproc: int, *overrides: str, timeout: int = 240, hb: float = 4.0) -> tuple[int, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "launch.agent", "--nproc", str(nproc), "--hot-spares", "1",
-           "--heartbeat-timeout", str(hb), "--max-restarts", "2", "--log-dir", str(tmp / "logs"), "--",
-           "-m", "integration.recovery.worker", f"out={tmp}", *overrides]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    agent_lines = [line for line in p.stderr.splitlines() if line.startswith("agent: ")]
-    return p.returncode, "\n".join(agent_lines)
-
-
-def audit(tmp: Path, rank: int) -> list[dict]:
-    return [json.loads(x) for x in (tmp / f"rank{rank}" / "audit.jsonl").read_text().splitlines()]
-
-
-def events(tmp: Path, rank: int) -> list[dict]:
-    return [json.loads(x) for x in (tmp / f"rank{rank}" / "events.jsonl").read_text().splitlines()]
+    return run_agent_job(tmp, *overrides, nproc=nproc, heartbeat_timeout=hb, max_restarts=2, timeout=timeout)
 
 
 def check_exactly_once(tmp: Path, world: int, steps: int, lost: set[int], fresh: bool = True) -> dict[int, int]:

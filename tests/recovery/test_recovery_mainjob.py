@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import run_agent
 
 
 def run_main_job(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("RANK", None)
     # Exactly the documented command (the schedule arrives unquoted, as from a shell), plus a short run.
-    cmd = [sys.executable, "-m", "launch.agent", "--nproc", "4", "--spares", "1", "--log-dir", str(tmp_path / "logs"),
-           "--", "integration/train.py", "recovery=checkfree", "recovery.inject=kill:stage=2,step=5,phase=backward",
-           f"output_root={tmp_path}/out", "train.steps=10", "progress=false", *overrides]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = run_agent(["integration/train.py"], "recovery=checkfree", "recovery.inject=kill:stage=2,step=5,phase=backward",
+                  f"output_root={tmp_path}/out", "train.steps=10", "progress=false", *overrides, nproc=4,
+                  log_dir=tmp_path / "logs")
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import audit, events, run_agent_job
 
 
 def schedule(n: int, steps: int, body_stages: int, seed: int) -> str:
@@ -29,21 +24,17 @@ def schedule(n: int, steps: int, body_stages: int, seed: int) -> str:
 @pytest.mark.slow
 def test_twenty_random_failures_twenty_recoveries(tmp_path):
     n, steps = 20, 24
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "launch.agent", "--nproc", "5", "--hot-spares", "1", "--heartbeat-timeout", "20",
-           "--max-restarts", str(n), "--log-dir", str(tmp_path / "logs"), "--", "-m", "integration.recovery.worker",
-           f"out={tmp_path}", "routing=checkfree_plus", f"train.steps={steps}",
-           f'recovery.inject="{schedule(n, steps, 4, seed=11)}"']
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    agent = "\n".join(x for x in p.stderr.splitlines() if x.startswith("agent: "))
-    assert p.returncode == 0, agent
+    rc, agent = run_agent_job(tmp_path, "routing=checkfree_plus", f"train.steps={steps}",
+                              f'recovery.inject="{schedule(n, steps, 4, seed=11)}"', heartbeat_timeout=20,
+                              max_restarts=n, timeout=1500)
+    assert rc == 0, agent
     assert agent.count("killed by SIGKILL") == n
     for r in range(5):
-        ev = [json.loads(x) for x in (tmp_path / f"rank{r}" / "events.jsonl").read_text().splitlines()]
+        ev = events(tmp_path, r)
         if r == 0:  # home stage, never killed: it saw every recovery
             rec = [e for e in ev if e["event"] == "recovery"]
             assert len(rec) == n and [e["generation"] for e in rec] == list(range(1, n + 1))
             assert {m for e in rec for m in e["methods"]} <= {"checkfree", "partner_copy"}
             assert all(e["loss_after"] == e["loss_after"] for e in rec)  # finite
-        rows = [json.loads(x) for x in (tmp_path / f"rank{r}" / "audit.jsonl").read_text().splitlines()]
+        rows = audit(tmp_path, r)
         assert [row["step"] for row in rows] == list(range(steps))  # each step applied exactly once

@@ -1,0 +1,69 @@
+"""Shared launchers of the tests: the main job through the deepspeed launcher or as one process, and
+a job under the fault-tolerant agent; readers of the per-rank JSON-lines files jobs write.
+
+Import them by name (``from tests.conftest import run_agent_job``); every launch is a real process
+group (gloo) of real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from integration.runtime.spawn import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+WORKER = ("-m", "integration.recovery.worker")
+
+
+def run_job(args: list[str], tmp_path: Path, world: int | None = None, env_extra: dict | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """``integration/train.py`` through the deepspeed launcher (``world`` ranks) or directly as one rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    overrides = [f"output_root={tmp_path}/out", *args]
+    if world is None:
+        cmd = [sys.executable, "integration/train.py", *overrides]
+    else:
+        cmd = [DEEPSPEED, "--no_local_rank", "--num_gpus", str(world), "--master_port", str(free_port()),
+               "integration/train.py", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_agent(script: tuple[str, ...] | list[str], *args: str, nproc: int, log_dir: Path, hot_spares: int = 1,
+              heartbeat_timeout: float | None = None, max_restarts: int | None = None,
+              timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m launch.agent --nproc N --hot-spares K ... -- <script> <args>`` from the repo root."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    env.pop("RANK", None)
+    opts = ["--nproc", str(nproc), "--hot-spares", str(hot_spares), "--log-dir", str(log_dir)]
+    if heartbeat_timeout is not None:
+        opts += ["--heartbeat-timeout", str(heartbeat_timeout)]
+    if max_restarts is not None:
+        opts += ["--max-restarts", str(max_restarts)]
+    cmd = [sys.executable, "-m", "launch.agent", *opts, "--", *script, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_agent_job(tmp: Path, *overrides: str, nproc: int = 5, heartbeat_timeout: float = 5.0, max_restarts: int = 4,
+                  timeout: int = 300) -> tuple[int, str]:
+    """The recovery test job under the agent, writing to ``tmp/rank<R>``; returns (exit code, the agent's lines)."""
+    p = run_agent(WORKER, f"out={tmp}", *overrides, nproc=nproc, log_dir=tmp / "logs",
+                  heartbeat_timeout=heartbeat_timeout, max_restarts=max_restarts, timeout=timeout)
+    return p.returncode, "\n".join(x for x in p.stderr.splitlines() if x.startswith("agent: "))
+
+
+def rows(tmp: Path, rank: int, name: str) -> list[dict]:
+    """The JSON lines of ``tmp/rank<rank>/<name>`` (``events.jsonl``, ``audit.jsonl``)."""
+    return [json.loads(x) for x in (tmp / f"rank{rank}" / name).read_text().splitlines()]
+
+
+def events(tmp: Path, rank: int) -> list[dict]:
+    return rows(tmp, rank, "events.jsonl")
+
+
+def audit(tmp: Path, rank: int) -> list[dict]:
+    return rows(tmp, rank, "audit.jsonl")
