@@ -51,7 +51,3 @@ class StepCommit:
         """Try to abort ``step``; returns True if it had already been committed (then it must be applied)."""
         key = self.key(generation, step)
         return bytes(self.store.compare_set(f"{key}/decision", "", ABORT.decode())) == COMMIT
-
-    def decision(self, generation: int, step: int) -> bytes | None:
-        key = self.key(generation, step)
-        return self.store.get(f"{key}/decision") if self.store.check([f"{key}/decision"]) else None

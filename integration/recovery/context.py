@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .detect import connect_store, read_generation
+from .detect import connect_store
 
 
 @dataclass
@@ -56,6 +56,3 @@ class RankContext:
         dist.init_process_group("gloo", store=dist.PrefixStore(f"gen{generation}/", store), rank=self.rank,
                                 world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s))
         self.generation = generation
-
-    def latest_generation(self, store: dist.TCPStore) -> int:
-        return read_generation(store)

@@ -304,14 +304,40 @@ class FaultTolerantSession:
         raise rb.RecoveryError(message)
 
     def _exchange_and_rebuild(self, counters: dict | None) -> None:
+        """Gather -> check -> plan -> transfer -> apply -> rebuild, on every rank of the new generation."""
         t0 = time.time()
+        infos = self._gather(counters)
+        survivors, resume = self._check(infos)
+        actions = self._plan(infos, survivors, resume)
+        if any(a.method == rb.CHECKPOINT for a in actions):
+            self._rollback(actions, t0)
+            return
+        mine, sent = self._transfer(actions)
+        t_transfer = time.time()
+        if mine is not None:
+            self._apply(mine[0], mine[1], survivors[0])
+        counters = self._rebuild(counters if counters is not None else dict(survivors[0]["counters"]))
+        self.pending.update({"t_exchange": t0, "t_transfer": t_transfer, "t_engine": time.time(),
+                             "actions": [a.describe() for a in actions],
+                             "methods": sorted({a.method for a in actions}), "bytes_sent": sent,
+                             "resume_step": counters["global_steps"],
+                             "loss_before": self.pending.get("loss_before") or survivors[0]["loss"],
+                             "rebuilt_here": mine[0].method if mine else None})
+        if self.on_recovered is not None:
+            self.on_recovered({"actions": actions, "received": mine[1] if mine else None, "session": self})
+
+    def _gather(self, counters: dict | None) -> list[dict]:
+        """Failure-aware all-gather (through the store): who joins, counters, norms, scheduler, mirrors."""
         info = {"rank": self.ctx.rank, "stage": self.stage, "replica": self.replica, "joining": self.joining,
                 "counters": counters, "grad_norm": self.guard.last_grad_norm,
                 "scheduler": None if self.joining or self.scheduler is None else self.scheduler.state_dict(),
                 "lrs": [g["lr"] for g in self.optimizer.param_groups], "loss": self.guard.last_loss,
                 "home_mirrors": self.home.tags() if self.home is not None else {}}
-        infos = store_all_gather(self.store, f"exchange/g{self.guard.generation}", info, self.ctx.rank,
-                                 self.ctx.world_size, self.monitor, self.settings.rendezvous_timeout_s)
+        return store_all_gather(self.store, f"exchange/g{self.guard.generation}", info, self.ctx.rank,
+                                self.ctx.world_size, self.monitor, self.settings.rendezvous_timeout_s)
+
+    def _check(self, infos: list[dict]) -> tuple[list[dict], int]:
+        """The survivors and the one step they all resume at."""
         survivors = [i for i in infos if not i["joining"]]
         if not survivors:
             self._abort_job("recovery: every rank is joining; nothing survived to rebuild from")
@@ -319,14 +345,16 @@ class FaultTolerantSession:
         if len(steps) != 1:
             raise RuntimeError(f"recovery: survivors disagree on the step to resume at ({sorted(steps)}); the "
                                f"commit protocol should make this impossible")
+        return survivors, next(iter(steps))
+
+    def _plan(self, infos: list[dict], survivors: list[dict], resume: int) -> list[rb.RebuildAction]:
+        """The rebuild actions every rank computes alike (:func:`integration.recovery.rebuild.plan_rebuild`)."""
         plan = self.plan
-        rank_of = {(s, r): n for s, reps in enumerate(plan.stage_nodes) for r, n in enumerate(reps)}
         lost = {(i["stage"], i["replica"]) for i in infos if i["joining"]}
         replicas = [len(reps) for reps in plan.stage_nodes]
         home_mirrors = None
         if self.home is not None:
             # Usable mirrors: held by a survivor and tagged with the step everybody resumes at.
-            resume = next(iter(steps))
             held = {(i["stage"], i["replica"]): i["home_mirrors"] for i in survivors}
             home_mirrors = {r: [h for h in rb.home_holders(replicas, r) if held.get(h, {}).get(r) == resume]
                             for r in range(replicas[0])}
@@ -337,10 +365,12 @@ class FaultTolerantSession:
             self._abort_job(str(exc))
         for a in actions:
             if a.degraded:
-                self.events.emit("recovery_fallback", step=next(iter(steps)), method=a.method, action=a.describe())
-        if any(a.method == rb.CHECKPOINT for a in actions):
-            self._rollback(actions, t0)
-            return
+                self.events.emit("recovery_fallback", step=resume, method=a.method, action=a.describe())
+        return actions
+
+    def _transfer(self, actions: list[rb.RebuildAction]) -> tuple[tuple[rb.RebuildAction, list[dict]] | None, int]:
+        """Sources send in one global action order; returns (this rank's action and what it received, bytes sent)."""
+        rank_of = {(s, r): n for s, reps in enumerate(self.plan.stage_nodes) for r, n in enumerate(reps)}
         sent = 0
         mine = None
         for a in actions:
@@ -360,23 +390,15 @@ class FaultTolerantSession:
                     received.append(recv_state(src_rank, self.monitor, what))
             if self.ctx.rank == target:
                 mine = (a, received)
-        t_transfer = time.time()
-        if mine is not None:
-            self._apply(mine[0], mine[1], survivors[0])
-        if counters is None:
-            counters = dict(survivors[0]["counters"])
+        return mine, sent
+
+    def _rebuild(self, counters: dict) -> dict:
+        """A new engine around the kept module/optimizer/scheduler, with the agreed counters."""
         self.backend.rebuild_engine()
         for k, v in counters.items():
             setattr(self.engine, k, v)
         self.joining = False
-        self.pending.update({"t_exchange": t0, "t_transfer": t_transfer, "t_engine": time.time(),
-                             "actions": [a.describe() for a in actions],
-                             "methods": sorted({a.method for a in actions}), "bytes_sent": sent,
-                             "resume_step": counters["global_steps"],
-                             "loss_before": self.pending.get("loss_before") or survivors[0]["loss"],
-                             "rebuilt_here": mine[0].method if mine else None})
-        if self.on_recovered is not None:
-            self.on_recovered({"actions": actions, "received": mine[1] if mine else None, "session": self})
+        return counters
 
     def _rollback(self, actions: list[rb.RebuildAction], t0: float) -> None:
         """Checkpoint fallback: every rank restores the last complete DeepSpeed checkpoint (real rollback)."""
