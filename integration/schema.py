@@ -18,11 +18,10 @@ from typing import Any, List, Optional
 from omegaconf import MISSING
 
 from .plan.routeplan import LAYOUTS
+from .runtime.gradient import GRADIENT_RULES
 
 BACKENDS = ("deepspeed", "megatron")
 ROUTING_KINDS = ("full", "skip", "checkfree_plus", "planned", "file")
-#: visited: each stage's gradient is the mean over the microbatches that visited it; all: over all microbatches.
-GRADIENT_RULES = ("visited", "all")
 DATA_SOURCES = ("stdlib", "text", "megatron")
 TOKENIZERS = ("bpe", "bytes")
 RECOVERY_METHODS = ("none", "checkfree", "checkfree_plus", "degraded")

@@ -96,11 +96,7 @@ class FaultTolerantEngine(RoutedPipelineEngine):
                 n = p.grad.numel()
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
-        if self.routing.gradient_rule == "visited":
-            factor = self.total_microbatches / self.stage_visits[self.stage_id]
-            if factor != 1.0:
-                for p in params:
-                    p.grad.mul_(factor)
+        self._apply_gradient_rule(params)
 
     def _exec_commit(self):
         params = [p for p in self.module.parameters() if p.grad is not None] if self._my_stage_visited else []

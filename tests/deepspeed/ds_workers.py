@@ -90,17 +90,37 @@ def compare(engine_grads: dict, ref: dict, prefix: str) -> float:
 
 # --------------------------------------------------------------------- launch 1: 4 ranks, D=1
 def four_rank_checks(rank: int, world: int) -> dict:
-    import deepspeed
-    from integration.backends.deepspeed.backend import build_pipeline_module
+    """Four scenarios in one 4-rank launch; each result (or its error) under its own key, so one
+    scenario's exception does not hide the others' results (every rank runs the same scenarios in the
+    same order and meets at a barrier after each)."""
+    import traceback
+
+    import torch.distributed as dist
+
     from integration.backends.deepspeed.module import ensure_deepspeed_comm
-    from integration.plan.rules import PlanValidationError
 
     ensure_deepspeed_comm()
-    S, m, steps = 4, 4, 3
-    data = batches(m * steps)
     out: dict = {}
+    for name, scenario in (("identity", _identity), ("invalid", _invalid_plan), ("routes", _routes),
+                           ("unvisited", _unvisited)):
+        try:
+            out[name] = scenario()
+        except Exception:  # noqa: BLE001 - reported by the scenario's own test
+            out[name] = {"error": traceback.format_exc(limit=8)}
+        dist.barrier()
+    return out
 
-    # (1) Identity: full plan, linear layout vs stock PipelineEngine, 3 steps, losses + grads + weights.
+
+S4, M4, STEPS4 = 4, 4, 3
+
+
+def _identity() -> dict:
+    """Full plan, linear layout vs stock PipelineEngine, 3 steps: losses, grads and weights."""
+    import deepspeed
+    from integration.backends.deepspeed.backend import build_pipeline_module
+
+    S, m, steps = S4, M4, STEPS4
+    data = batches(m * steps)
     runs = {}
     for kind in ("stock", "routed"):
         if kind == "stock":
@@ -116,24 +136,29 @@ def four_rank_checks(rank: int, world: int) -> dict:
             losses.append(engine.train_batch(iter(data[step * m:(step + 1) * m])).item())
             per_step_grads.append({k: v.clone() for k, v in grads.items()})
         runs[kind] = (losses, per_step_grads, {k: v.clone() for k, v in module.state_dict().items()})
-    out["identity_losses"] = (runs["stock"][0], runs["routed"][0])
-    out["identity_grads_equal"] = all(
-        set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-        for a, b in zip(runs["stock"][1], runs["routed"][1]))
-    out["identity_weights_equal"] = all(torch.equal(runs["stock"][2][k], runs["routed"][2][k])
-                                        for k in runs["stock"][2])
-    out["identity_nonempty"] = len(runs["routed"][1][0]) > 0
+    return {"losses": (runs["stock"][0], runs["routed"][0]),
+            "grads_equal": all(set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+                               for a, b in zip(runs["stock"][1], runs["routed"][1])),
+            "weights_equal": all(torch.equal(runs["stock"][2][k], runs["routed"][2][k]) for k in runs["stock"][2]),
+            "nonempty": len(runs["routed"][1][0]) > 0}
 
-    # (2) An invalid plan is refused before anything is built or computed.
-    bad = full_pipeline(grid_stage_nodes(S, 1), m)
+
+def _invalid_plan() -> dict:
+    """An invalid plan is refused before anything is built or computed."""
+    from integration.plan.rules import PlanValidationError
+
+    bad = full_pipeline(grid_stage_nodes(S4, 1), M4)
     bad.routes[1] = make_route(1, bad.stage_nodes, 0, [(3, 0), (1, 0), (2, 0)])  # swap distance 2
     try:
-        routed_engine("ring", bad, S, 1, m)
-        out["invalid_refused"] = None
+        routed_engine("ring", bad, S4, 1, M4)
+        return {"refused": None}
     except PlanValidationError as exc:
-        out["invalid_refused"] = str(exc)
+        return {"refused": str(exc)}
 
-    # (3) Route equivalence (ring): skip and swap routes against a single-process reference.
+
+def _routes() -> dict:
+    """Route equivalence (ring): skip and swap routes against a single-process reference."""
+    S = S4
     orders = {0: [2, 1], 1: [1, 3], 2: [3, 2], 3: [1, 2], 4: [2, 3], 5: [1, 3]}
     m6 = len(orders)
     sn = grid_stage_nodes(S, 1)
@@ -148,14 +173,18 @@ def four_rank_checks(rank: int, world: int) -> dict:
     control = reference_grads(build_ring_stages(CFG, S, 1, SEED), {mb: [1, 2, 3] for mb in orders},
                               lambda mb: data6[mb], m6, 1, [6, 6, 6, 6], "visited", m6)
     me = engine.stage_id
-    out["route_diff"] = compare(grads, ref[me], f"{me}.")
-    out["control_diff"] = compare(grads, control[me], f"{me}.")
     with torch.no_grad():
         ref_losses = [lm_loss(reference_forward(stages, data6[mb][0], o), data6[mb][1]).item()
                       for mb, o in orders.items()]
-    out["route_loss"] = (loss, sum(ref_losses) / len(ref_losses))
+    return {"diff": compare(grads, ref[me], f"{me}."), "control_diff": compare(grads, control[me], f"{me}."),
+            "loss": (loss, sum(ref_losses) / len(ref_losses))}
 
-    # (4) A stage no microbatch visits does not move (weights and optimizer state), counters advance.
+
+def _unvisited() -> dict:
+    """A stage no microbatch visits does not move (weights and optimizer state), counters advance."""
+    S = S4
+    data = batches(M4 * STEPS4)
+    sn = grid_stage_nodes(S, 1)
     orders = {mb: [1, 3] for mb in range(4)}
     plan = RoutePlan(sn, [make_route(mb, sn, 0, [(s, 0) for s in o]) for mb, o in orders.items()], path_length=3)
     engine, module, opt = routed_engine("ring", plan, S, 1, 4, rules=Rules(equal_visits=False))
@@ -163,9 +192,8 @@ def four_rank_checks(rank: int, world: int) -> dict:
     for step in range(2):
         engine.train_batch(iter(data[step * 4:(step + 1) * 4]))
     after = module.state_dict()
-    out["unvisited"] = {"stage": engine.stage_id, "unchanged": all(torch.equal(before[k], after[k]) for k in before),
-                        "opt_state_entries": len(opt.state), "global_steps": engine.global_steps}
-    return out
+    return {"stage": engine.stage_id, "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+            "opt_state_entries": len(opt.state), "global_steps": engine.global_steps}
 
 
 # --------------------------------------------------------------------- launch 2: 6 ranks, S=3 x D=2

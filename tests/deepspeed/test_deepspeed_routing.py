@@ -16,37 +16,48 @@ def four():
     return run_workers(four_rank_checks, 4)
 
 
+def scenario(four: list[dict], name: str) -> list[dict]:
+    """Every rank's result of one scenario; a scenario that raised fails only its own test."""
+    errors = [f"rank {r}: {res[name]['error']}" for r, res in enumerate(four) if "error" in res[name]]
+    if errors:
+        pytest.fail(f"scenario {name} raised:\n" + "\n".join(errors))
+    return [res[name] for res in four]
+
+
 def test_full_plan_equals_stock_deepspeed_bitwise(four):
-    for rank, res in enumerate(four):
-        stock, routed = res["identity_losses"]
+    results = scenario(four, "identity")
+    for rank, res in enumerate(results):
+        stock, routed = res["losses"]
         assert stock == routed, f"rank {rank}: losses differ {stock} vs {routed}"
-        assert res["identity_nonempty"]
-        assert res["identity_grads_equal"], f"rank {rank}: gradients differ from stock DeepSpeed"
-        assert res["identity_weights_equal"], f"rank {rank}: weights differ after 3 steps"
-    assert len(four[0]["identity_losses"][0]) == 3
+        assert res["nonempty"]
+        assert res["grads_equal"], f"rank {rank}: gradients differ from stock DeepSpeed"
+        assert res["weights_equal"], f"rank {rank}: weights differ after 3 steps"
+    assert len(results[0]["losses"][0]) == 3
 
 
 def test_invalid_plan_refused_on_every_rank(four):
-    for res in four:
-        msg = res["invalid_refused"]
+    for res in scenario(four, "invalid"):
+        msg = res["refused"]
         assert msg is not None, "an invalid plan was accepted"
         assert "CC3" in msg and "microbatch 1" in msg and "distance 2" in msg
 
 
 def test_skip_and_swap_routes_match_single_process_reference(four):
-    for res in four:
-        assert res["route_diff"] < TOL, res
+    results = scenario(four, "routes")
+    for res in results:
+        assert res["diff"] < TOL, res
         assert res["control_diff"] > 100 * TOL, "negative control (routes ignored) should differ"
-    loss, ref = four[0]["route_loss"]
+    loss, ref = results[0]["loss"]
     assert abs(loss - ref) < 1e-5
 
 
 def test_unvisited_stage_does_not_move(four):
-    by_stage = {r["unvisited"]["stage"]: r["unvisited"] for r in four}
+    results = scenario(four, "unvisited")
+    by_stage = {r["stage"]: r for r in results}
     assert by_stage[2]["unchanged"] and by_stage[2]["opt_state_entries"] == 0
     for s in (0, 1, 3):
         assert not by_stage[s]["unchanged"] and by_stage[s]["opt_state_entries"] > 0
-    assert {r["unvisited"]["global_steps"] for r in four} == {2}
+    assert {r["global_steps"] for r in results} == {2}
 
 
 def test_cross_replica_hops_match_reference():

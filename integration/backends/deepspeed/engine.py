@@ -38,7 +38,7 @@ from ...plan.rules import Rules, check_fits_grid
 from ...runtime.executor import IterationResult, ProgramExecutor
 from ...runtime.p2p import RoutedP2P, TensorSpec
 from ...runtime.program import PART_EMBED, PART_HEAD, Program, compile_plan
-from ...schema import GRADIENT_RULES
+from ...runtime.gradient import check_gradient_rule, gradient_factor, stage_moves
 from . import schedule as rsched
 
 BatchSource = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -58,8 +58,7 @@ class RoutingSettings:
 
 def check_plan_fits(plan: RoutePlan, model: PipelineModule, micro_batches: int, settings: RoutingSettings) -> None:
     """Refuse a plan that does not fit the engine's topology, before anything is computed."""
-    if settings.gradient_rule not in GRADIENT_RULES:
-        raise ValueError(f"routing.gradient_rule: {settings.gradient_rule!r} is not one of {GRADIENT_RULES}")
+    check_gradient_rule(settings.gradient_rule)
     topo = model._topo
     S, D = topo.get_dim("pipe"), topo.get_dim("data")
     grid = [[topo.get_rank(pipe=s, data=r) for r in range(D)] for s in range(S)]
@@ -157,18 +156,19 @@ class RoutedPipelineEngine(PipelineEngine):
 
     @property
     def _my_stage_visited(self) -> bool:
-        return self.stage_visits[self.stage_id] > 0
+        return stage_moves(self.stage_visits[self.stage_id])
 
     def _exec_reduce_grads(self):
         if not self._my_stage_visited:
             return  # every replica of this stage knows it: no collective is skipped on one side only
         super()._exec_reduce_grads()
-        if self.routing.gradient_rule == "visited":
-            factor = self.total_microbatches / self.stage_visits[self.stage_id]
-            if factor != 1.0:
-                for p in self.module.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(factor)
+        self._apply_gradient_rule([p for p in self.module.parameters() if p.grad is not None])
+
+    def _apply_gradient_rule(self, params) -> None:
+        factor = gradient_factor(self.routing.gradient_rule, self.total_microbatches, self.stage_visits[self.stage_id])
+        if factor != 1.0:
+            for p in params:
+                p.grad.mul_(factor)
 
     def _exec_optimizer_step(self, lr_kwargs=None):
         if self._my_stage_visited:

@@ -47,7 +47,7 @@ from ...plan.rules import Rules
 from ...runtime.executor import ProgramExecutor
 from ...runtime.p2p import RoutedP2P, TensorSpec
 from ...runtime.program import LOSS_PARTS, PART_EMBED, PART_FIRST, PART_HEAD, PART_LAST, Program, compile_plan
-from ...schema import GRADIENT_RULES
+from ...runtime.gradient import check_gradient_rule, gradient_factor, stage_moves
 from .cpu_compat import apply_cpu_patches, check_megatron_version
 from .layout import MegatronGrid, check_plan_fits
 
@@ -66,8 +66,7 @@ class RoutedForwardBackward:
                  before_op: Callable[[Any], None] | None = None):
         check_megatron_version()
         apply_cpu_patches()
-        if gradient_rule not in GRADIENT_RULES:
-            raise ValueError(f"routing.gradient_rule: {gradient_rule!r} is not one of {GRADIENT_RULES}")
+        check_gradient_rule(gradient_rule)
         self.grid = grid or MegatronGrid.from_parallel_state()
         self.rank = torch.distributed.get_rank()
         self.gradient_rule = gradient_rule
@@ -101,7 +100,7 @@ class RoutedForwardBackward:
     @property
     def stage_visited(self) -> bool:
         """Whether any microbatch of the plan visits this rank's stage."""
-        return self.stage_visits[self.stage] > 0
+        return stage_moves(self.stage_visits[self.stage])
 
     def guard_optimizer(self, optimizer) -> None:
         """Make ``optimizer`` (a megatron optimizer) skip its update on stages no microbatch visited.
@@ -183,10 +182,7 @@ class RoutedForwardBackward:
         return pgc
 
     def _apply_gradient_rule(self, model) -> None:
-        visits = self.stage_visits[self.stage]
-        if self.gradient_rule != "visited" or visits == 0:
-            return
-        factor = self.plan.num_microbatches / visits
+        factor = gradient_factor(self.gradient_rule, self.plan.num_microbatches, self.stage_visits[self.stage])
         if factor == 1.0:
             return
         if hasattr(model, "scale_gradients"):  # megatron DDP: grads live in its main_grad buffers
