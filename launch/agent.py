@@ -124,9 +124,23 @@ class AgentConfig:
     log_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 
+    rank_order: str = "block"
+
     @property
     def world_size(self) -> int:
         return self.nproc * self.nnodes
+
+    def ranks_of(self, node: int) -> list[int]:
+        """Global ranks of training host ``node``: consecutive (block) or every nnodes-th (strided).
+
+        Strided puts the replicas of a stage (consecutive ranks in the stage-major grid) on
+        different hosts, so a lost host loses at most one replica of a stage."""
+        if self.rank_order == "strided":
+            return [node + i * self.nnodes for i in range(self.nproc)]
+        return list(range(node * self.nproc, (node + 1) * self.nproc))
+
+    def local_rank(self, rank: int) -> int:
+        return rank // self.nnodes if self.rank_order == "strided" else rank % self.nproc
 
 
 class _Stop(Exception):
@@ -197,7 +211,7 @@ class Agent:
                                 preexec_fn=_die_with_parent)
 
     def _rank_env(self, rank: int, generation: int, joining: bool) -> dict[str, str]:
-        return {"RANK": str(rank), "LOCAL_RANK": str(rank - self.cfg.node_rank * self.cfg.nproc),
+        return {"RANK": str(rank), "LOCAL_RANK": str(self.cfg.local_rank(rank)),
                 "SKIPFREE_GENERATION": str(generation), "SKIPFREE_JOINING": "1" if joining else "0"}
 
     @property
@@ -216,7 +230,7 @@ class Agent:
             if proc.poll() is None:
                 self.store.set(spare_key(self._spare_tag, idx),
                                json.dumps({"rank": rank, "generation": generation,
-                                           "local_rank": rank - self.cfg.node_rank * self.cfg.nproc}))
+                                           "local_rank": self.cfg.local_rank(rank)}))
                 self.ranks[rank] = _Rank(rank, proc, time.time(), spare=True)
                 self._start_spare()
                 return f"promoted hot spare {idx} (pid {proc.pid})"
@@ -282,8 +296,7 @@ class Agent:
             self._stop_all()
 
     def _start_ranks(self, generation: int, joining: bool) -> None:
-        first = self.cfg.node_rank * self.cfg.nproc
-        for rank in range(first, first + self.cfg.nproc):
+        for rank in self.cfg.ranks_of(self.cfg.node_rank):
             if joining:
                 how = self._respawn(rank, generation)
             else:
@@ -356,7 +369,7 @@ class Agent:
         silent = time.time() - last
         lost = self.store.get(host_key(node)).decode()
         self.cfg.node_rank = node
-        ranks = list(range(node * self.cfg.nproc, (node + 1) * self.cfg.nproc))
+        ranks = self.cfg.ranks_of(node)
         reason = f"host {lost} lost (its agent silent {silent:.1f} s)"
         # One record per lost rank, all timed from the host's last sign of life; coalesced by the workers.
         recs = [record_failure(self.store, r, reason, lost, at=last) for r in ranks]
@@ -492,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 10: a crash loop stops, a long run with occasional failures goes on)")
     p.add_argument("--restart-window", type=float, default=600.0,
                    help="seconds over which --max-restarts counts failures (default 600; 0: the whole run)")
+    p.add_argument("--rank-order", choices=("block", "strided"), default="block",
+                   help="which ranks a host runs: block (node k: k*nproc ..) or strided (node k: k, k+nnodes, ..: "
+                        "the replicas of a stage on different hosts, so a lost host is a replica copy)")
     p.add_argument("--log-dir", default=None, help="per-process logs and agent<node>.json here")
     return p
 
@@ -534,7 +550,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                        spare_host=a.spare_host, host_name=a.host_name, hot_spares=a.hot_spares,
                        heartbeat_timeout=a.heartbeat_timeout, host_timeout=a.host_timeout,
                        startup_grace=a.startup_grace, max_restarts=a.max_restarts,
-                       restart_window=a.restart_window, log_dir=a.log_dir)
+                       restart_window=a.restart_window, log_dir=a.log_dir, rank_order=a.rank_order)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ Used by the batch scripts in ``launch/slurm/`` (nothing here imports torch, so a
     python -m launch.slurm_env check --ranks-per-node 2 [--spare-hosts 1] -- <hydra overrides>
     python -m launch.slurm_env hostfile --ranks-per-node 2 > hostfile      # deepspeed's hostfile format
     python -m launch.slurm_env exec -- integration/train.py <overrides>    # one srun task = one rank (env://)
+    python -m launch.slurm_env agent -- integration/train.py <overrides>   # one srun task = this node's agent
 
 ``check`` refuses, with one message naming the variable or field and the fix and exit code 2, an
 allocation that cannot run the layout: no ``SLURM_JOB_NODELIST``, fewer hosts than the layout needs,
@@ -286,6 +287,46 @@ def cmd_exec(a: argparse.Namespace, command: list[str]) -> int:
     return 0  # not reached
 
 
+def agent_argv(env: Mapping[str, str], command: list[str]) -> list[str]:
+    """The ``launch.agent`` command line for this node of a fault-tolerant job (see train_ft.sbatch).
+
+    Reads what ``check`` exported (``SKIPFREE_TRAIN_HOSTS`` ...) plus ``SKIPFREE_HOT_SPARES`` (per
+    training host), ``SKIPFREE_SPARE_HOST_WORKERS`` (pre-started workers on a spare host: a waiting
+    spare; 0: cold), ``SKIPFREE_RANK_ORDER`` (strided, default: a stage's replicas on different
+    hosts; or block) and ``SKIPFREE_AGENT_ARGS`` (more agent flags).
+    """
+    node = env.get("SLURMD_NODENAME")
+    if not node:
+        raise AllocationError("SLURMD_NODENAME: not set; start this under srun (one task per node)")
+    for key in ("SKIPFREE_TRAIN_HOSTS", "SKIPFREE_RANKS_PER_HOST", "MASTER_ADDR", "MASTER_PORT"):
+        if not env.get(key):
+            raise AllocationError(f"{key}: not set; eval \"$(python -m launch.slurm_env check ...)\" first")
+    train = env["SKIPFREE_TRAIN_HOSTS"].split(",")
+    spares = [h for h in env.get("SKIPFREE_SPARE_HOSTS", "").split(",") if h]
+    argv = [sys.executable, "-m", "launch.agent", "--external-store", "--store-host", env["MASTER_ADDR"],
+            "--store-port", env["MASTER_PORT"], "--nnodes", str(len(train)),
+            "--nproc", env["SKIPFREE_RANKS_PER_HOST"], "--host-name", node,
+            "--rank-order", env.get("SKIPFREE_RANK_ORDER", "strided")]
+    if node in train:
+        argv += ["--node-rank", str(train.index(node)), "--hot-spares", env.get("SKIPFREE_HOT_SPARES", "1")]
+    elif node in spares:
+        argv += ["--spare-host", "--hot-spares",
+                 env.get("SKIPFREE_SPARE_HOST_WORKERS", env["SKIPFREE_RANKS_PER_HOST"])]
+    else:
+        raise AllocationError(f"SLURMD_NODENAME: {node} is neither a training host ({','.join(train)}) nor a "
+                              f"spare host ({','.join(spares) or 'none'})")
+    return argv + shlex.split(env.get("SKIPFREE_AGENT_ARGS", "")) + ["--", *command]
+
+
+def cmd_agent(a: argparse.Namespace, command: list[str]) -> int:
+    if not command:
+        raise AllocationError("agent: nothing to run; usage: python -m launch.slurm_env agent -- script.py [args]")
+    argv = agent_argv(os.environ, command)
+    os.chdir(ROOT)
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
@@ -305,9 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                            help="which host serves the master address: the first training host (plain runs) "
                                 "or the allocation's first host (the store of fault-tolerant runs)")
     sub.add_parser("exec")
+    sub.add_parser("agent")
     a = p.parse_args(argv)
     try:
-        return {"check": cmd_check, "hostfile": cmd_hostfile, "exec": cmd_exec}[a.cmd](a, rest)
+        return {"check": cmd_check, "hostfile": cmd_hostfile, "exec": cmd_exec, "agent": cmd_agent}[a.cmd](a, rest)
     except AllocationError as exc:
         print(f"launch.slurm_env: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
