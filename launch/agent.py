@@ -55,7 +55,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from integration.recovery.detect import ABORT_KEY, heartbeat_key, read_generation, record_failure  # noqa: E402
+# The store keys shared with the workers; detect.py imports torch, which flag checks and --help
+# should not wait for, so it is imported when an Agent is built.
+ABORT_KEY = "abort"  # == integration.recovery.detect.ABORT_KEY (checked in Agent.__init__)
 
 FINISHED_KEY = "agents_finished"
 ABORT_CODE_KEY = "abort_code"  # exit code every agent reports once the job was aborted (2: bad input)
@@ -152,6 +154,11 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig):
         import torch.distributed as dist
+
+        global heartbeat_key, read_generation, record_failure
+        from integration.recovery import detect
+        assert detect.ABORT_KEY == ABORT_KEY
+        heartbeat_key, read_generation, record_failure = detect.heartbeat_key, detect.read_generation, detect.record_failure
 
         self.cfg = cfg
         self.hosts_store = cfg.node_rank == 0 and not cfg.external_store and not cfg.spare_host
