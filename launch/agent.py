@@ -194,7 +194,7 @@ class Agent:
         env.update(self.cfg.env)
         env.setdefault("OMP_NUM_THREADS", "1")
         ext = Path(sys.prefix) / "torch_extensions"  # launch/setup.sh builds DeepSpeed's CPU op there
-        if ext.is_dir():
+        if (ext / ".skipfree-built").exists():
             env.setdefault("TORCH_EXTENSIONS_DIR", str(ext))
         # No LOCAL_SIZE: with it DeepSpeed's CPU backend sets up a shared-memory all-reduce whose
         # init-time handshake a replacement can never complete (it spins, holding the GIL, on the
