@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/host_loss_bench.py [--steps 16] [--backend deepspeed]
 
 Each job (launch/slurm/train_ft.sbatch, 2 training hosts x 2 ranks, stages=2 replicas=2, strided)
-first loses one rank (SIGKILL of rank 3's process: the agent promotes a hot spare on the same host,
-the single-rank recovery of the same run), then a whole host (every process of h3). "waiting": the
+first loses one rank (rank 3 SIGKILLs itself at step 3 by the failure injector: the agent promotes a
+hot spare on the same host, the single-rank recovery of the same run), then a whole host (every process of h3). "waiting": the
 spare host pre-started its workers; "cold": it starts them when it takes over. Prints a table of the
 recovery events' timings (seconds; first good step is counted from the failure: the rank's death, or
 the lost host's last heartbeat).
@@ -40,27 +40,16 @@ def _netns_pids(host: str) -> list[int]:
     return [int(p) for p in subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split()]
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def run_job(out: Path, mode: str, steps: int, backend: str, env: dict) -> list[dict]:
     res = out / mode
     cmd = ["sbatch", "--wait", "-o", str(out / f"{mode}.out"),
            f"--export=ALL,SPARE_HOSTS=1,HOT_SPARES=1,SPARE_HOST_WORKERS={2 if mode == 'waiting' else 0},"
            f"AGENT_ARGS=--host-timeout 5", "--nodes=3", "launch/slurm/train_ft.sbatch", "tensorboard=false",
            "progress=false", "recovery=checkfree", f"backend={backend}", "parallel.stages=2", "parallel.replicas=2",
-           f"train.steps={steps}", f"output_root={res}"]
+           f"train.steps={steps}", f"output_root={res}",
+           "recovery.inject=kill:stage=1,replica=1,step=3,phase=backward"]  # rank 3 (on h3) kills itself
     job = subprocess.Popen(cmd, cwd=ROOT, env=env)
     log0 = res / "rank0" / "train.log"
-    _wait(log0, r"step 2 loss", 600, job)
-    victim = [p for p in _netns_pids("h3") if b"integration/train.py" in _cmdline(p)
-              and b"launch.agent" not in _cmdline(p) and b"SKIPFREE_SPARE" not in Path(f"/proc/{p}/environ").read_bytes()
-              and b"RANK=3\0" in Path(f"/proc/{p}/environ").read_bytes()]
-    os.kill(victim[0], 9)  # one rank (rank 3, on h3)
     _wait(log0, r"step 7 loss", 600, job)
     subprocess.run(["kill", "-9", *map(str, _netns_pids("h3"))], check=False)  # the whole host h3
     if job.wait(timeout=900) != 0:

@@ -155,10 +155,10 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         import torch.distributed as dist
 
-        global heartbeat_key, read_generation, record_failure
         from integration.recovery import detect
+
         assert detect.ABORT_KEY == ABORT_KEY
-        heartbeat_key, read_generation, record_failure = detect.heartbeat_key, detect.read_generation, detect.record_failure
+        self.detect = detect  # failure records, generation, rank heartbeats: the workers' side of the contract
 
         self.cfg = cfg
         self.hosts_store = cfg.node_rank == 0 and not cfg.external_store and not cfg.spare_host
@@ -292,7 +292,7 @@ class Agent:
                     return rc
             else:
                 self._claim(self.cfg.node_rank)
-                self._start_ranks(read_generation(self.store), joining=False)
+                self._start_ranks(self.detect.read_generation(self.store), joining=False)
             return self._loop()
         except _Stop:
             return self._stopped()
@@ -379,7 +379,7 @@ class Agent:
         ranks = self.cfg.ranks_of(node)
         reason = f"host {lost} lost (its agent silent {silent:.1f} s)"
         # One record per lost rank, all timed from the host's last sign of life; coalesced by the workers.
-        recs = [record_failure(self.store, r, reason, lost, at=last) for r in ranks]
+        recs = [self.detect.record_failure(self.store, r, reason, lost, at=last) for r in ranks]
         self.failures.append({"host": lost, "ranks": ranks, "reason": reason, "generation": recs[-1].generation})
         self._count_restart(f"host {lost}")
         self.store.set(host_key(node), self.host)
@@ -431,7 +431,7 @@ class Agent:
                     self._write_summary("bad_input", reason)
                     return EXIT_BAD_INPUT
                 reason = r.kill_reason or (f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}")
-                rec = record_failure(self.store, rank, reason, self.host)
+                rec = self.detect.record_failure(self.store, rank, reason, self.host)
                 self.failures.append({"rank": rank, "reason": reason, "generation": rec.generation})
                 if not self._count_restart(f"rank {rank} ({reason})"):
                     self._write_summary("gave_up", reason)
@@ -456,7 +456,7 @@ class Agent:
         if self.cfg.heartbeat_timeout <= 0 or r.kill_reason:
             return
         now = time.time()
-        key = heartbeat_key(r.rank)
+        key = self.detect.heartbeat_key(r.rank)
         last = float(self.store.get(key)) if self.store.check([key]) else 0.0
         if last < r.started:  # no beat from this process yet: allow start-up time
             silent, limit = now - r.started, self.cfg.startup_grace
