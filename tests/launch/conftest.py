@@ -45,6 +45,9 @@ def slurm_cluster():
                SLURM_CONF=f"{CLUSTER_DIR}/slurm.conf", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for k in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
         env.pop(k)  # a test run inside an allocation must not leak its job into ours
+    if subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0:
+        pytest.fail("a slurmctld is already running (another test cluster uses the same host names h1..hN): "
+                    "stop it first, e.g. launch/testing/cluster.sh down")
     t0 = time.time()
     up = subprocess.run([str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=240)
     if up.returncode != 0:
