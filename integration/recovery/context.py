@@ -38,7 +38,7 @@ class RankContext:
             store.wait([spare], datetime.timedelta(seconds=spare_timeout_s))
             job = json.loads(store.get(spare))
             per_node = int(os.environ.get("SKIPFREE_LOCAL_SIZE", "1"))
-            local = job["rank"] - int(os.environ.get("SKIPFREE_NODE", "0")) * per_node
+            local = job.get("local_rank", job["rank"] - int(os.environ.get("SKIPFREE_NODE", "0")) * per_node)
             os.environ.update({"RANK": str(job["rank"]), "LOCAL_RANK": str(local),
                                "SKIPFREE_GENERATION": str(job["generation"]), "SKIPFREE_JOINING": "1"})
         return cls(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),

@@ -70,9 +70,12 @@ class FailureRecord:
     host: str = ""
 
 
-def record_failure(store: dist.TCPStore, rank: int, reason: str, host: str = "") -> FailureRecord:
-    """Agent side: bump the generation and describe the failure under ``failure/<generation>``."""
-    now = time.time()
+def record_failure(store: dist.TCPStore, rank: int, reason: str, host: str = "",
+                   at: float | None = None) -> FailureRecord:
+    """Agent side: bump the generation and describe the failure under ``failure/<generation>``.
+
+    ``at``: when the failure happened, if known better than now (a lost host's last heartbeat)."""
+    now = time.time() if at is None else at
     n = int(store.add(FAILURES_KEY, 1))
     store.set(failure_key(n), json.dumps({"rank": rank, "reason": reason, "time": now, "host": host}))
     return FailureRecord(n, rank, reason, now, host)

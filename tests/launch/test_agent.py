@@ -1,10 +1,12 @@
 """launch.agent with real processes: several agents on one store, respawn of only the dead rank,
-hot-spare promotion, hang detection by heartbeat, give-up after max restarts, arguments passed through."""
+hot-spare promotion, hang detection by heartbeat, give-up after max restarts, arguments passed through,
+orderly SIGTERM stop, no orphans after SIGKILL of the agent, exit code 2 never respawned, flags validated."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +33,11 @@ mode = os.environ.get("MODE", "ok")
 store = ctx.connect()
 if mode == "crash_always":
     sys.exit(3)
+if mode == "bad_input":
+    print("config: train.lr: must be a finite number; set train.lr=3e-3", file=sys.stderr)
+    sys.exit(2)
+if mode == "sleep":
+    time.sleep(600)
 mon = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, ctx.generation, heartbeat_s=0.2).start()
 victim = int(os.environ.get("VICTIM", "1"))
 if ctx.rank == victim and ctx.generation == 0 and mode in ("kill", "hang"):
@@ -109,3 +116,71 @@ def test_gives_up_after_max_restarts(tmp_path):
     assert a.wait(timeout=120) == 1
     assert '"event": "give_up"' in a.stderr.read()
     assert len(rows(tmp_path, 0)) == 3
+
+
+def _wait_rows(tmp: Path, ranks: range, timeout: float = 120) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = [rows(tmp, r) for r in ranks]
+        if all(got):
+            return [g[0] for g in got]
+        time.sleep(0.1)
+    raise AssertionError(f"workers did not start within {timeout} s")
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) counts as gone
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_is_an_orderly_stop(tmp_path):
+    a = agent(tmp_path, "--nproc", "2", "--log-dir", str(tmp_path / "logs"), env={"MODE": "sleep"})
+    workers = _wait_rows(tmp_path, range(2))
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=30) == 128 + signal.SIGTERM
+    log = a.stderr.read()
+    stop = next(json.loads(x[len("agent: "):]) for x in log.splitlines() if '"event": "stopped"' in x)
+    assert stop["signal"] == "SIGTERM" and stop["ranks"] == [0, 1]
+    summary = json.loads((tmp_path / "logs" / "agent0.json").read_text())
+    assert summary["outcome"] == "stopped" and "SIGTERM" in summary["reason"]
+    assert all(_gone(w["pid"]) for w in workers), "a worker outlived the stopped agent"
+
+
+def test_agent_sigkill_leaves_no_orphan_ranks(tmp_path):
+    a = agent(tmp_path, "--nproc", "2", env={"MODE": "sleep"})
+    workers = _wait_rows(tmp_path, range(2))
+    a.kill()
+    a.wait(timeout=30)
+    assert all(_gone(w["pid"]) for w in workers), "a rank outlived its SIGKILLed agent"
+
+
+def test_bad_input_exit_code_2_is_never_respawned(tmp_path):
+    a = agent(tmp_path, "--nproc", "2", "--max-restarts", "5", env={"MODE": "bad_input"})
+    assert a.wait(timeout=120) == 2
+    log = a.stderr.read()
+    assert '"event": "bad_input"' in log and '"event": "failure"' not in log
+    assert [len(rows(tmp_path, r)) for r in range(2)] == [1, 1]  # nobody started twice
+
+
+def test_agent_flags_are_validated():
+    for args, field in ((["--nproc", "0"], "--nproc"), (["--nproc", "1", "--nnodes", "2", "--node-rank", "2",
+                                                         "--store-port", "1"], "--node-rank"),
+                        (["--nproc", "1", "--hot-spares", "-1"], "--hot-spares"),
+                        (["--nproc", "1", "--spare-host", "--store-port", "5"], "--spare-host"),
+                        (["--nproc", "1", "--heartbeat-timeout", "nan"], "--heartbeat-timeout")):
+        r = subprocess.run([sys.executable, "-m", "launch.agent", *args, "--", "-c", "pass"], cwd=ROOT,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (args, r.stderr)
+        assert field in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    h = subprocess.run([sys.executable, "-m", "launch.agent", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    assert h.returncode == 0 and "--max-restarts" in h.stdout and "--restart-window" in h.stdout

@@ -1,0 +1,178 @@
+"""Multi-host on SLURM: the batch scripts on a real slurmctld/slurmd cluster whose nodes are separate
+network hosts (namespaces), real processes, real gloo traffic between hosts, real host loss.
+
+The allocation checks of launch/slurm_env.py are tested without a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.slurm_env import AllocationError, Allocation, expand_nodelist, plan_layout
+
+ROOT = Path(__file__).resolve().parents[2]
+QUIET = ["tensorboard=false", "progress=false"]
+
+
+# ------------------------------------------------------------------------------ no cluster needed
+def test_expand_nodelist_matches_slurm_grammar():
+    assert expand_nodelist("h[1-3,7],gpu[08-10],login") == ["h1", "h2", "h3", "h7", "gpu08", "gpu09", "gpu10",
+                                                            "login"]
+    assert expand_nodelist("node1") == ["node1"]
+    for bad in ("h[1-", "h[3-1]", "h[a-b]", ""):
+        with pytest.raises(AllocationError, match="SLURM_JOB_NODELIST"):
+            expand_nodelist(bad)
+
+
+def test_layout_must_fit_the_allocation():
+    alloc = Allocation("1", ["h1", "h2", "h3"], ["a1", "a2", "a3"])
+    lay = plan_layout(alloc, ranks_per_host=2, spare_hosts=1, world_size=4)
+    assert (lay.spare_hosts, lay.train_hosts) == (["h1"], ["h2", "h3"])
+    with pytest.raises(AllocationError, match=r"parallel: the layout needs 6 ranks .* --nodes=4"):
+        plan_layout(alloc, ranks_per_host=2, spare_hosts=1, world_size=6)
+    with pytest.raises(AllocationError, match="leave none to train"):
+        plan_layout(alloc, ranks_per_host=2, spare_hosts=3, world_size=4)
+
+
+def _check(env: dict, *args: str) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    e.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", "launch.slurm_env", "check", *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_check_refuses_bad_allocations_with_one_message():
+    r = _check({}, "--ranks-per-node", "2")
+    assert r.returncode == 2 and "SLURM_JOB_NODELIST: not set" in r.stderr and "Traceback" not in r.stderr
+    r = _check({"SLURM_JOB_NODELIST": "localhost,127.0.0.1"}, "--ranks-per-node", "2", "--", "parallel=pp6")
+    assert r.returncode == 2 and "parallel: the layout needs 6 ranks" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as s:  # a port in use on this host
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _check({"SLURM_JOB_NODELIST": "localhost,127.0.0.1"}, "--ranks-per-node", "2", "--port", str(port))
+    assert r.returncode == 2 and f"MASTER_PORT: port {port} is in use" in r.stderr
+    assert r.stdout == ""  # nothing for the batch script to eval: it stops
+
+
+# ------------------------------------------------------------------------------ on the cluster
+def sbatch(cluster, script: str, out: Path, *overrides: str, args: tuple[str, ...] = (),
+           env: dict | None = None) -> subprocess.Popen:
+    exports = ",".join(["ALL", *(f"{k}={v}" for k, v in (env or {}).items())])
+    cmd = ["sbatch", "--wait", "-o", str(out), f"--export={exports}", *args, f"launch/slurm/{script}", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def summary(root: Path, rank: int) -> dict:
+    return json.loads((root / f"rank{rank}" / "summary.json").read_text())
+
+
+def test_cluster_is_separate_hosts(slurm_cluster):
+    r = slurm_cluster.run("srun", "-N4", "-n4", "bash", "-c",
+                          "echo $SLURMD_NODENAME $(ip -o -4 addr show | grep -o '10\\.77\\.0\\.[0-9]*')")
+    seen = dict(line.split() for line in r.stdout.splitlines())
+    assert seen == {f"h{i}": f"10.77.0.1{i}" for i in range(1, 5)}  # each node in its own network namespace
+    assert slurm_cluster.up_s < 120
+
+
+def test_plain_sbatch_two_hosts_equals_one_host(slurm_cluster, tmp_path):
+    """2 hosts x 2 ranks through deepspeed's SLURM launcher == the same job on one host (deepspeed launcher)."""
+    job = [*QUIET, "train.steps=4"]
+    multi = sbatch(slurm_cluster, "train.sbatch", tmp_path / "multi.out", *job, f"output_root={tmp_path}/multi")
+    ref_env = dict(slurm_cluster.env, PATH=f"{ROOT}/.venv/bin:{os.environ['PATH']}")
+    ref = subprocess.run([f"{ROOT}/.venv/bin/deepspeed", "--no_local_rank", "--num_gpus", "4", "integration/train.py",
+                          *job, f"output_root={tmp_path}/one"], cwd=ROOT, env=ref_env, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert multi.wait(timeout=600) == 0, (tmp_path / "multi.out").read_text()[-3000:]
+    log = (tmp_path / "multi.out").read_text()
+    placed = {r: (h, i) for r, h, i in re.findall(r"rank (\d)/4 on node (h\d) \(gloo interface (\S+)\)", log)}
+    assert placed == {"0": ("h1", "sfe1"), "1": ("h1", "sfe1"), "2": ("h2", "sfe2"), "3": ("h2", "sfe2")}, log[-2000:]
+    for r in range(4):
+        multi_losses = summary(tmp_path / "multi", r)["loss_history"]
+        assert len(multi_losses) == 4
+        assert multi_losses == summary(tmp_path / "one", r)["loss_history"]  # bitwise: same floats
+
+
+def test_plain_sbatch_refuses_an_allocation_that_does_not_fit(slurm_cluster, tmp_path):
+    job = sbatch(slurm_cluster, "train.sbatch", tmp_path / "bad.out", *QUIET, f"output_root={tmp_path}/bad",
+                 args=("--nodes=3",))
+    assert job.wait(timeout=300) == 2
+    log = (tmp_path / "bad.out").read_text()
+    assert "parallel: the layout needs 4 ranks but the allocation gives 3 training hosts" in log
+    assert "Traceback" not in log and not (tmp_path / "bad").exists()  # nothing trained, nothing written
+
+
+def _wait_for(path: Path, pattern: str, timeout: float, job: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and re.search(pattern, path.read_text()):
+            return
+        if job.poll() is not None:
+            raise AssertionError(f"job ended before {pattern!r}: {job.returncode}")
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} not seen in {path} within {timeout} s")
+
+
+def test_ft_sbatch_survives_a_lost_host_and_a_lost_agent(slurm_cluster, tmp_path):
+    """4 hosts: h1 (store + spare host), h2 (spare host), h3 + h4 train (2 ranks each, strided: a stage's
+    replicas on different hosts). Kill every process of h4 mid-run; later kill only the agent of h3,
+    the host of rank 0 (the store lives on h1). Both times a spare host takes over; one recovery event
+    per loss names the host and its ranks; every step is applied once; the loss goes down."""
+    out, res = tmp_path / "ft.out", tmp_path / "ft"
+    job = sbatch(slurm_cluster, "train_ft.sbatch", out, *QUIET, "recovery=checkfree", "parallel.stages=2",
+                 "parallel.replicas=2", "train.steps=14", f"output_root={res}", args=("--nodes=4",),
+                 env={"SPARE_HOSTS": "2", "HOT_SPARES": "0", "AGENT_ARGS": "--host-timeout 6"})
+    try:
+        log0 = res / "rank0" / "train.log"
+        _wait_for(log0, r"step 2 loss", 400, job)
+        lost = slurm_cluster.host_pids("h4")
+        subprocess.run(["kill", "-9", *map(str, lost)], check=True)  # host h4 is gone: ranks, agent, slurmd
+        _wait_for(log0, r"step 8 loss", 400, job)
+        agents = [p for p in slurm_cluster.host_pids("h3")
+                  if b"launch.agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(agents) == 1
+        ranks_h3 = [p for p in slurm_cluster.host_pids("h3") if b"integration/train.py" in
+                    Path(f"/proc/{p}/cmdline").read_bytes() and b"launch.agent" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        os.kill(agents[0], 9)  # only the agent of rank 0's host
+        assert job.wait(timeout=600) == 0, out.read_text()[-4000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+        slurm_cluster.heal()
+    text = out.read_text()
+    for p in ranks_h3:  # the agent's ranks died with it (no orphans)
+        assert not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]
+    lost_events = [json.loads(x[len("agent: "):]) for x in text.splitlines()
+                   if x.startswith("agent: ") and '"event": "host_lost"' in x]
+    assert [(e["host"], e["ranks"]) for e in lost_events] == [("h4", [1, 3]), ("h3", [0, 2])]
+    assert {e["replaced_by"] for e in lost_events} == {"h1", "h2"}
+    # Every process of a rank appends to the same train.log: each step appears once per rank
+    # (applied steps only; an interrupted step is replayed, not applied twice), same loss on every rank.
+    losses = {}
+    for r in range(4):
+        steps = [(int(a), float(b)) for a, b in re.findall(r"step (\d+) loss ([\d.]+)", (res / f"rank{r}" / "train.log").read_text())]
+        assert [st for st, _ in steps] == list(range(14)), (r, steps)
+        losses[r] = [x for _, x in steps]
+    assert all(losses[r] == losses[0] for r in range(4))
+    assert sum(losses[0][-3:]) < sum(losses[0][:3])
+    # One recovery per loss, seen by the survivors, naming the host and its ranks.
+    events = [json.loads(x) for r in range(4) for x in (res / f"rank{r}" / "events.jsonl").read_text().splitlines()]
+    recs = {}
+    for e in events:
+        if e["event"] == "recovery" and e.get("failed_ranks"):
+            recs.setdefault(e["generation"], set()).add((tuple(sorted(e["failed_ranks"])), tuple(e["reasons"]),
+                                                          tuple(e["methods"])))
+    assert len(recs) == 2, recs
+    (first,), (second,) = (recs[g] for g in sorted(recs))
+    assert first[0] == (1, 3) and all("host h4 lost" in x for x in first[1]) and first[2] == ("replica_copy",)
+    assert second[0] == (0, 2) and all("host h3 lost" in x for x in second[1]) and second[2] == ("replica_copy",)
