@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..runtime.p2p import launch
+
 FAILURES_KEY = "failures"
 ABORT_KEY = "abort"  # set (by an agent or a rank) when the whole job must stop; no respawn after it
 
@@ -206,7 +208,7 @@ class FailureMonitor:
 def all_reduce(tensor: torch.Tensor, monitor: FailureMonitor, what: str, group=None,
                op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Failure-aware in-place all-reduce (async launch + :meth:`FailureMonitor.wait`)."""
-    monitor.wait(dist.all_reduce(tensor, op=op, group=group, async_op=True), what)
+    monitor.wait(launch(dist.all_reduce, tensor, op=op, group=group, async_op=True), what)
     return tensor
 
 
@@ -217,10 +219,10 @@ def all_gather_object(obj: Any, monitor: FailureMonitor, what: str, world_size: 
 
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
-    monitor.wait(dist.all_gather(sizes, torch.tensor([payload.numel()]), async_op=True), what)
+    monitor.wait(launch(dist.all_gather, sizes, torch.tensor([payload.numel()]), async_op=True), what)
     width = int(max(s.item() for s in sizes))
     padded = torch.zeros(width, dtype=torch.uint8)
     padded[:payload.numel()] = payload
     outs = [torch.zeros(width, dtype=torch.uint8) for _ in range(world_size)]
-    monitor.wait(dist.all_gather(outs, padded, async_op=True), what)
+    monitor.wait(launch(dist.all_gather, outs, padded, async_op=True), what)
     return [pickle.load(io.BytesIO(o[:int(s.item())].numpy().tobytes())) for o, s in zip(outs, sizes)]
