@@ -61,7 +61,7 @@ def run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_di
     from .detect import all_gather_object, all_reduce
     from .engine import FaultTolerantBackend
     from .events import EventLog
-    from .session import FaultTolerantSession, RecoverySettings
+    from .session import FaultTolerantSession, RecoverySettings, state_digest
 
     import torch
 
@@ -131,7 +131,9 @@ def run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_di
                "recovery": str(cfg.recovery.name), "steps": int(cfg.train.steps), "world_size": world, "rank": rank,
                "generation": run.guard.generation, "loss_first3": first, "loss_last3": last,
                "val_loss_full_model": val, "loss_history": losses, "recoveries": run.recoveries,
-               "stage_visits": plan.stage_visits()}
+               "stage_visits": plan.stage_visits(),
+               # sha256 of this rank's final weights + Adam state: "replay = no-failure run" audits
+               "state_digest": state_digest(run.module, run.optimizer)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (out_dir / "history.json").write_text(json.dumps(history, default=str))
     if rank == 0:

@@ -304,6 +304,20 @@ class FaultTolerantSession:
         counters = {k: getattr(self.engine, k) for k in _COUNTERS}
         self._regroup_until_rebuilt(old, counters, {"t_raise": t_raise, "cause": str(failure)[:300],
                                                     "loss_before": self.guard.last_loss})
+        self._clear_gradients()
+
+    def _clear_gradients(self) -> None:
+        """Before the replay: drop every gradient the aborted attempt accumulated.
+
+        The optimizer step zeroes gradients only after a *committed* step; an attempt aborted
+        mid-backward leaves partial sums in ``param.grad`` (DeepSpeed) or DDP's ``main_grad``
+        buffers (megatron), which the replay would add to its own (a silently wrong update).
+        """
+        for p in self.module.parameters():
+            p.grad = None
+        zero_buffers = getattr(getattr(self.backend, "model", None), "zero_grad_buffer", None)
+        if callable(zero_buffers):
+            zero_buffers()  # megatron DDP: main_grad lives in contiguous buffers
 
     def _regroup_until_rebuilt(self, old: int, counters: dict | None, event: dict) -> None:
         """Regroup on the newest generation and rebuild; a failure *during* that (a survivor or the
