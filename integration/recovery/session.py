@@ -457,8 +457,13 @@ class FaultTolerantSession:
         if latest is None:
             why = ("this run saves no checkpoints (set recovery.checkpoint_every=K)" if self.checkpoints is None
                    else "no checkpoint was completed yet")
+            if any(a.stage == 0 for a in actions if a.method == rb.CHECKPOINT):
+                # copy_neighbour cannot rebuild the home stage (plan_rebuild refuses it): do not suggest it.
+                hint = "or set recovery.home_replica=true (with routing=checkfree_plus) to restore the home stage exactly"
+            else:
+                hint = "or set recovery.fallback=copy_neighbour for the named degraded mode"
             self._abort_job(f"recovery: falling back to the last checkpoint for {bad}, but there is no checkpoint "
-                            f"to restore: {why}; or set recovery.fallback=copy_neighbour for the named degraded mode")
+                            f"to restore: {why}; {hint}")
         tag, step = latest
         t_transfer = time.time()
         self.backend.rebuild_engine()
