@@ -52,7 +52,26 @@ def _retarget_outputs(out_dir: Path, rank: int) -> Path:
 
 
 def run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_dir: Path) -> dict:
-    """Train as configured, surviving stage failures; returns (and writes) the summary. Ends the process."""
+    """Train as configured, surviving stage failures; returns (and writes) the summary. Ends the process.
+
+    A planned job-wide stop (an unrecoverable loss, agreed by every rank) ends this rank with the
+    session's one paragraph on stderr and exit code 1, no traceback; ``SKIPFREE_DEBUG=1`` re-raises it.
+    """
+    from .session import JobStopped
+
+    try:
+        return _run_fault_tolerant(cfg, plan, dataset, model_cfg, out_dir)
+    except JobStopped as stop:
+        if os.environ.get("SKIPFREE_DEBUG", "") not in ("", "0"):
+            raise
+        logging.shutdown()  # the session already printed the one-paragraph reason (FaultTolerantSession._abort_job)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # As at the normal end: an abandoned waiter thread in a dead group's gloo wait would abort shutdown.
+        os._exit(1)
+
+
+def _run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from ..config import ConfigError

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -160,6 +161,14 @@ def _drop_tracebacks(exc: BaseException | None) -> None:
         seen.add(id(exc))
         exc.__traceback__ = None
         exc = exc.__cause__ or exc.__context__
+
+
+class JobStopped(rb.RecoveryError):
+    """A planned job-wide stop (unrecoverable loss): every rank agreed and the store's ``abort`` is set."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
 
 
 class RecoverableBackend(Protocol):
@@ -367,13 +376,17 @@ class FaultTolerantSession:
         wait for each other (a few seconds at most) before the stop, so every rank's log and
         events say why the job stopped, not only the fastest one's."""
         self.events.emit("recovery_failed", step=None, error=message)
+        # The user-facing paragraph goes out before this rank says it is ready: the agents stop every
+        # rank as soon as the abort key is set, which happens only once all ranks printed theirs.
+        print(f"rank {self.ctx.rank}: job stopped: {message} (every rank stopped; events.jsonl has it as "
+              f"'recovery_failed'; SKIPFREE_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
         key = f"abort_ready/g{self.guard.generation}"
         self.store.add(key, 1)
         deadline = time.time() + 5.0
         while int(self.store.add(key, 0)) < self.ctx.world_size and time.time() < deadline:
             time.sleep(0.02)
         self.store.set(ABORT_KEY, message[:500])
-        raise rb.RecoveryError(message)
+        raise JobStopped(message, self.ctx.rank)
 
     def _exchange_and_rebuild(self, counters: dict | None) -> None:
         t0 = time.time()
