@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -68,8 +69,18 @@ class FailureRecord:
     generation: int
     rank: int
     reason: str
-    time: float
+    time: float  # when the agent recorded it
     host: str = ""
+
+    @property
+    def failed_at(self) -> float:
+        """When the rank stopped answering: for a hang the agent's record comes a heartbeat timeout
+        later, so count from the last heartbeat (the agent's reason says how long it was silent)."""
+        m = _HANG_REASON.search(self.reason)
+        return self.time - float(m.group(1)) if m else self.time
+
+
+_HANG_REASON = re.compile(r"no heartbeat for ([0-9.]+) s")  # launch.agent's reason for a hang
 
 
 def record_failure(store: dist.TCPStore, rank: int, reason: str, host: str = "") -> FailureRecord:

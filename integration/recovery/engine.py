@@ -124,6 +124,15 @@ class FaultTolerantEngine(RoutedPipelineEngine):
         self._exec_schedule(sched)
         return self.agg_train_loss
 
+    def _aggregate_routed_loss(self, result) -> torch.Tensor:
+        # Validation's loss all-reduce (upstream's is a plain blocking collective): failure-aware.
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for mb in sorted(result.losses):
+            total += result.losses[mb].float()
+        stats = torch.stack([total, torch.tensor(float(len(result.losses)), device=self.device)])
+        all_reduce(stats, self.guard.monitor, "validation loss all-reduce")
+        return stats[0] / stats[1]
+
     def _exec_routed_op(self, op) -> None:
         if self.guard.injector is not None and op.kind in (FWD, BWD):
             self.guard.injector.at(self.global_steps, "forward" if op.kind == FWD else "backward")

@@ -144,8 +144,9 @@ def _run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_d
     if writer is not None:
         writer.add_scalar("val/loss_full_model", val, int(cfg.train.steps) - 1)
     losses = [h["loss"] for h in sorted(history, key=lambda h: h["step"])]
-    first = sum(losses[:3]) / max(1, min(3, len(losses)))
-    last = sum(losses[-3:]) / max(1, min(3, len(losses)))
+    # A replacement that joined after the last step (e.g. during the final validation) trained no step.
+    first = sum(losses[:3]) / min(3, len(losses)) if losses else None
+    last = sum(losses[-3:]) / min(3, len(losses)) if losses else None
     summary = {"backend": cfg.backend.name, "routing": cfg.routing.kind, "layout": cfg.model.layout,
                "recovery": str(cfg.recovery.name), "steps": int(cfg.train.steps), "world_size": world, "rank": rank,
                "generation": run.guard.generation, "loss_first3": first, "loss_last3": last,
@@ -156,8 +157,10 @@ def _run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_d
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (out_dir / "history.json").write_text(json.dumps(history, default=str))
     if rank == 0:
-        print(f"done: loss {first:.4f} -> {last:.4f} (mean of first/last 3 steps), validation loss of the full "
-              f"model {val:.4f}, {len(run.recoveries)} recoveries; outputs in {out_dir}", flush=True)
+        trained = (f"loss {first:.4f} -> {last:.4f} (mean of first/last 3 steps)" if losses else
+                   "no training step on this process (it joined after the last step)")
+        print(f"done: {trained}, validation loss of the full model {val:.4f}, {len(run.recoveries)} recoveries; "
+              f"outputs in {out_dir}", flush=True)
     all_reduce(torch.zeros(1), run.monitor, "final barrier")  # nobody leaves while a peer may still need it
     run.monitor.stop()
     if writer is not None:
@@ -171,14 +174,20 @@ def _run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_d
 
 
 def _validate(run: Any, val_batch: Callable, val_mb: int) -> float | None:
-    """Periodic validation; a failure during it is recovered like one in a step (then no value)."""
+    """Periodic and final validation; a failure during it is recovered like one in a step (then no
+    value); a completed validation is the first good pass of a recovery still pending."""
     from .detect import PeerFailure
 
+    if run.guard.injector is not None:
+        run.guard.injector.at(run.global_steps, "validation")
     try:
-        return float(run.backend.validation_loss(val_batch, val_mb))
+        val = float(run.backend.validation_loss(val_batch, val_mb))
     except PeerFailure as failure:
         run.recover(failure)
         return None
+    if run.pending is not None:  # recovered during a validation: no step may follow (the final one)
+        run._finish_event(val, after="validation")
+    return val
 
 
 def _train(run: Any, cfg: Any, plan: Any, train_batch: Callable, mbs: int, seq: int, writer: Any,
@@ -202,6 +211,10 @@ def _train(run: Any, cfg: Any, plan: Any, train_batch: Callable, mbs: int, seq: 
                  run.guard.generation)
         if len(run.recoveries) > seen_recoveries:
             for r in run.recoveries[seen_recoveries:]:
+                if r["superseded"]:
+                    log.warning("recovery on generation %d superseded by a newer failure before its first good "
+                                "step: %s", r["generation"], r["superseded_by"])
+                    continue
                 log.warning("recovered: %s detect %.3f s regroup %.3f s transfer %.3f s first good step %.3f s "
                             "loss %s -> %.4f", r["methods"], r["detect_s"] or 0.0, r["regroup_s"], r["transfer_s"],
                             r["first_good_step_s"], r["loss_before"], r["loss_after"])

@@ -246,7 +246,8 @@ class FaultTolerantSession:
             self.guard.home = self.home
         if self.joining:
             rec = failures_between(self.store, generation - 1, generation)[-1] if generation > 0 else None
-            self.pending = {"generation": generation, "t_fail": rec.time if rec else None, "t_detect": None,
+            self.pending = {"generation": generation, "t_fail": rec.failed_at if rec else None, "t_detect": None,
+                            "generations": [generation],
                             "t_regroup": time.time()}
             try:
                 self._exchange_and_rebuild(counters=None)
@@ -306,13 +307,14 @@ class FaultTolerantSession:
         """Survivor side: abort the step, regroup on the newest generation, rebuild, new engine."""
         t_raise = time.time()
         _drop_tracebacks(failure)
+        t_burst = self._supersede(failure) if self.pending is not None else None
         old = self.guard.generation
         step = self.engine.global_steps
         if self.guard.commit.abort(old, step):
             raise RuntimeError(f"rank {self.ctx.rank}: step {step} was committed but not applied here (bug)")
         counters = {k: getattr(self.engine, k) for k in _COUNTERS}
         self._regroup_until_rebuilt(old, counters, {"t_raise": t_raise, "cause": str(failure)[:300],
-                                                    "loss_before": self.guard.last_loss})
+                                                    "loss_before": self.guard.last_loss, "t_burst": t_burst})
         self._clear_gradients()
 
     def _clear_gradients(self) -> None:
@@ -339,7 +341,7 @@ class FaultTolerantSession:
             self.monitor.wait_for_generation(old, self.settings.confirm_timeout_s)
             new = settle_generation(self.store, self.ctx.world_size, old + 1, self.settings.rendezvous_timeout_s)
             records = failures_between(self.store, first, new)
-            t_fail = t_fail or min(r.time for r in records)
+            t_fail = t_fail or min(r.failed_at for r in records)
             self.backend.release_groups()  # drop every reference to the old groups before tearing them down
             gc.collect()
             detected = self.monitor.detected_at  # set_generation resets it
@@ -355,13 +357,15 @@ class FaultTolerantSession:
             self.guard.injector.generation = new
             self.pending = {**event, "generation": new, "t_fail": t_fail, "t_regroup": t_regroup,
                             "t_detect": event.get("t_detect") or detected or event.get("t_raise"),
-                            "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records]}
+                            "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records],
+                            "generations": [r.generation for r in records]}
             try:
                 self._exchange_and_rebuild(counters)
                 return
             except PeerFailure as again:
                 self._interrupted(again)
-                event = {k: v for k, v in self.pending.items() if k in ("t_raise", "cause", "loss_before", "t_detect")}
+                event = {k: v for k, v in self.pending.items()
+                         if k in ("t_raise", "cause", "loss_before", "t_detect", "t_burst")}
                 old = new
 
     def _interrupted(self, failure: PeerFailure) -> None:
@@ -516,10 +520,23 @@ class FaultTolerantSession:
         for g, lr in zip(self.optimizer.param_groups, donor["lrs"]):
             g["lr"] = lr  # the schedule's value at the global step (lr_scale applies on top)
 
-    def _finish_event(self, loss_after: float) -> None:
+    def _supersede(self, failure: PeerFailure) -> float | None:
+        """A new failure hit before the last recovery's first good step: that recovery still gets its
+        one event (marked ``superseded``, no first good step); returns when its burst began."""
+        p = self.pending
+        self._finish_event(None, after=None, superseded_by=str(failure)[:300])
+        return p.get("t_burst") or p.get("t_fail")
+
+    def _finish_event(self, loss_after: float | None, after: str | None = "step", superseded_by: str | None = None
+                      ) -> None:
+        """Emit the pending recovery's event, once: at its first good ``step``, at a completed
+        ``validation`` (a recovery during the final validation has no step after it), or
+        ``superseded_by`` a newer failure (``after=None``). ``burst_s`` counts from the first
+        failure not followed by a good step (several failures in a row)."""
         p, self.pending = self.pending, None
         now = time.time()
         t_fail = p.get("t_fail")
+        good = None if superseded_by else ((now - t_fail) if t_fail else (now - p["t_regroup"]))
         rec = {
             "generation": p["generation"], "methods": p.get("methods"), "actions": p.get("actions"),
             "rebuilt_here": p.get("rebuilt_here"), "failed_ranks": p.get("failed_ranks"),
@@ -528,8 +545,11 @@ class FaultTolerantSession:
             "detect_s": max(0.0, p["t_detect"] - t_fail) if t_fail and p.get("t_detect") else None,
             "regroup_s": (p["t_regroup"] - p.get("t_raise", p["t_regroup"])),
             "transfer_s": p["t_transfer"] - p["t_exchange"], "engine_rebuild_s": p["t_engine"] - p["t_transfer"],
-            "first_good_step_s": (now - t_fail) if t_fail else (now - p["t_regroup"]),
+            "first_good_step_s": good,
             "loss_before": p.get("loss_before"), "loss_after": loss_after, "bytes_sent": p.get("bytes_sent"),
+            "generations": p.get("generations"), "first_good": after, "superseded": superseded_by is not None,
+            "superseded_by": superseded_by,
+            "burst_s": None if good is None or not p.get("t_burst") else now - p["t_burst"],
         }
         self.recoveries.append(rec)
         self.events.emit("recovery", step=p.get("resume_step"), **rec)
