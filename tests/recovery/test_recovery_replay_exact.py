@@ -56,7 +56,9 @@ def assert_replay_equals_reference(failed: dict[int, dict], ref: dict[int, dict]
     assert len(failed[killed_rank]["losses_by_step"]) > 0
 
 
-@pytest.mark.parametrize("backend", ["deepspeed"])
+# megatron zeroes its gradient buffers at every step start; it is checked too (slow: its construction
+# is the slowest part of a launch here).
+@pytest.mark.parametrize("backend", ["deepspeed", pytest.param("megatron", marks=pytest.mark.slow)])
 def test_home_loss_mid_backward_and_mid_forward_replays_exactly(tmp_path, backend):
     """CheckFree+ with the home mirror: the home (stage 0) SIGKILLed mid-backward of step 2 (4 ops
     in, body stages already hold gradients of the attempt), its replacement mid-forward of step 4."""
@@ -68,7 +70,8 @@ def test_home_loss_mid_backward_and_mid_forward_replays_exactly(tmp_path, backen
     assert_replay_equals_reference(results(tmp_path / "kill", 6), results(tmp_path / "ref", 6), "home_mirror", 2, 0)
 
 
-@pytest.mark.parametrize("backend", ["deepspeed"])
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
 def test_replica_loss_mid_backward_and_mid_forward_replays_exactly(tmp_path, backend):
     """3 stages x 2 replicas: stage 1 replica 1 SIGKILLed mid-backward, then mid-forward; rebuilt
     by an exact copy of its surviving replica (weights + Adam state)."""
