@@ -77,7 +77,7 @@ def _run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_d
     from ..config import ConfigError
     from .checkpoint import Checkpointer
     from .context import RankContext
-    from .detect import all_gather_object, all_reduce
+    from .detect import PeerFailure, all_gather_object, all_reduce
     from .engine import FaultTolerantBackend
     from .events import EventLog
     from .session import FaultTolerantSession, RecoverySettings, state_digest
@@ -130,9 +130,14 @@ def _run_fault_tolerant(cfg: Any, plan: Any, dataset: Any, model_cfg: Any, out_d
     started_joining = ctx.joining
     run = FaultTolerantSession(ctx, plan, make_backend, settings, EventLog(out_dir / "events.jsonl", rank, writer),
                                checkpoints=ckpt)
-    if not started_joining:
+    if not started_joining and not run.restarted:  # the first group: its ranks agree on the plan
         digest = hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest()
-        if len(set(all_gather_object(digest, run.monitor, "plan agreement", world))) != 1:
+        try:
+            digests = all_gather_object(digest, run.monitor, "plan agreement", world)
+        except PeerFailure as failure:  # a rank died before the first step: recovered like one in a step
+            run.recover(failure)
+            digests = [digest]
+        if len(set(digests)) != 1:
             raise RuntimeError(f"rank {rank}: the ranks built different routing plans; give every rank the same "
                                f"config, or use routing=file")
 

@@ -33,6 +33,7 @@ PARTNER_COPY = "partner_copy"      # CheckFree+: S1 <- S2, S_L <- S_{L-1}
 COPY_NEIGHBOUR = "copy_neighbour"  # named degraded mode: copy a surviving adjacent body stage
 HOME_MIRROR = "home_mirror"        # CheckFree+: home stage (E + H) from a neighbour's exact mirror
 CHECKPOINT = "checkpoint"          # fall back to the last checkpoint (whole model rolls back)
+FRESH_START = "fresh_start"        # lost before any step was applied: its own initial state is exact
 
 
 class RecoveryError(RuntimeError):

@@ -220,22 +220,26 @@ class FaultTolerantSession:
         self.on_recovered = on_recovered
         self.checkpoints = checkpoints
         self.store = ctx.connect()
-        generation = ctx.generation
-        if ctx.joining:  # a replacement regroups on the newest generation, like the survivors
-            generation = settle_generation(self.store, ctx.world_size, generation, settings.rendezvous_timeout_s)
+        self.stage, self.replica = plan.node_stage()[ctx.rank]
+        injector = FailureInjector(self.stage, self.replica, parse_schedule(settings.inject),
+                                   settings.rate_per_hour, settings.iteration_seconds, generation=ctx.generation,
+                                   random_home=settings.home_replica)
+        injector.at(0, "startup")
+        # Every process settles, the first ranks too: a rank lost before the first group formed makes
+        # generation 0 stale, and the others regroup with its replacement instead of waiting for it.
+        generation = settle_generation(self.store, ctx.world_size, ctx.generation, settings.rendezvous_timeout_s)
+        # An original rank whose first group never formed: a survivor that has applied nothing.
+        self.restarted = not ctx.joining and generation > ctx.generation
         self.monitor = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, generation,
                                       heartbeat_s=settings.heartbeat_s, poll_s=settings.poll_s).start()
         ctx.init_group(self.store, generation, settings.rendezvous_timeout_s)
-        self.stage, self.replica = plan.node_stage()[ctx.rank]
-        injector = FailureInjector(self.stage, self.replica, parse_schedule(settings.inject),
-                                   settings.rate_per_hour, settings.iteration_seconds, generation=generation,
-                                   random_home=settings.home_replica)
+        injector.generation = generation
         self.guard = StepGuard(self.monitor, StepCommit(self.store, ctx.world_size, self.monitor), generation,
                                injector)
         self.joining = ctx.joining
         self.pending: dict | None = None  # the recovery in progress (timings for the event)
         self.recoveries: list[dict] = []
-        self.backend = make_backend(self.guard, self.joining)
+        self.backend = make_backend(self.guard, self.joining or self.restarted)
         self.home: HomeMirror | None = None
         if settings.home_replica:
             if plan.num_stages < 2:
@@ -244,16 +248,19 @@ class FaultTolerantSession:
             self.home = HomeMirror(plan.stage_nodes, ctx.rank, self.monitor)
             self.home.attach(self.module, self.optimizer)
             self.guard.home = self.home
-        if self.joining:
+        if self.joining or self.restarted:
             rec = failures_between(self.store, generation - 1, generation)[-1] if generation > 0 else None
             self.pending = {"generation": generation, "t_fail": rec.failed_at if rec else None, "t_detect": None,
-                            "generations": [generation],
+                            "generations": [generation] if self.joining else list(range(1, generation + 1)),
+                            "failed_ranks": None if self.joining else [rec.rank] if rec else None,
+                            "reasons": None if self.joining else [rec.reason] if rec else None,
                             "t_regroup": time.time()}
+            counters = None if self.joining else dict.fromkeys(_COUNTERS, 0)
             try:
-                self._exchange_and_rebuild(counters=None)
+                self._exchange_and_rebuild(counters=counters)
             except PeerFailure as again:  # a survivor died while this replacement was joining
                 self._interrupted(again)
-                self._regroup_until_rebuilt(generation, None, dict(self.pending))
+                self._regroup_until_rebuilt(generation, counters, dict(self.pending))
 
     # The state that survives engine rebuilds lives on the backend.
     @property
@@ -419,11 +426,16 @@ class FaultTolerantSession:
             held = {(i["stage"], i["replica"]): i["home_mirrors"] for i in survivors}
             home_mirrors = {r: [h for h in rb.home_holders(replicas, r) if held.get(h, {}).get(r) == resume]
                             for r in range(replicas[0])}
-        try:
-            actions = rb.plan_rebuild(lost, plan.num_stages, replicas, self.swaps_on, self.settings.fallback,
-                                      self.settings.lr_scale, home_mirrors)
-        except rb.RecoveryError as exc:
-            self._abort_job(str(exc))
+        if next(iter(steps)) == 0:
+            # No step was applied anywhere yet: a lost unit's own fresh build (weights depend only on
+            # train.seed and the layer) is exactly what it lost; neighbours' states would not be.
+            actions = [rb.RebuildAction(s, r, rb.FRESH_START, fresh_optimizer=False) for s, r in sorted(lost)]
+        else:
+            try:
+                actions = rb.plan_rebuild(lost, plan.num_stages, replicas, self.swaps_on, self.settings.fallback,
+                                          self.settings.lr_scale, home_mirrors)
+            except rb.RecoveryError as exc:
+                self._abort_job(str(exc))
         for a in actions:
             if a.degraded:
                 self.events.emit("recovery_fallback", step=next(iter(steps)), method=a.method, action=a.describe())
@@ -498,6 +510,8 @@ class FaultTolerantSession:
 
     def _apply(self, action: rb.RebuildAction, received: list[dict], donor: dict) -> None:
         """The joiner applies its rebuild rule and the optimizer surgery."""
+        if action.method == rb.FRESH_START:
+            return  # its own initial state, optimizer and schedule are the right ones
         if action.method in (rb.REPLICA_COPY, rb.HOME_MIRROR):  # exact: weights + optimizer state
             load_stage_state(self.module, received[0]["model"])
             self.optimizer.load_state_dict(received[0]["optimizer"])
