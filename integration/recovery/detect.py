@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ..runtime.p2p import launch
 
 FAILURES_KEY = "failures"
 ABORT_KEY = "abort"  # set (by an agent or a rank) when the whole job must stop; no respawn after it
@@ -66,8 +69,18 @@ class FailureRecord:
     generation: int
     rank: int
     reason: str
-    time: float
+    time: float  # when the agent recorded it
     host: str = ""
+
+    @property
+    def failed_at(self) -> float:
+        """When the rank stopped answering: for a hang the agent's record comes a heartbeat timeout
+        later, so count from the last heartbeat (the agent's reason says how long it was silent)."""
+        m = _HANG_REASON.search(self.reason)
+        return self.time - float(m.group(1)) if m else self.time
+
+
+_HANG_REASON = re.compile(r"no heartbeat for ([0-9.]+) s")  # launch.agent's reason for a hang
 
 
 def record_failure(store: dist.TCPStore, rank: int, reason: str, host: str = "",
@@ -209,7 +222,7 @@ class FailureMonitor:
 def all_reduce(tensor: torch.Tensor, monitor: FailureMonitor, what: str, group=None,
                op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Failure-aware in-place all-reduce (async launch + :meth:`FailureMonitor.wait`)."""
-    monitor.wait(dist.all_reduce(tensor, op=op, group=group, async_op=True), what)
+    monitor.wait(launch(dist.all_reduce, tensor, op=op, group=group, async_op=True), what)
     return tensor
 
 
@@ -220,10 +233,10 @@ def all_gather_object(obj: Any, monitor: FailureMonitor, what: str, world_size: 
 
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
-    monitor.wait(dist.all_gather(sizes, torch.tensor([payload.numel()]), async_op=True), what)
+    monitor.wait(launch(dist.all_gather, sizes, torch.tensor([payload.numel()]), async_op=True), what)
     width = int(max(s.item() for s in sizes))
     padded = torch.zeros(width, dtype=torch.uint8)
     padded[:payload.numel()] = payload
     outs = [torch.zeros(width, dtype=torch.uint8) for _ in range(world_size)]
-    monitor.wait(dist.all_gather(outs, padded, async_op=True), what)
+    monitor.wait(launch(dist.all_gather, outs, padded, async_op=True), what)
     return [pickle.load(io.BytesIO(o[:int(s.item())].numpy().tobytes())) for o, s in zip(outs, sizes)]

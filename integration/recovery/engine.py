@@ -28,7 +28,7 @@ from ..backends.deepspeed import schedule as rsched
 from ..backends.deepspeed.backend import DeepSpeedBackend
 from ..backends.deepspeed.engine import RoutedPipelineEngine
 from ..runtime.program import BWD, FWD
-from .detect import PeerFailure, all_reduce
+from .detect import all_reduce
 from .guard import StepGuard, commit_step
 
 
@@ -75,6 +75,15 @@ class FaultTolerantEngine(RoutedPipelineEngine):
         sched = FaultTolerantSchedule(self.my_ops, self.micro_batches, self.num_stages, self.stage_id)
         self._exec_schedule(sched)
         return self.agg_train_loss
+
+    def _aggregate_routed_loss(self, result) -> torch.Tensor:
+        # Validation's loss all-reduce (upstream's is a plain blocking collective): failure-aware.
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for mb in sorted(result.losses):
+            total += result.losses[mb].float()
+        stats = torch.stack([total, torch.tensor(float(len(result.losses)), device=self.device)])
+        all_reduce(stats, self.guard.monitor, "validation loss all-reduce")
+        return stats[0] / stats[1]
 
     def _exec_routed_op(self, op) -> None:
         if self.guard.injector is not None and op.kind in (FWD, BWD):

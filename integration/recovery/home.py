@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from ..runtime.p2p import launch
 from .detect import FailureMonitor
 from .rebuild import home_holders
 from .state import local_key, stage_state
@@ -171,13 +172,13 @@ class HomeMirror:
                 for dst in holders:
                     what = f"home mirror gradients to rank {dst}"
                     sent += send_packed(header, dst, self.monitor, what, TAG)
-                    self.monitor.wait(dist.isend(flat, dst, tag=TAG), what)
+                    self.monitor.wait(launch(dist.isend, flat, dst, tag=TAG), what)
                     sent += flat.numel() * flat.element_size()
             elif self.rank in holders:
                 what = f"home mirror gradients from rank {home}"
                 header = recv_state(home, self.monitor, what, TAG)
                 flat = torch.empty(header["numel"], dtype=header["dtype"])
-                self.monitor.wait(dist.irecv(flat, home, tag=TAG), what)
+                self.monitor.wait(launch(dist.irecv, flat, home, tag=TAG), what)
                 self.pending[r] = (header, flat)
         if self.is_home or self.is_holder:
             dt = time.time() - t0

@@ -3,14 +3,19 @@
 A :class:`FailureInjector` is called by the training loop and the executor at fixed points
 (``at(step, phase)``: ``phase`` is ``forward`` or ``backward`` for op-level points, ``boundary``
 between iterations, ``recovery`` on a survivor inside a recovery that resumes at ``step``, after
-the new group formed and before the exchange: a failure during recovery). When a scheduled or
+the new group formed and before the exchange: a failure during recovery; ``validation`` at the start
+of a validation pass, ``step`` being the number of steps done, so ``train.steps`` is the final one;
+``startup`` before the first group forms, with ``step=0``).
+When a scheduled or
 random failure matches this rank, the process signals
 itself: ``kill`` sends SIGKILL (the process is gone, exactly like a lost node: no cleanup, no
 exception, sockets reset by the kernel) and ``hang`` sends SIGSTOP (the process freezes with its
 sockets open, like a stuck node: only heartbeats can tell).
 
 Schedules are strings so they pass through Hydra overrides unchanged:
-``"kill:stage=2,step=3,phase=forward;hang:stage=1,replica=0,step=5"``.
+``"kill:stage=2,step=3,phase=forward;hang:stage=1,replica=0,step=5"``. ``gen=K`` pins an entry to
+generation K instead of its step's round, e.g. a second failure in the replay of the same step
+(``kill:stage=2,step=3,phase=backward;kill:stage=4,step=3,phase=forward,gen=1``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Callable
 
 from .rebuild import per_iteration_probability
 
-PHASES = ("forward", "backward", "boundary", "recovery")
+PHASES = ("forward", "backward", "boundary", "recovery", "validation", "startup")
 MODES = ("kill", "hang")
 
 
@@ -37,6 +42,7 @@ class ScheduledFailure:
     mode: str = "kill"
     replica: int | None = 0
     after_ops: int = 0  # fire at the (after_ops+1)-th matching point of that step, e.g. mid-phase
+    gen: int | None = None  # fire in this generation (None: the generation of its step's round)
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -59,9 +65,10 @@ def parse_schedule(text: str | None) -> list[ScheduledFailure]:
                 continue
             key, sep, value = kv.partition("=")
             key, value = key.strip(), value.strip()
-            if not sep or key not in ("stage", "step", "phase", "replica", "after_ops"):
-                raise ValueError(f"recovery.inject: cannot read {kv!r} in {item!r}; use "
-                                 f"mode:stage=S,step=T[,phase=forward|backward|boundary|recovery][,replica=R][,after_ops=N]")
+            if not sep or key not in ("stage", "step", "phase", "replica", "after_ops", "gen"):
+                raise ValueError(f"recovery.inject: cannot read {kv!r} in {item!r}; use mode:stage=S,step=T"
+                                 f"[,phase=forward|backward|boundary|recovery|validation|startup][,replica=R]"
+                                 f"[,after_ops=N][,gen=K]")
             fields[key] = value if key == "phase" else (None if value in ("any", "*") else int(value))
         if "stage" not in fields or "step" not in fields:
             raise ValueError(f"recovery.inject: {item!r} needs stage= and step=")
@@ -100,13 +107,17 @@ class FailureInjector:
         # Random failures spare the home stage unless it can be rebuilt exactly (CheckFree+ home
         # replication): the spec's failure model puts E and H on a home that never fails.
         self.random_home = random_home
-        steps = sorted({f.step for f in self.schedule})
-        # Round k is fired in generation k + (failures a round produces beyond one, before it).
+        steps = sorted({f.step for f in self.schedule if f.gen is None})
+        pinned = {f.gen for f in self.schedule if f.gen is not None}
+        # Round k is fired in generation k + (failures a round produces beyond one, before it),
+        # skipping the generations that pinned (``gen=``) entries take.
         self._round_generation: dict[int, int] = {}
         g = 0
         for st in steps:
+            while g in pinned:
+                g += 1
             self._round_generation[st] = g
-            g += len([f for f in self.schedule if f.step == st])
+            g += len([f for f in self.schedule if f.step == st and f.gen is None])
         self._signal = signal_self or (lambda sig: os.kill(os.getpid(), sig))
         self._seen: dict[tuple[int, str], int] = {}
 
@@ -121,7 +132,7 @@ class FailureInjector:
         self._seen[(step, phase)] = n + 1
         for f in self.schedule:
             if (self._mine(f) and f.step == step and f.phase == phase and f.after_ops == n
-                    and self._round_generation[f.step] == self.generation):
+                    and (self._round_generation[f.step] if f.gen is None else f.gen) == self.generation):
                 self.fire(f.mode)
         if phase == "boundary" and self.p_iteration > 0 and n == 0 and (self.stage > 0 or self.random_home):
             rng = random.Random(f"{self.seed}:{step}:{self.stage}")

@@ -33,6 +33,7 @@ PARTNER_COPY = "partner_copy"      # CheckFree+: S1 <- S2, S_L <- S_{L-1}
 COPY_NEIGHBOUR = "copy_neighbour"  # named degraded mode: copy a surviving adjacent body stage
 HOME_MIRROR = "home_mirror"        # CheckFree+: home stage (E + H) from a neighbour's exact mirror
 CHECKPOINT = "checkpoint"          # fall back to the last checkpoint (whole model rolls back)
+FRESH_START = "fresh_start"        # lost before any step was applied: its own initial state is exact
 
 
 class RecoveryError(RuntimeError):
@@ -246,7 +247,8 @@ def plan_rebuild(lost: Iterable[tuple[int, int]], num_stages: int, replicas: int
     4. edge body stage (1 or L) with CheckFree+ swaps on -> copy of its partner (S2 resp. S_{L-1});
     5. anything else (home stage without a mirror, adjacent losses, an edge without swaps) -> ``fallback``:
        ``checkpoint`` (whole model from the last checkpoint), ``copy_neighbour`` (named degraded mode:
-       copy a *surviving* adjacent body stage) or ``error`` (raise :class:`RecoveryError`).
+       copy a *surviving* adjacent body stage; never for the home stage, whose embedding and head
+       have no counterpart in a body stage: :class:`RecoveryError`) or ``error`` (raise :class:`RecoveryError`).
 
     ``home_mirrors``: home replica -> the (stage, replica) units holding a mirror of it that is current
     (tagged with the step the survivors resume at); ``None`` means home replication is off.
@@ -304,6 +306,12 @@ def plan_rebuild(lost: Iterable[tuple[int, int]], num_stages: int, replicas: int
             actions.append(RebuildAction(s, r, PARTNER_COPY, (first_alive(partner),), lr_scale=lr_scale))
             continue
         reason = _why_not(s, L, swaps_on, alive, None if home_mirrors is None else home_mirrors.get(r, ()))
+        if s == 0 and fallback != "checkpoint":
+            # No body stage has the home's parameters (embedding, final norm, head): there is nothing to copy.
+            raise RecoveryError(f"cannot rebuild the home stage 0 replica {r}: {reason}; copying a neighbour cannot "
+                                f"rebuild it (a body stage has no embedding or head). To survive its loss set "
+                                f"recovery.home_replica=true (exact restore from a mirror, with "
+                                f"routing=checkfree_plus) or recovery.fallback=checkpoint recovery.checkpoint_every=K")
         if fallback == "error":
             raise RecoveryError(f"cannot rebuild stage {s} (all replicas lost): {reason}; set recovery.fallback "
                                 f"to 'checkpoint' or 'copy_neighbour' to continue in a degraded mode")

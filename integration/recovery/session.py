@@ -35,6 +35,7 @@ checkpoint (``checkpoint`` with ``checkpoint_every``), or a clear error that sto
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -104,6 +105,14 @@ def _drop_tracebacks(exc: BaseException | None) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
+class JobStopped(rb.RecoveryError):
+    """A planned job-wide stop (unrecoverable loss): every rank agreed and the store's ``abort`` is set."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
+
+
 class RecoverableBackend(Protocol):
     """What the session needs from a backend (DeepSpeed and megatron-core implement it).
 
@@ -153,22 +162,26 @@ class FaultTolerantSession:
         self.on_recovered = on_recovered
         self.checkpoints = checkpoints
         self.store = ctx.connect()
-        generation = ctx.generation
-        if ctx.joining:  # a replacement regroups on the newest generation, like the survivors
-            generation = settle_generation(self.store, ctx.world_size, generation, settings.rendezvous_timeout_s)
+        self.stage, self.replica = plan.node_stage()[ctx.rank]
+        injector = FailureInjector(self.stage, self.replica, parse_schedule(settings.inject),
+                                   settings.rate_per_hour, settings.iteration_seconds, generation=ctx.generation,
+                                   random_home=settings.home_replica)
+        injector.at(0, "startup")
+        # Every process settles, the first ranks too: a rank lost before the first group formed makes
+        # generation 0 stale, and the others regroup with its replacement instead of waiting for it.
+        generation = settle_generation(self.store, ctx.world_size, ctx.generation, settings.rendezvous_timeout_s)
+        # An original rank whose first group never formed: a survivor that has applied nothing.
+        self.restarted = not ctx.joining and generation > ctx.generation
         self.monitor = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, generation,
                                       heartbeat_s=settings.heartbeat_s, poll_s=settings.poll_s).start()
         ctx.init_group(self.store, generation, settings.rendezvous_timeout_s)
-        self.stage, self.replica = plan.node_stage()[ctx.rank]
-        injector = FailureInjector(self.stage, self.replica, parse_schedule(settings.inject),
-                                   settings.rate_per_hour, settings.iteration_seconds, generation=generation,
-                                   random_home=settings.home_replica)
+        injector.generation = generation
         self.guard = StepGuard(self.monitor, StepCommit(self.store, ctx.world_size, self.monitor), generation,
                                injector)
         self.joining = ctx.joining
         self.pending: dict | None = None  # the recovery in progress (timings for the event)
         self.recoveries: list[dict] = []
-        self.backend = make_backend(self.guard, self.joining)
+        self.backend = make_backend(self.guard, self.joining or self.restarted)
         self.home: HomeMirror | None = None
         if settings.home_replica:
             if plan.num_stages < 2:
@@ -177,15 +190,19 @@ class FaultTolerantSession:
             self.home = HomeMirror(plan.stage_nodes, ctx.rank, self.monitor)
             self.home.attach(self.module, self.optimizer)
             self.guard.home = self.home
-        if self.joining:
+        if self.joining or self.restarted:
             rec = failures_between(self.store, generation - 1, generation)[-1] if generation > 0 else None
-            self.pending = {"generation": generation, "t_fail": rec.time if rec else None, "t_detect": None,
+            self.pending = {"generation": generation, "t_fail": rec.failed_at if rec else None, "t_detect": None,
+                            "generations": [generation] if self.joining else list(range(1, generation + 1)),
+                            "failed_ranks": None if self.joining else [rec.rank] if rec else None,
+                            "reasons": None if self.joining else [rec.reason] if rec else None,
                             "t_regroup": time.time()}
+            counters = None if self.joining else dict.fromkeys(_COUNTERS, 0)
             try:
-                self._exchange_and_rebuild(counters=None)
+                self._exchange_and_rebuild(counters=counters)
             except PeerFailure as again:  # a survivor died while this replacement was joining
                 self._interrupted(again)
-                self._regroup_until_rebuilt(generation, None, dict(self.pending))
+                self._regroup_until_rebuilt(generation, counters, dict(self.pending))
 
     # The state that survives engine rebuilds lives on the backend.
     @property
@@ -239,13 +256,28 @@ class FaultTolerantSession:
         """Survivor side: abort the step, regroup on the newest generation, rebuild, new engine."""
         t_raise = time.time()
         _drop_tracebacks(failure)
+        t_burst = self._supersede(failure) if self.pending is not None else None
         old = self.guard.generation
         step = self.engine.global_steps
         if self.guard.commit.abort(old, step):
             raise RuntimeError(f"rank {self.ctx.rank}: step {step} was committed but not applied here (bug)")
         counters = {k: getattr(self.engine, k) for k in _COUNTERS}
         self._regroup_until_rebuilt(old, counters, {"t_raise": t_raise, "cause": str(failure)[:300],
-                                                    "loss_before": self.guard.last_loss})
+                                                    "loss_before": self.guard.last_loss, "t_burst": t_burst})
+        self._clear_gradients()
+
+    def _clear_gradients(self) -> None:
+        """Before the replay: drop every gradient the aborted attempt accumulated.
+
+        The optimizer step zeroes gradients only after a *committed* step; an attempt aborted
+        mid-backward leaves partial sums in ``param.grad`` (DeepSpeed) or DDP's ``main_grad``
+        buffers (megatron), which the replay would add to its own (a silently wrong update).
+        """
+        for p in self.module.parameters():
+            p.grad = None
+        zero_buffers = getattr(getattr(self.backend, "model", None), "zero_grad_buffer", None)
+        if callable(zero_buffers):
+            zero_buffers()  # megatron DDP: main_grad lives in contiguous buffers
 
     def _regroup_until_rebuilt(self, old: int, counters: dict | None, event: dict) -> None:
         """Regroup on the newest generation and rebuild; a failure *during* that (a survivor or the
@@ -258,7 +290,7 @@ class FaultTolerantSession:
             self.monitor.wait_for_generation(old, self.settings.confirm_timeout_s)
             new = settle_generation(self.store, self.ctx.world_size, old + 1, self.settings.rendezvous_timeout_s)
             records = failures_between(self.store, first, new)
-            t_fail = t_fail or min(r.time for r in records)
+            t_fail = t_fail or min(r.failed_at for r in records)
             self.backend.release_groups()  # drop every reference to the old groups before tearing them down
             gc.collect()
             detected = self.monitor.detected_at  # set_generation resets it
@@ -274,13 +306,15 @@ class FaultTolerantSession:
             self.guard.injector.generation = new
             self.pending = {**event, "generation": new, "t_fail": t_fail, "t_regroup": t_regroup,
                             "t_detect": event.get("t_detect") or detected or event.get("t_raise"),
-                            "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records]}
+                            "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records],
+                            "generations": [r.generation for r in records]}
             try:
                 self._exchange_and_rebuild(counters)
                 return
             except PeerFailure as again:
                 self._interrupted(again)
-                event = {k: v for k, v in self.pending.items() if k in ("t_raise", "cause", "loss_before", "t_detect")}
+                event = {k: v for k, v in self.pending.items()
+                         if k in ("t_raise", "cause", "loss_before", "t_detect", "t_burst")}
                 old = new
 
     def _interrupted(self, failure: PeerFailure) -> None:
@@ -295,13 +329,17 @@ class FaultTolerantSession:
         wait for each other (a few seconds at most) before the stop, so every rank's log and
         events say why the job stopped, not only the fastest one's."""
         self.events.emit("recovery_failed", step=None, error=message)
+        # The user-facing paragraph goes out before this rank says it is ready: the agents stop every
+        # rank as soon as the abort key is set, which happens only once all ranks printed theirs.
+        print(f"rank {self.ctx.rank}: job stopped: {message} (every rank stopped; events.jsonl has it as "
+              f"'recovery_failed'; SKIPFREE_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
         key = f"abort_ready/g{self.guard.generation}"
         self.store.add(key, 1)
         deadline = time.time() + 5.0
         while int(self.store.add(key, 0)) < self.ctx.world_size and time.time() < deadline:
             time.sleep(0.02)
         self.store.set(ABORT_KEY, message[:500])
-        raise rb.RecoveryError(message)
+        raise JobStopped(message, self.ctx.rank)
 
     def _exchange_and_rebuild(self, counters: dict | None) -> None:
         """Gather -> check -> plan -> transfer -> apply -> rebuild, on every rank of the new generation."""
@@ -358,11 +396,16 @@ class FaultTolerantSession:
             held = {(i["stage"], i["replica"]): i["home_mirrors"] for i in survivors}
             home_mirrors = {r: [h for h in rb.home_holders(replicas, r) if held.get(h, {}).get(r) == resume]
                             for r in range(replicas[0])}
-        try:
-            actions = rb.plan_rebuild(lost, plan.num_stages, replicas, self.swaps_on, self.settings.fallback,
-                                      self.settings.lr_scale, home_mirrors)
-        except rb.RecoveryError as exc:
-            self._abort_job(str(exc))
+        if resume == 0:
+            # No step was applied anywhere yet: a lost unit's own fresh build (weights depend only on
+            # train.seed and the layer) is exactly what it lost; neighbours' states would not be.
+            actions = [rb.RebuildAction(s, r, rb.FRESH_START, fresh_optimizer=False) for s, r in sorted(lost)]
+        else:
+            try:
+                actions = rb.plan_rebuild(lost, plan.num_stages, replicas, self.swaps_on, self.settings.fallback,
+                                          self.settings.lr_scale, home_mirrors)
+            except rb.RecoveryError as exc:
+                self._abort_job(str(exc))
         for a in actions:
             if a.degraded:
                 self.events.emit("recovery_fallback", step=resume, method=a.method, action=a.describe())
@@ -407,8 +450,13 @@ class FaultTolerantSession:
         if latest is None:
             why = ("this run saves no checkpoints (set recovery.checkpoint_every=K)" if self.checkpoints is None
                    else "no checkpoint was completed yet")
+            if any(a.stage == 0 for a in actions if a.method == rb.CHECKPOINT):
+                # copy_neighbour cannot rebuild the home stage (plan_rebuild refuses it): do not suggest it.
+                hint = "or set recovery.home_replica=true (with routing=checkfree_plus) to restore the home stage exactly"
+            else:
+                hint = "or set recovery.fallback=copy_neighbour for the named degraded mode"
             self._abort_job(f"recovery: falling back to the last checkpoint for {bad}, but there is no checkpoint "
-                            f"to restore: {why}; or set recovery.fallback=copy_neighbour for the named degraded mode")
+                            f"to restore: {why}; {hint}")
         tag, step = latest
         t_transfer = time.time()
         self.backend.rebuild_engine()
@@ -426,6 +474,8 @@ class FaultTolerantSession:
 
     def _apply(self, action: rb.RebuildAction, received: list[dict], donor: dict) -> None:
         """The joiner applies its rebuild rule and the optimizer surgery."""
+        if action.method == rb.FRESH_START:
+            return  # its own initial state, optimizer and schedule are the right ones
         if action.method in (rb.REPLICA_COPY, rb.HOME_MIRROR):  # exact: weights + optimizer state
             load_stage_state(self.module, received[0]["model"])
             self.optimizer.load_state_dict(received[0]["optimizer"])
@@ -448,10 +498,23 @@ class FaultTolerantSession:
         for g, lr in zip(self.optimizer.param_groups, donor["lrs"]):
             g["lr"] = lr  # the schedule's value at the global step (lr_scale applies on top)
 
-    def _finish_event(self, loss_after: float) -> None:
+    def _supersede(self, failure: PeerFailure) -> float | None:
+        """A new failure hit before the last recovery's first good step: that recovery still gets its
+        one event (marked ``superseded``, no first good step); returns when its burst began."""
+        p = self.pending
+        self._finish_event(None, after=None, superseded_by=str(failure)[:300])
+        return p.get("t_burst") or p.get("t_fail")
+
+    def _finish_event(self, loss_after: float | None, after: str | None = "step", superseded_by: str | None = None
+                      ) -> None:
+        """Emit the pending recovery's event, once: at its first good ``step``, at a completed
+        ``validation`` (a recovery during the final validation has no step after it), or
+        ``superseded_by`` a newer failure (``after=None``). ``burst_s`` counts from the first
+        failure not followed by a good step (several failures in a row)."""
         p, self.pending = self.pending, None
         now = time.time()
         t_fail = p.get("t_fail")
+        good = None if superseded_by else ((now - t_fail) if t_fail else (now - p["t_regroup"]))
         rec = {
             "generation": p["generation"], "methods": p.get("methods"), "actions": p.get("actions"),
             "rebuilt_here": p.get("rebuilt_here"), "failed_ranks": p.get("failed_ranks"),
@@ -460,8 +523,11 @@ class FaultTolerantSession:
             "detect_s": max(0.0, p["t_detect"] - t_fail) if t_fail and p.get("t_detect") else None,
             "regroup_s": (p["t_regroup"] - p.get("t_raise", p["t_regroup"])),
             "transfer_s": p["t_transfer"] - p["t_exchange"], "engine_rebuild_s": p["t_engine"] - p["t_transfer"],
-            "first_good_step_s": (now - t_fail) if t_fail else (now - p["t_regroup"]),
+            "first_good_step_s": good,
             "loss_before": p.get("loss_before"), "loss_after": loss_after, "bytes_sent": p.get("bytes_sent"),
+            "generations": p.get("generations"), "first_good": after, "superseded": superseded_by is not None,
+            "superseded_by": superseded_by,
+            "burst_s": None if good is None or not p.get("t_burst") else now - p["t_burst"],
         }
         self.recoveries.append(rec)
         self.events.emit("recovery", step=p.get("resume_step"), **rec)

@@ -50,10 +50,25 @@ def _retarget_outputs(out_dir: Path, rank: int) -> Path:
 class FaultTolerantTrainer(Trainer):
     """:class:`Trainer` surviving stage failures (config checked by the preflight, incl. recovery's limits)."""
 
+    def run(self) -> dict:
+        """A planned job-wide stop (an unrecoverable loss, agreed by every rank) ends this rank with the
+        session's one paragraph on stderr and exit code 1, no traceback; ``SKIPFREE_DEBUG=1`` re-raises it."""
+        from .session import JobStopped
+
+        try:
+            return super().run()
+        except JobStopped:
+            if os.environ.get("SKIPFREE_DEBUG", "") not in ("", "0"):
+                raise
+            logging.shutdown()  # the session already printed the reason (FaultTolerantSession._abort_job)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # as at the normal end: a waiter thread in a dead group's gloo wait would abort shutdown
+
     def setup(self) -> None:
         from .checkpoint import Checkpointer
         from .context import RankContext
-        from .detect import all_gather_object
+        from .detect import PeerFailure, all_gather_object
         from .events import EventLog
         from .session import FaultTolerantSession, RecoverySettings
 
@@ -84,8 +99,13 @@ class FaultTolerantTrainer(Trainer):
                                             EventLog(self.out_dir / "events.jsonl", ctx.rank, self.writer),
                                             checkpoints=ckpt)
         self.seen_recoveries = 0
-        if not started_joining:
-            digests = all_gather_object(plan_digest(plan), self.session.monitor, "plan agreement", ctx.world_size)
+        if not started_joining and not self.session.restarted:  # the first group: its ranks agree on the plan
+            try:
+                digests = all_gather_object(plan_digest(plan), self.session.monitor, "plan agreement",
+                                            ctx.world_size)
+            except PeerFailure as failure:  # a rank died before the first step: recovered like one in a step
+                self.session.recover(failure)
+                digests = [plan_digest(plan)]
             if len(set(digests)) != 1:
                 raise RuntimeError(f"rank {ctx.rank}: the ranks built different routing plans; give every rank the "
                                    f"same config, or use routing=file")
@@ -110,6 +130,10 @@ class FaultTolerantTrainer(Trainer):
                  rec["tokens_per_s"], rec["generation"])
         run = self.session
         for r in run.recoveries[self.seen_recoveries:]:
+            if r["superseded"]:
+                log.warning("recovery on generation %d superseded by a newer failure before its first good step: %s",
+                            r["generation"], r["superseded_by"])
+                continue
             log.warning("recovered: %s detect %.3f s regroup %.3f s transfer %.3f s first good step %.3f s "
                         "loss %s -> %.4f", r["methods"], r["detect_s"] or 0.0, r["regroup_s"], r["transfer_s"],
                         r["first_good_step_s"], r["loss_before"], r["loss_after"])
@@ -122,28 +146,42 @@ class FaultTolerantTrainer(Trainer):
             w.add_scalar("recovery/generation", rec["generation"], rec["step"])
 
     def validation(self) -> float | None:
-        """A failure during validation is recovered like one in a step (then no value; it reruns)."""
+        """A failure during validation is recovered like one in a step (then no value; it reruns); a
+        completed validation is the first good pass of a recovery still pending (the final one has no
+        step after it)."""
         from .detect import PeerFailure
 
+        run = self.session
+        if run.guard.injector is not None:
+            run.guard.injector.at(run.global_steps, "validation")
         try:
-            return float(self.session.backend.validation_loss(self.val_batch, self.job.train.val_microbatches))
+            val = float(run.backend.validation_loss(self.val_batch, self.job.train.val_microbatches))
         except PeerFailure as failure:
-            self.session.recover(failure)
+            run.recover(failure)
             return None
+        if run.pending is not None:
+            run._finish_event(val, after="validation")
+        return val
 
     def summary(self, history: list[dict], val: float) -> dict:
+        from .state import state_digest
+
         losses = [h["loss"] for h in history]
-        first = sum(losses[:3]) / max(1, min(3, len(losses)))
-        last = sum(losses[-3:]) / max(1, min(3, len(losses)))
+        # A replacement that joined after the last step (e.g. during the final validation) trained no step.
+        first = sum(losses[:3]) / min(3, len(losses)) if losses else None
+        last = sum(losses[-3:]) / min(3, len(losses)) if losses else None
         return {"backend": self.job.backend.name, "routing": self.job.routing.kind, "layout": self.job.model.layout,
                 "recovery": self.job.recovery.name, "steps": self.steps, "world_size": self.world_size,
                 "rank": self.rank, "generation": self.session.guard.generation, "loss_first3": first,
                 "loss_last3": last, "val_loss_full_model": val, "loss_history": losses,
-                "recoveries": self.session.recoveries, "stage_visits": self.plan.stage_visits()}
+                "recoveries": self.session.recoveries, "stage_visits": self.plan.stage_visits(),
+                # sha256 of this rank's final weights + Adam state: "replay = no-failure run" audits
+                "state_digest": state_digest(self.session.module, self.session.optimizer)}
 
     def done_line(self, summary: dict) -> str:
-        return (f"done: loss {summary['loss_first3']:.4f} -> {summary['loss_last3']:.4f} (mean of first/last 3 "
-                f"steps), validation loss of the full model {summary['val_loss_full_model']:.4f}, "
+        trained = (f"loss {summary['loss_first3']:.4f} -> {summary['loss_last3']:.4f} (mean of first/last 3 steps)"
+                   if summary["loss_history"] else "no training step on this process (it joined after the last step)")
+        return (f"done: {trained}, validation loss of the full model {summary['val_loss_full_model']:.4f}, "
                 f"{len(self.session.recoveries)} recoveries; outputs in {self.out_dir}")
 
     def finish(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..runtime.p2p import launch
 from .detect import FailureMonitor
 
 
@@ -24,8 +25,8 @@ def pack_state(obj: Any) -> torch.Tensor:
 
 def send_packed(payload: torch.Tensor, dst: int, monitor: FailureMonitor, what: str, tag: int = 0) -> int:
     """Send a :func:`pack_state` payload to rank ``dst`` (length first); returns the bytes sent."""
-    monitor.wait(dist.isend(torch.tensor([payload.numel()], dtype=torch.int64), dst, tag=tag), what)
-    monitor.wait(dist.isend(payload, dst, tag=tag), what)
+    monitor.wait(launch(dist.isend, torch.tensor([payload.numel()], dtype=torch.int64), dst, tag=tag), what)
+    monitor.wait(launch(dist.isend, payload, dst, tag=tag), what)
     return payload.numel() + 8
 
 
@@ -37,7 +38,7 @@ def send_state(obj: Any, dst: int, monitor: FailureMonitor, what: str, tag: int 
 def recv_state(src: int, monitor: FailureMonitor, what: str, tag: int = 0) -> Any:
     """Receive an object sent by :func:`send_state` from rank ``src``."""
     size = torch.zeros(1, dtype=torch.int64)
-    monitor.wait(dist.irecv(size, src, tag=tag), what)
+    monitor.wait(launch(dist.irecv, size, src, tag=tag), what)
     payload = torch.empty(int(size.item()), dtype=torch.uint8)
-    monitor.wait(dist.irecv(payload, src, tag=tag), what)
+    monitor.wait(launch(dist.irecv, payload, src, tag=tag), what)
     return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=False)

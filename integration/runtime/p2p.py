@@ -26,6 +26,30 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
 
 
+class FailedWork:
+    """Stands for a p2p/collective whose *launch* raised (gloo raises at ``isend``/``irecv`` time
+    when the pair to a dead peer is already closed): its ``wait`` re-raises that error, so the one
+    place that blocks (a failure-aware wait) sees it exactly like an error of the transfer itself."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def wait(self, *args, **kwargs) -> bool:
+        raise self.error
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def launch(start: Callable[..., object], *args, **kwargs) -> object:
+    """``start(*args, **kwargs)`` (``dist.isend``, ``dist.irecv``, an ``async_op`` collective); a
+    ``RuntimeError`` raised by the launch itself comes back as a :class:`FailedWork` to wait on."""
+    try:
+        return start(*args, **kwargs)
+    except RuntimeError as exc:  # gloo: "Connection closed by peer" (DistBackendError is a RuntimeError)
+        return FailedWork(exc)
+
+
 class TransferMismatch(RuntimeError):
     """The header that arrived does not describe what this rank's program expects."""
 
@@ -54,7 +78,8 @@ class RoutedP2P:
     """Header-checked isend/irecv between global ranks of ``group``.
 
     Sends are asynchronous; their handles are kept until :meth:`flush` so buffers stay alive.
-    ``wait`` is the single place that blocks, so a failure-aware runtime can replace it.
+    ``wait`` is the single place that blocks, so a failure-aware runtime can replace it; an error
+    raised by the launch itself (a peer already gone) is handed to ``wait`` too (:func:`launch`).
     """
 
     def __init__(self, rank: int, device: torch.device | str = "cpu", group=None,
@@ -75,8 +100,11 @@ class RoutedP2P:
         message = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=self.device)
         message[:HEADER_BYTES].copy_(header.view(torch.uint8))
         message[HEADER_BYTES:].copy_(payload.reshape(-1).view(torch.uint8))
-        work = dist.isend(message, dst=peer, group=self.group)
-        self._pending.append((work, message, f"send {kind} mb {mb} to rank {peer}"))
+        what = f"send {kind} mb {mb} to rank {peer}"
+        work = launch(dist.isend, message, dst=peer, group=self.group)
+        if isinstance(work, FailedWork):
+            self._wait(work, what)  # raises now, through the same (failure-aware) path as a failed wait
+        self._pending.append((work, message, what))
         self.bytes_sent += nbytes
         self.messages += 1
 
@@ -85,7 +113,7 @@ class RoutedP2P:
         nbytes = torch.Size(spec.shape).numel() * torch.empty((), dtype=spec.dtype).element_size()
         message = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8, device=self.device)
         what = f"receive {kind} of microbatch {mb} from rank {peer}"
-        self._wait(dist.irecv(message, src=peer, group=self.group), what)
+        self._wait(launch(dist.irecv, message, src=peer, group=self.group), what)
         h = message[:HEADER_BYTES].view(torch.int64).tolist()
         if h != want:
             raise TransferMismatch(
