@@ -31,15 +31,16 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from itertools import combinations
 from typing import Any, Sequence
 
 import numpy as np
 
 from .builders import full_pipeline
 from .cluster import Cluster, load_cluster
+from .costmodel import BODY_TOTAL, HOME_TOTAL
 from .placement import (LayoutError, anneal_placement, check_layout, derive_stage_sizes, placement_score,
                         relabel_by_tour)
+from .orders import valid_orders
 from .routeplan import RoutePlan, make_route
 from .rules import Rules, validate
 from .simulator import DEFAULT_GAP_S, POLICIES, simulate
@@ -61,47 +62,6 @@ class PlannerResult:
     policy: str = "fifo"
     evaluations: int = 0
     placement_runtime_s: float = 0.0
-
-
-# ----------------------------------------------------------------------------- CC3/CC4 orders
-def _order_ok(body: Sequence[int], rules: Rules) -> bool:
-    f, swaps, total = 0, 0, 0
-    for s in body:
-        if s < f:
-            if f - s > rules.max_swap_distance:
-                return False
-            swaps += 1
-            total += f - s
-        else:
-            if s - f - 1 > rules.max_jump:
-                return False
-            f = s
-    return swaps <= rules.max_swaps and total <= rules.max_swap_total
-
-
-_ORDERS: dict[tuple, list[tuple[int, ...]]] = {}
-
-
-def valid_orders(stages: Sequence[int], rules: Rules = Rules()) -> list[tuple[int, ...]]:
-    """Orders of a stage set allowed by CC3/CC4: the sorted order with up to ``max_swaps`` disjoint
-    swaps of neighbouring consecutive stages (a distance-1 swap each)."""
-    key = (tuple(sorted(stages)), rules.max_swaps, rules.max_swap_distance, rules.max_swap_total, rules.max_jump)
-    if key in _ORDERS:
-        return _ORDERS[key]
-    base = list(key[0])
-    cand = [i for i in range(len(base) - 1) if base[i + 1] == base[i] + 1]
-    out = []
-    for k in range(0, rules.max_swaps + 1):
-        for pos in combinations(cand, k):
-            if any(b - a < 2 for a, b in zip(pos, pos[1:])):
-                continue
-            o = list(base)
-            for i in pos:
-                o[i], o[i + 1] = o[i + 1], o[i]
-            if _order_ok(o, rules):
-                out.append(tuple(o))
-    _ORDERS[key] = out
-    return out
 
 
 # ----------------------------------------------------------------------------- search state
@@ -129,7 +89,7 @@ class _Routes:
         h = self.homes[i]
         nodes = self.routes[i] if nodes is None else nodes
         C, w = self.C, self.w
-        t = w[h] * 2.75 + sum(w[n] for n in nodes) * 2.5 + self.gap * (2 * len(nodes) + 2)
+        t = w[h] * HOME_TOTAL + sum(w[n] for n in nodes) * BODY_TOTAL + self.gap * (2 * len(nodes) + 2)
         seq = [h, *nodes, h]
         for a, b in zip(seq, seq[1:]):
             t += C[a][b] + C[b][a]
