@@ -379,6 +379,30 @@ def _exact_plan(cluster, state, stage_nodes, C, w, memory, m, path_length, rules
     return res.plan
 
 
+def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort, meta, seed) -> RoutePlan | None:
+    """Links that differ: routes + schedule from the CP-SAT models of :mod:`.linked`, seeded with the
+    static search's routes; None where the model is too large or finds nothing."""
+    from . import exact, linked
+    body = [n for g in stage_nodes[1:] for n in g]
+    if exact.uniform_link_cost(C, [n for g in stage_nodes for n in g]) is not None or len(body) > 40 or \
+            m % min(memory, m) or not exact.solver_available():
+        return None
+    routes = linked.choose_one_route_per_home(stage_nodes, C, w, memory, m, path_length, state.cap,
+                                              DEFAULT_GAP_S, rules)
+    if routes is None:  # capacities that let homes share body nodes: the joint model decides
+        routes = linked.solve_joint(stage_nodes, C, w, memory, m, path_length, state.cap, DEFAULT_GAP_S, rules,
+                                    per_home=effort.linked_per_home, hint=[list(r) for r in state.routes],
+                                    deterministic_time=effort.linked_dtime, seed=seed)
+    if routes is None:
+        return None
+    res = linked.schedule_routes(stage_nodes, routes, C, w, memory, m, path_length, DEFAULT_GAP_S,
+                                 deterministic_time=max(1.0, effort.linked_dtime / 4), seed=seed,
+                                 meta={**meta, "method": "one route per home + cp-sat schedule"})
+    if res is None or validate(res[0], rules):
+        return None
+    return res[0]
+
+
 @dataclass(frozen=True)
 class Effort:
     """Search budgets in evaluations: with no time cap the planner is deterministic for a seed,
@@ -388,6 +412,8 @@ class Effort:
     static_iters: int = 20000
     sim_evals: int = 2000
     exact_dtime: float = 10.0  # CP-SAT deterministic budget for equal-link clusters (0: never use it)
+    linked_dtime: float = 8.0  # CP-SAT deterministic budget where links differ, <= 40 body nodes (0: never)
+    linked_per_home: int = 16  # candidate routes per home in that model (the shortest round trips)
 
 
 def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = None,
@@ -430,10 +456,19 @@ def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = No
                               record=False).iteration_s
             if simulate(exact_plan, cost=C, stage_times=w, memory=memory, record=False).iteration_s >= static:
                 exact_plan = None
+    linked_plan = None
+    if collision_aware and exact_plan is None and effort.linked_dtime > 0:
+        # Links differ: one route per home (branch and bound) + a CP-SAT schedule, compared below
+        # with the simulated search; the faster replay wins.
+        linked_plan = _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort, dict(meta), seed)
     if collision_aware and exact_plan is None:
         deadline = t0 + 0.97 * cap
         ev, evals, prio = _sim_search(state, rng, deadline, (m, path_length), C, w, memory, effort.sim_evals)
         policy = ev.policy
+        if linked_plan is not None:  # keep whichever of the two replays faster
+            t_linked = simulate(linked_plan, cost=C, stage_times=w, memory=memory, record=False).iteration_s
+            if t_linked < ev.makespan - 1e-9:
+                exact_plan = linked_plan
     if exact_plan is not None:
         plan, policy = exact_plan, "node_order"
     else:
