@@ -83,10 +83,12 @@ def lower_bound(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence
 
     Per home: its last slot's first microbatch starts after ``slots - 1`` forwards on the home,
     and each slot runs ``rounds`` microbatches back to back, each at least the home's shortest
-    round trip. Also: the busiest home's own compute and gaps."""
+    round trip. Also: the busiest home's own compute and gaps, and where memory is tight (every
+    body node must carry ``memory`` slots), the shortest round trip through each body node."""
     slots = min(memory, m)
     rounds = math.ceil(m / slots)
     best = 0.0
+    via: dict[int, float] = {}  # body node -> shortest round trip of any route through it
     for h in stage_nodes[0]:
         cands = candidates(stage_nodes, h, C, w, path_length, rules)
         if not cands:
@@ -95,6 +97,15 @@ def lower_bound(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence
         wf = w[h] * HOME_F
         best = max(best, (slots - 1) * (wf + gap_s) + rounds * rt + (rounds - 1) * gap_s,
                    m * (w[h] * HOME_TOTAL + 3 * gap_s) - gap_s)
+        for c in cands:
+            for n in c.nodes:
+                via[n] = min(via.get(n, math.inf), c.round_trip_s)
+    # Tight memory (every body slot is needed): every body node carries a slot, whose microbatches
+    # each take at least the shortest round trip through that node.
+    body = [n for g in stage_nodes[1:] for n in g]
+    visits = len(stage_nodes[0]) * slots * (path_length - 1)
+    if len(body) * memory == visits:
+        best = max([best] + [rounds * via[n] + (rounds - 1) * gap_s for n in body if n in via])
     return best
 
 

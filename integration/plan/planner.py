@@ -39,7 +39,7 @@ from .builders import full_pipeline
 from .cluster import Cluster, load_cluster
 from .costmodel import BODY_TOTAL, HOME_TOTAL
 from .placement import (LayoutError, anneal_placement, check_layout, derive_stage_sizes, placement_score,
-                        relabel_by_tour)
+                        relabel_by_tour, ring_placement)
 from .orders import valid_orders
 from .routeplan import RoutePlan, make_route
 from .rules import Rules, validate
@@ -47,6 +47,9 @@ from .simulator import DEFAULT_GAP_S, POLICIES, simulate
 
 __all__ = ["Effort", "PlannerResult", "VariantResult", "plan_routes", "plan_for_training", "compare_variants",
            "LayoutError", "valid_orders"]
+
+
+MAX_PLANNED_NODES = 400  # default budget: 100 nodes plan in well under a minute on one core
 
 
 @dataclass
@@ -331,8 +334,8 @@ def _setup(cluster: Cluster, stage_nodes, stage_sizes, num_stages, path_length, 
             raise LayoutError(f"stage_sizes: {len(stage_sizes)} sizes for num_stages={num_stages}; give one size "
                               f"per stage")
         check_layout(N, stage_sizes, path_length, memory, m)
-        pl = anneal_placement(C, stage_sizes, seed=seed, time_budget_s=placement_budget_s, max_evals=placement_evals)
-        stage_nodes = relabel_by_tour(pl.stage_nodes, C)
+        stage_nodes = _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, placement_budget_s,
+                                        placement_evals)
     else:
         stage_nodes = [list(map(int, g)) for g in stage_nodes]
         flat = [n for g in stage_nodes for n in g]
@@ -344,6 +347,33 @@ def _setup(cluster: Cluster, stage_nodes, stage_sizes, num_stages, path_length, 
             raise LayoutError("stage_nodes: a node is listed twice; every node holds one stage")
         check_layout(len(flat), [len(g) for g in stage_nodes], path_length, memory, m)
     return stage_nodes, C, time.perf_counter() - t0
+
+
+def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, budget_s, evals,
+                      tries: int = 3) -> list[list[int]]:
+    """Anneal ``tries`` placements (seeds seed, seed+1, ...) on the spec's score, keep the one whose
+    route lower bound (:func:`linked.lower_bound`) is lowest: the score does not see that one slow
+    home sets the whole iteration's floor."""
+    from .linked import count_candidates, lower_bound
+    best, best_key = None, None
+    w = cluster.stage_times()
+    rules = Rules()
+    sizes_ok = all(n.memory >= memory for n in cluster.nodes) and min(memory, m) == memory
+    ring = ring_placement(C, w, stage_sizes, path_length - 1, seed=seed) if sizes_ok else None
+    if ring is not None and count_candidates(ring, path_length, rules) <= 20_000:
+        best = ring
+        best_key = (lower_bound(ring, C, w, memory, m, path_length, rules, DEFAULT_GAP_S),
+                    placement_score(C, ring).total)
+    for k in range(tries):
+        pl = anneal_placement(C, stage_sizes, seed=seed + k, time_budget_s=budget_s / tries,
+                              max_evals=max(1, evals // tries) if k else evals)
+        sn = relabel_by_tour(pl.stage_nodes, C)
+        if count_candidates(sn, path_length, rules) > 20_000:
+            return sn  # large clusters: the bound is too costly to compare; keep the first
+        key = (lower_bound(sn, C, w, memory, m, path_length, rules, DEFAULT_GAP_S), pl.score.total)
+        if best_key is None or key < best_key:
+            best, best_key = sn, key
+    return best
 
 
 def _static_state(cluster, stage_nodes, C, memory, m, path_length, seed, deadline, rules, unit=False,
@@ -431,6 +461,16 @@ def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = No
     """
     t0 = time.perf_counter()
     cluster = load_cluster(cluster)
+    if cluster.num_nodes > MAX_PLANNED_NODES and time_budget_s is None:
+        raise LayoutError(f"cluster {cluster.name!r}: {cluster.num_nodes} nodes > {MAX_PLANNED_NODES}, the most the "
+                          f"planner's default (deterministic) budget covers in about a minute; pass time_budget_s "
+                          f"(CLI --time-budget) to plan it under a wall-time cap, or plan a part of the cluster")
+    for name, v in (("memory", memory), ("microbatches_per_home", microbatches_per_home), ("num_stages", num_stages),
+                    ("path_length", path_length), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise LayoutError(f"{name}: must be an integer (got {v!r})")
+    if time_budget_s is not None and not (math.isfinite(time_budget_s) and time_budget_s > 0):
+        raise LayoutError(f"time_budget_s: must be a finite number of seconds > 0 (got {time_budget_s!r})")
     rules = rules or Rules(memory=memory)
     m = microbatches_per_home
     cap = math.inf if time_budget_s is None else time_budget_s
