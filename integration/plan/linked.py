@@ -434,12 +434,12 @@ def solve_joint(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence
 
 def choose_one_route_per_home(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[float], memory: int,
                               m: int, path_length: int, cap: dict[int, int], gap_s: float, rules: Rules,
-                              max_nodes: int = 200_000) -> list[list[int]] | None:
+                              max_nodes: int = 400_000) -> list[list[int]] | None:
     """Every slot of a home on one route (SkipPipe's own structure): a home's microbatches then
     arrive at its body nodes spaced by the home itself, and with tight capacities no two homes
     share a body node. Depth-first branch and bound over homes (hardest first), minimising the
-    collision-free makespan bound, then the sum of the homes' bounds; ``max_nodes`` counts search
-    nodes (deterministic). Slot routes home-major, or None when no such plan exists."""
+    collision-free makespan bound, then the sum of the homes' bounds; ``max_nodes`` counts
+    candidates tried (deterministic). Slot routes home-major, or None when no such plan exists."""
     homes = list(stage_nodes[0])
     S = len(stage_nodes)
     hops = path_length - 1
@@ -476,6 +476,9 @@ def choose_one_route_per_home(stage_nodes: Sequence[Sequence[int]], C: np.ndarra
             return
         h = order[k]
         for b, c in cand[h]:
+            state["nodes"] += 1
+            if state["nodes"] >= max_nodes:
+                return
             nmx = max(mx, b)
             if (nmx, total + b + rest_min[k + 1]) >= state["key"]:
                 if b >= state["key"][0]:

@@ -428,6 +428,8 @@ def ring_placement(C: np.ndarray, w: Sequence[float], stage_sizes: Sequence[int]
                 best = (c, o)
         return best
 
+    # Counted work: each move re-solves two rings over every order of their body nodes.
+    iters = max(1, min(iters, 400_000 // (2 * math.factorial(hops))))
     rng = random.Random(seed)
     perm = list(range(N))
     rng.shuffle(perm)

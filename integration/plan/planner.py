@@ -49,6 +49,7 @@ __all__ = ["Effort", "PlannerResult", "VariantResult", "plan_routes", "plan_for_
            "LayoutError", "valid_orders"]
 
 
+MAX_LINKED_CANDIDATES = 20_000  # routes of all homes the linked models enumerate (skippipe-20: 2970)
 MAX_PLANNED_NODES = 400  # default budget: 100 nodes plan in well under a minute on one core
 
 
@@ -360,7 +361,7 @@ def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, bud
     rules = Rules()
     sizes_ok = all(n.memory >= memory for n in cluster.nodes) and min(memory, m) == memory
     ring = ring_placement(C, w, stage_sizes, path_length - 1, seed=seed) if sizes_ok else None
-    if ring is not None and count_candidates(ring, path_length, rules) <= 20_000:
+    if ring is not None and count_candidates(ring, path_length, rules) <= MAX_LINKED_CANDIDATES:
         best = ring
         best_key = (lower_bound(ring, C, w, memory, m, path_length, rules, DEFAULT_GAP_S),
                     placement_score(C, ring).total)
@@ -368,7 +369,7 @@ def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, bud
         pl = anneal_placement(C, stage_sizes, seed=seed + k, time_budget_s=budget_s / tries,
                               max_evals=max(1, evals // tries) if k else evals)
         sn = relabel_by_tour(pl.stage_nodes, C)
-        if count_candidates(sn, path_length, rules) > 20_000:
+        if count_candidates(sn, path_length, rules) > MAX_LINKED_CANDIDATES:
             return sn  # large clusters: the bound is too costly to compare; keep the first
         key = (lower_bound(sn, C, w, memory, m, path_length, rules, DEFAULT_GAP_S), pl.score.total)
         if best_key is None or key < best_key:
@@ -415,7 +416,8 @@ def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort
     from . import exact, linked
     body = [n for g in stage_nodes[1:] for n in g]
     if exact.uniform_link_cost(C, [n for g in stage_nodes for n in g]) is not None or len(body) > 40 or \
-            m % min(memory, m) or not exact.solver_available():
+            m % min(memory, m) or not exact.solver_available() or \
+            linked.count_candidates(stage_nodes, path_length, rules) > MAX_LINKED_CANDIDATES:
         return None
     routes = linked.choose_one_route_per_home(stage_nodes, C, w, memory, m, path_length, state.cap,
                                               DEFAULT_GAP_S, rules)
