@@ -199,3 +199,12 @@ def test_cli_validate_and_simulate_on_random_json_exit_cleanly(data, tmp_path_fa
     assert cli_main(["validate", str(p)]) in (0, 1, 2)
     assert cli_main(["simulate", str(p), "--cluster", "single-cluster", "--mode", "paper"]) in (0, 2)
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", [None, "", 3])
+def test_routing_file_without_a_path_names_the_field(path):
+    from omegaconf import OmegaConf
+
+    from integration.plan.from_config import plan_from_config
+    with pytest.raises(PlanFormatError, match="routing.path"):
+        plan_from_config(OmegaConf.create({"kind": "file", "path": path}), grid_stage_nodes(3, 1), 2, "ring")
