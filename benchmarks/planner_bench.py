@@ -32,6 +32,54 @@ SETTINGS = [
     ("synthetic-100 (S=8, L=6)", "synthetic-100", None, 8, 6, Effort(placement_evals=1500, sim_evals=1000)),
 ]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+SEEDS = range(5)
+
+
+def skippipe20(out) -> None:
+    """SkipPipe's own setting: their partition, cost matrix and published times beside ours."""
+    import statistics
+
+    from integration.plan.cluster import load_committed_setting
+    from integration.plan.linked import lower_bound
+    from integration.plan.planner import plan_routes
+    from integration.plan.published import PUBLISHED, full_pipeline_27, full_pipeline_30, published_plan
+    c = load_cluster("skippipe-20")
+    pub = load_committed_setting()["published_iteration_s"]
+    base = pub["full_pipeline_baseline"]
+    C, w = c.cost_matrix(), c.stage_times()
+    sn = [list(g) for g in c.partition]
+    lb = lower_bound(sn, C, w, 3, 6, 4, Rules(), 0.1)
+    out("SkipPipe's setting (`skippipe-20`: their partition, memory 3, cost matrix, 6 microbatches per home, "
+        f"5 homes), paper mode. Ratios are to their published full-pipeline baseline ({base:.2f} s: 27 "
+        "microbatches, 3 columns x 9, two homes idle). Lower bound = no plan on that placement can end "
+        "earlier (linked.lower_bound).")
+    out()
+    out("| plan | published s | our simulator s | FIFO s | x their baseline | lower bound s | planner s |")
+    out("|---|---:|---:|---:|---:|---:|---:|")
+    fp27 = simulate(full_pipeline_27(), c).iteration_s
+    out(f"| their full pipeline (27 mb, 3 columns x 9) | {base:.2f} | {fp27:.2f} | - | {fp27 / base:.3f} | - | - |")
+    fp30 = simulate(full_pipeline_30(), c).iteration_s
+    out(f"| our full pipeline (30 mb, 5 homes x 6, columns shared) | - | {fp30:.2f} | - | {fp30 / base:.3f} | - | - |")
+    for name in PUBLISHED:
+        t = simulate(published_plan(name), c).iteration_s
+        out(f"| SkipPipe {name} | {pub[name]:.2f} | {t:.2f} | {t:.2f} | {t / base:.3f} | {lb:.2f} | - |")
+    for label, given in (("their partition", True), ("our placement search", False)):
+        ratios = []
+        for seed in SEEDS:
+            t0 = time.perf_counter()
+            res = plan_routes(c, stage_nodes=sn if given else None, stage_sizes=None if given else [5, 3, 3, 3, 3, 3],
+                              seed=seed)
+            secs = time.perf_counter() - t0
+            t = simulate(res.plan, c).iteration_s
+            fifo = simulate(res.plan, c, honour_order=False).iteration_s
+            bound = lb if given else lower_bound(res.stage_nodes, C, w, 3, 6, 4, Rules(), 0.1)
+            ok = "" if not validate(res.plan, Rules(memory=3)) else " (INVALID)"
+            out(f"| ours, {label}, seed {seed}{ok} | - | {t:.2f} | {fifo:.2f} | {t / base:.3f} | {bound:.2f} | "
+                f"{secs:.2f} |")
+            ratios.append(t / base)
+        out(f"| ours, {label}: median / worst over {len(ratios)} seeds | - | - | - | "
+            f"{statistics.median(ratios):.3f} / {max(ratios):.3f} | - | - |")
+    out()
 
 
 def run(quick: bool) -> str:
@@ -44,6 +92,7 @@ def run(quick: bool) -> str:
     out(f"Command: `{COMMAND}` (seed 0; {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, one process; planner s = wall clock).")
     out()
+    skippipe20(out)
     out("| setting | variant | paper s | x full | full-mode s | x full | planner s | valid |")
     out("|---|---|---:|---:|---:|---:|---:|---|")
     place_rows = []

@@ -11,11 +11,13 @@ from typing import Sequence
 from .cluster import ClusterConfigError, builtin_names, load_cluster
 from .placement import LayoutError
 from .routeplan import PlanFormatError, RoutePlan, grid_stage_nodes
-from .rules import Rules, validate
+from .rules import PlanValidationError, Rules, Violation, validate
+from .simulator import SimulationError
 
 EPILOG = """examples:
   python -m integration.plan plan --cluster geo-12 --out out/geo12
   python -m integration.plan compare --cluster 5-clusters
+  python -m integration.plan plan --cluster skippipe-20 --placement given --out out/sp20
   python -m integration.plan plan --cluster synthetic-100 --stages 8 --path-length 6 --out out/s100
   python -m integration.plan simulate out/geo12/plan.json --cluster geo-12 --gantt out/geo12/full.png --mode full
   python -m integration.plan validate out/geo12/plan.json
@@ -40,6 +42,9 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
                    help="nodes per stage, e.g. 5,3,3,3,3,3 (default: from |P0|*(L-1) = |Ps|*(S-1))")
     p.add_argument("--grid", action="store_true",
                    help="fixed placement: consecutive ranks per stage (the training job's grid)")
+    p.add_argument("--placement", choices=["search", "grid", "given"], default="search",
+                   help="search (default), grid (= --grid) or given: the cluster's own partition "
+                        "(e.g. skippipe-20's published one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sim-evals", type=int, default=2000, help="simulated-search budget (default 2000)")
     p.add_argument("--time-budget", type=float, default=None, help="wall-time cap in seconds (not deterministic)")
@@ -50,7 +55,12 @@ def _common(args: argparse.Namespace):
     from .planner import Effort
     cluster = load_cluster(args.cluster, num_nodes=args.nodes)
     stage_nodes = None
-    if args.grid:
+    if args.placement == "given":
+        if cluster.partition is None:
+            raise ClusterConfigError(f"--placement given: cluster {cluster.name!r} has no 'partition'; add one to the "
+                                     f"cluster file or use --placement search")
+        return cluster, [list(g) for g in cluster.partition], Effort(sim_evals=args.sim_evals)
+    if args.grid or args.placement == "grid":
         sizes = args.stage_sizes or derive_stage_sizes(cluster.num_nodes, args.stages, args.path_length, args.memory,
                                                        args.microbatches)
         stage_nodes = grid_stage_nodes(len(sizes), sizes)
@@ -89,6 +99,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .gantt import gantt_chart
     from .simulator import simulate
     plan = RoutePlan.load(args.plan)
+    broken = [v for v in validate(plan, Rules(memory=None, equal_visits=False)) if v.rule in ("LAYOUT", "CC1", "CC2")]
+    if broken or not plan.routes:
+        raise PlanValidationError(broken or [Violation("LAYOUT", None, "the plan has no microbatches")],
+                                  context=f"plan {args.plan} cannot be simulated: it")
     cluster = load_cluster(args.cluster, num_nodes=max(plan.nodes) + 1)
     modes = ["paper", "full"] if args.mode == "both" else [args.mode]
     for mode in modes:
@@ -168,8 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ClusterConfigError, LayoutError, PlanFormatError) as exc:
+    except (ClusterConfigError, LayoutError, PlanFormatError, ValueError, SimulationError, OSError) as exc:
+        # Every bad input (ValueError covers the rule and config errors) is one line, exit 2.
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("error: input nested too deeply", file=sys.stderr)
         return 2
 
 

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .costmodel import BODY_B, LOSS
+from .orders import all_orders
 from .routeplan import RoutePlan, make_route
 from .rules import Rules
 
@@ -82,16 +84,6 @@ def applicable(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, memory: int,
     return None
 
 
-def _orders(num_stages: int, hops: int, rules: Rules) -> list[tuple[int, ...]]:
-    from itertools import combinations
-
-    from .planner import valid_orders
-    out: list[tuple[int, ...]] = []
-    for st in combinations(range(1, num_stages), hops):
-        out.extend(valid_orders(st, rules))
-    return out
-
-
 def solve_uniform(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[float], memory: int, m: int,
                   path_length: int, cap: dict[int, int], gap_s: float, rules: Rules,
                   deterministic_time: float = 6.0, meta: dict | None = None) -> ExactResult | None:
@@ -113,12 +105,12 @@ def solve_uniform(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequen
     link = int(round(uniform_link_cost(C, homes + body) / UNIT_S))
     gap = int(round(gap_s / UNIT_S))
     dur = {n: int(round(w[n] / UNIT_S)) for n in homes + body}            # forward
-    dur_b = {n: int(round(1.5 * w[n] / UNIT_S)) for n in homes + body}    # backward
+    dur_b = {n: int(round(BODY_B * w[n] / UNIT_S)) for n in homes + body}    # backward
     one_per_slot = all(cap[n] == slots for n in body)
 
     md = cp_model.CpModel()
     routes = [(h, j) for h in range(len(homes)) for j in range(slots)]
-    orders = _orders(len(stage_nodes), hops, rules)
+    orders = all_orders(len(stage_nodes), hops, rules)
     x: dict[tuple[int, int, int], cp_model.IntVar] = {}
     for rt in routes:
         pick = [md.NewBoolVar("") for _ in orders]
@@ -153,7 +145,7 @@ def solve_uniform(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequen
         return md.NewIntVar(0, horizon, "")
 
     for h, home in enumerate(homes):
-        dF, dL, dB = dur[home], int(round(0.25 * w[home] / UNIT_S)), dur_b[home]
+        dF, dL, dB = dur[home], int(round(LOSS * w[home] / UNIT_S)), dur_b[home]
         for j in range(m):
             rt = (h, j % slots)
             mb = (h, j)

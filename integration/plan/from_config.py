@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .builders import build_plan, path_length_for_ratio
-from .routeplan import RoutePlan
+from .routeplan import PlanFormatError, RoutePlan
 
 
 def plan_from_config(routing: Any, stage_nodes: Sequence[Sequence[int]], microbatches_per_home: int, layout: str,
@@ -13,7 +13,11 @@ def plan_from_config(routing: Any, stage_nodes: Sequence[Sequence[int]], microba
     """The plan for ``step`` (plans are redrawn every ``routing.resample_every`` steps when set)."""
     kind = routing.kind
     if kind == "file":
-        plan = RoutePlan.load(routing.path)
+        path = routing.get("path")
+        if not path or not isinstance(path, str):
+            raise PlanFormatError("routing.path: routing=file needs the plan file, e.g. routing.path=out/plan.json "
+                                  "(write one with python -m integration.plan plan --out out)")
+        plan = RoutePlan.load(path)
         if plan.layout != layout:
             raise ValueError(f"routing.path: the plan file is for layout {plan.layout!r} but model.layout is "
                              f"{layout!r}")

@@ -399,6 +399,76 @@ def genetic_placement(C: np.ndarray, stage_sizes: Sequence[int], seed: int = 0, 
     return PlacementResult(groups, placement_score(C, groups), evals, time.perf_counter() - t0, "genetic")
 
 
+def ring_placement(C: np.ndarray, w: Sequence[float], stage_sizes: Sequence[int], hops: int, seed: int = 0,
+                   iters: int = 20000) -> list[list[int]] | None:
+    """Placement for one route per home: cut the nodes into ``H`` rings of one home and ``hops``
+    body nodes, minimising the longest ring's round trip (then the sum), by seeded annealing on
+    node swaps between rings; then label each ring's body nodes with stages so its visiting order
+    is increasing and every body stage gets the same count (round-robin stage blocks).
+
+    Applies when the sizes are exactly that: N = H (hops + 1) and every body stage holds
+    H hops / (S - 1) nodes; None otherwise. Deterministic for a seed (counted iterations)."""
+    S = len(stage_sizes)
+    H = stage_sizes[0]
+    N = len(C)
+    if S < 2 or hops < 1 or hops > S - 1 or N != H * (hops + 1) or (H * hops) % (S - 1) or \
+            any(g != H * hops // (S - 1) for g in stage_sizes[1:]):
+        return None
+    D = (np.asarray(C) + np.asarray(C).T).tolist()
+    from itertools import permutations
+
+    def ring(g: Sequence[int]) -> tuple[float, tuple[int, ...]]:
+        # Best cycle through the ring's nodes, as (cost, order starting at the home g[0]).
+        home, body = g[0], g[1:]
+        best = (math.inf, ())
+        for o in permutations(body):
+            seq = (home, *o, home)
+            c = sum(D[a][b] for a, b in zip(seq, seq[1:])) + w[home] * 2.75 + sum(w[n] for n in o) * 2.5
+            if c < best[0]:
+                best = (c, o)
+        return best
+
+    # Counted work: each move re-solves two rings over every order of their body nodes.
+    iters = max(1, min(iters, 400_000 // (2 * math.factorial(hops))))
+    rng = random.Random(seed)
+    perm = list(range(N))
+    rng.shuffle(perm)
+    rings = [perm[i * (hops + 1):(i + 1) * (hops + 1)] for i in range(H)]
+    cost = [ring(g)[0] for g in rings]
+
+    def key(cs: list[float]) -> tuple[float, float]:
+        return max(cs), sum(cs)
+
+    cur = key(cost)
+    best_rings, best_key = [list(g) for g in rings], cur
+    T0 = 0.02 * cur[0]
+    for it in range(iters):
+        T = T0 * (1 - it / iters) ** 2 + 1e-9
+        i, j = rng.sample(range(H), 2)
+        a, b = rng.randrange(hops + 1), rng.randrange(hops + 1)
+        rings[i][a], rings[j][b] = rings[j][b], rings[i][a]
+        ci, cj = ring(rings[i])[0], ring(rings[j])[0]
+        old = cost[i], cost[j]
+        cost[i], cost[j] = ci, cj
+        new = key(cost)
+        d = (new[0] - cur[0]) + 0.1 * (new[1] - cur[1]) / H
+        if d <= 0 or rng.random() < math.exp(-d / T):
+            cur = new
+            if new < best_key:
+                best_rings, best_key = [list(g) for g in rings], new
+        else:
+            rings[i][a], rings[j][b] = rings[j][b], rings[i][a]
+            cost[i], cost[j] = old
+    stage_nodes: list[list[int]] = [[] for _ in range(S)]
+    for i, g in enumerate(best_rings):
+        order = ring(g)[1]
+        stages = sorted((i * hops + t) % (S - 1) + 1 for t in range(hops))
+        stage_nodes[0].append(g[0])
+        for st, n in zip(stages, order):
+            stage_nodes[st].append(n)
+    return stage_nodes
+
+
 def column_placement(num_nodes: int, stage_sizes: Sequence[int]) -> list[list[int]]:
     """Consecutive ranks per stage (the training job's grid)."""
     return _cut(list(range(num_nodes)), stage_sizes)
@@ -406,4 +476,4 @@ def column_placement(num_nodes: int, stage_sizes: Sequence[int]) -> list[list[in
 
 __all__ = ["LayoutError", "derive_stage_sizes", "check_params", "check_layout", "bottleneck_matching",
            "placement_score", "PlacementScore", "PlacementResult", "anneal_placement", "genetic_placement",
-           "column_placement", "relabel_by_tour", "tour_cost"]
+           "column_placement", "relabel_by_tour", "tour_cost", "ring_placement"]

@@ -31,21 +31,26 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from itertools import combinations
 from typing import Any, Sequence
 
 import numpy as np
 
 from .builders import full_pipeline
 from .cluster import Cluster, load_cluster
+from .costmodel import BODY_TOTAL, HOME_TOTAL
 from .placement import (LayoutError, anneal_placement, check_layout, derive_stage_sizes, placement_score,
-                        relabel_by_tour)
+                        relabel_by_tour, ring_placement)
+from .orders import valid_orders
 from .routeplan import RoutePlan, make_route
 from .rules import Rules, validate
 from .simulator import DEFAULT_GAP_S, POLICIES, simulate
 
 __all__ = ["Effort", "PlannerResult", "VariantResult", "plan_routes", "plan_for_training", "compare_variants",
            "LayoutError", "valid_orders"]
+
+
+MAX_LINKED_CANDIDATES = 20_000  # routes of all homes the linked models enumerate (skippipe-20: 2970)
+MAX_PLANNED_NODES = 400  # default budget: 100 nodes plan in well under a minute on one core
 
 
 @dataclass
@@ -61,47 +66,6 @@ class PlannerResult:
     policy: str = "fifo"
     evaluations: int = 0
     placement_runtime_s: float = 0.0
-
-
-# ----------------------------------------------------------------------------- CC3/CC4 orders
-def _order_ok(body: Sequence[int], rules: Rules) -> bool:
-    f, swaps, total = 0, 0, 0
-    for s in body:
-        if s < f:
-            if f - s > rules.max_swap_distance:
-                return False
-            swaps += 1
-            total += f - s
-        else:
-            if s - f - 1 > rules.max_jump:
-                return False
-            f = s
-    return swaps <= rules.max_swaps and total <= rules.max_swap_total
-
-
-_ORDERS: dict[tuple, list[tuple[int, ...]]] = {}
-
-
-def valid_orders(stages: Sequence[int], rules: Rules = Rules()) -> list[tuple[int, ...]]:
-    """Orders of a stage set allowed by CC3/CC4: the sorted order with up to ``max_swaps`` disjoint
-    swaps of neighbouring consecutive stages (a distance-1 swap each)."""
-    key = (tuple(sorted(stages)), rules.max_swaps, rules.max_swap_distance, rules.max_swap_total, rules.max_jump)
-    if key in _ORDERS:
-        return _ORDERS[key]
-    base = list(key[0])
-    cand = [i for i in range(len(base) - 1) if base[i + 1] == base[i] + 1]
-    out = []
-    for k in range(0, rules.max_swaps + 1):
-        for pos in combinations(cand, k):
-            if any(b - a < 2 for a, b in zip(pos, pos[1:])):
-                continue
-            o = list(base)
-            for i in pos:
-                o[i], o[i + 1] = o[i + 1], o[i]
-            if _order_ok(o, rules):
-                out.append(tuple(o))
-    _ORDERS[key] = out
-    return out
 
 
 # ----------------------------------------------------------------------------- search state
@@ -129,7 +93,7 @@ class _Routes:
         h = self.homes[i]
         nodes = self.routes[i] if nodes is None else nodes
         C, w = self.C, self.w
-        t = w[h] * 2.75 + sum(w[n] for n in nodes) * 2.5 + self.gap * (2 * len(nodes) + 2)
+        t = w[h] * HOME_TOTAL + sum(w[n] for n in nodes) * BODY_TOTAL + self.gap * (2 * len(nodes) + 2)
         seq = [h, *nodes, h]
         for a, b in zip(seq, seq[1:]):
             t += C[a][b] + C[b][a]
@@ -371,8 +335,8 @@ def _setup(cluster: Cluster, stage_nodes, stage_sizes, num_stages, path_length, 
             raise LayoutError(f"stage_sizes: {len(stage_sizes)} sizes for num_stages={num_stages}; give one size "
                               f"per stage")
         check_layout(N, stage_sizes, path_length, memory, m)
-        pl = anneal_placement(C, stage_sizes, seed=seed, time_budget_s=placement_budget_s, max_evals=placement_evals)
-        stage_nodes = relabel_by_tour(pl.stage_nodes, C)
+        stage_nodes = _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, placement_budget_s,
+                                        placement_evals)
     else:
         stage_nodes = [list(map(int, g)) for g in stage_nodes]
         flat = [n for g in stage_nodes for n in g]
@@ -384,6 +348,33 @@ def _setup(cluster: Cluster, stage_nodes, stage_sizes, num_stages, path_length, 
             raise LayoutError("stage_nodes: a node is listed twice; every node holds one stage")
         check_layout(len(flat), [len(g) for g in stage_nodes], path_length, memory, m)
     return stage_nodes, C, time.perf_counter() - t0
+
+
+def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, budget_s, evals,
+                      tries: int = 3) -> list[list[int]]:
+    """Anneal ``tries`` placements (seeds seed, seed+1, ...) on the spec's score, keep the one whose
+    route lower bound (:func:`linked.lower_bound`) is lowest: the score does not see that one slow
+    home sets the whole iteration's floor."""
+    from .linked import count_candidates, lower_bound
+    best, best_key = None, None
+    w = cluster.stage_times()
+    rules = Rules()
+    sizes_ok = all(n.memory >= memory for n in cluster.nodes) and min(memory, m) == memory
+    ring = ring_placement(C, w, stage_sizes, path_length - 1, seed=seed) if sizes_ok else None
+    if ring is not None and count_candidates(ring, path_length, rules) <= MAX_LINKED_CANDIDATES:
+        best = ring
+        best_key = (lower_bound(ring, C, w, memory, m, path_length, rules, DEFAULT_GAP_S),
+                    placement_score(C, ring).total)
+    for k in range(tries):
+        pl = anneal_placement(C, stage_sizes, seed=seed + k, time_budget_s=budget_s / tries,
+                              max_evals=max(1, evals // tries) if k else evals)
+        sn = relabel_by_tour(pl.stage_nodes, C)
+        if count_candidates(sn, path_length, rules) > MAX_LINKED_CANDIDATES:
+            return sn  # large clusters: the bound is too costly to compare; keep the first
+        key = (lower_bound(sn, C, w, memory, m, path_length, rules, DEFAULT_GAP_S), pl.score.total)
+        if best_key is None or key < best_key:
+            best, best_key = sn, key
+    return best
 
 
 def _static_state(cluster, stage_nodes, C, memory, m, path_length, seed, deadline, rules, unit=False,
@@ -419,6 +410,31 @@ def _exact_plan(cluster, state, stage_nodes, C, w, memory, m, path_length, rules
     return res.plan
 
 
+def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort, meta, seed) -> RoutePlan | None:
+    """Links that differ: routes + schedule from the CP-SAT models of :mod:`.linked`, seeded with the
+    static search's routes; None where the model is too large or finds nothing."""
+    from . import exact, linked
+    body = [n for g in stage_nodes[1:] for n in g]
+    if exact.uniform_link_cost(C, [n for g in stage_nodes for n in g]) is not None or len(body) > 40 or \
+            m % min(memory, m) or not exact.solver_available() or \
+            linked.count_candidates(stage_nodes, path_length, rules) > MAX_LINKED_CANDIDATES:
+        return None
+    routes = linked.choose_one_route_per_home(stage_nodes, C, w, memory, m, path_length, state.cap,
+                                              DEFAULT_GAP_S, rules)
+    if routes is None:  # capacities that let homes share body nodes: the joint model decides
+        routes = linked.solve_joint(stage_nodes, C, w, memory, m, path_length, state.cap, DEFAULT_GAP_S, rules,
+                                    per_home=effort.linked_per_home, hint=[list(r) for r in state.routes],
+                                    deterministic_time=effort.linked_dtime, seed=seed)
+    if routes is None:
+        return None
+    res = linked.schedule_routes(stage_nodes, routes, C, w, memory, m, path_length, DEFAULT_GAP_S,
+                                 deterministic_time=max(1.0, effort.linked_dtime / 4), seed=seed,
+                                 meta={**meta, "method": "one route per home + cp-sat schedule"})
+    if res is None or validate(res[0], rules):
+        return None
+    return res[0]
+
+
 @dataclass(frozen=True)
 class Effort:
     """Search budgets in evaluations: with no time cap the planner is deterministic for a seed,
@@ -428,6 +444,8 @@ class Effort:
     static_iters: int = 20000
     sim_evals: int = 2000
     exact_dtime: float = 10.0  # CP-SAT deterministic budget for equal-link clusters (0: never use it)
+    linked_dtime: float = 8.0  # CP-SAT deterministic budget where links differ, <= 40 body nodes (0: never)
+    linked_per_home: int = 16  # candidate routes per home in that model (the shortest round trips)
 
 
 def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = None,
@@ -445,6 +463,16 @@ def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = No
     """
     t0 = time.perf_counter()
     cluster = load_cluster(cluster)
+    if cluster.num_nodes > MAX_PLANNED_NODES and time_budget_s is None:
+        raise LayoutError(f"cluster {cluster.name!r}: {cluster.num_nodes} nodes > {MAX_PLANNED_NODES}, the most the "
+                          f"planner's default (deterministic) budget covers in about a minute; pass time_budget_s "
+                          f"(CLI --time-budget) to plan it under a wall-time cap, or plan a part of the cluster")
+    for name, v in (("memory", memory), ("microbatches_per_home", microbatches_per_home), ("num_stages", num_stages),
+                    ("path_length", path_length), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise LayoutError(f"{name}: must be an integer (got {v!r})")
+    if time_budget_s is not None and not (math.isfinite(time_budget_s) and time_budget_s > 0):
+        raise LayoutError(f"time_budget_s: must be a finite number of seconds > 0 (got {time_budget_s!r})")
     rules = rules or Rules(memory=memory)
     m = microbatches_per_home
     cap = math.inf if time_budget_s is None else time_budget_s
@@ -470,10 +498,19 @@ def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = No
                               record=False).iteration_s
             if simulate(exact_plan, cost=C, stage_times=w, memory=memory, record=False).iteration_s >= static:
                 exact_plan = None
+    linked_plan = None
+    if collision_aware and exact_plan is None and effort.linked_dtime > 0:
+        # Links differ: one route per home (branch and bound) + a CP-SAT schedule, compared below
+        # with the simulated search; the faster replay wins.
+        linked_plan = _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort, dict(meta), seed)
     if collision_aware and exact_plan is None:
         deadline = t0 + 0.97 * cap
         ev, evals, prio = _sim_search(state, rng, deadline, (m, path_length), C, w, memory, effort.sim_evals)
         policy = ev.policy
+        if linked_plan is not None:  # keep whichever of the two replays faster
+            t_linked = simulate(linked_plan, cost=C, stage_times=w, memory=memory, record=False).iteration_s
+            if t_linked < ev.makespan - 1e-9:
+                exact_plan = linked_plan
     if exact_plan is not None:
         plan, policy = exact_plan, "node_order"
     else:

@@ -22,6 +22,12 @@ from typing import Any, Iterable, Sequence
 
 PLAN_FORMAT_VERSION = 1
 LAYOUTS = ("ring", "linear")
+# Loader bounds: past them a file is refused with a message instead of exhausting memory.
+MAX_STAGES = 1024
+MAX_NODES = 100_000
+MAX_MICROBATCHES = 1_000_000
+MAX_ID = 10 ** 9
+MAX_TEXT = 256 * 1024 * 1024
 
 
 class PlanFormatError(ValueError):
@@ -99,19 +105,22 @@ class RoutePlan:
     def stage_visits(self) -> list[int]:
         """Microbatches visiting each stage this iteration (stage 0 is visited by all)."""
         visits = [0] * self.num_stages
+        if not visits:
+            return visits
         visits[0] = len(self.routes)
         for route in self.routes:
             for hop in route.hops:
-                visits[hop.stage] += 1
+                if 0 <= hop.stage < len(visits):  # other stages are rule violations (rules.validate)
+                    visits[hop.stage] += 1
         return visits
 
     def node_visits(self) -> dict[int, int]:
         """Microbatches served by each node (home nodes count their own microbatches)."""
         counts = {n: 0 for n in self.nodes}
         for route in self.routes:
-            counts[route.home_node] += 1
+            counts[route.home_node] = counts.get(route.home_node, 0) + 1
             for hop in route.hops:
-                counts[hop.node] += 1
+                counts[hop.node] = counts.get(hop.node, 0) + 1
         return counts
 
     def achieved_skip_ratio(self) -> float:
@@ -156,54 +165,119 @@ class RoutePlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RoutePlan":
-        def need(obj: dict, key: str, where: str) -> Any:
+        """Build a plan from its JSON form; any other shape is one :class:`PlanFormatError` naming the field."""
+        def need(obj: Any, key: str, where: str) -> Any:
+            if not isinstance(obj, dict):
+                raise PlanFormatError(f"plan: field '{where.rstrip('.') or 'plan'}' must be an object")
             if key not in obj:
                 raise PlanFormatError(f"plan: missing field '{where}{key}'")
             return obj[key]
 
+        def integer(v: Any, where: str, lo: int = 0) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= MAX_ID:
+                raise PlanFormatError(f"plan: field '{where}' must be an integer in {lo}..{MAX_ID} (got {_short(v)})")
+            return v
+
+        def listed(v: Any, where: str, limit: int) -> list:
+            if not isinstance(v, list):
+                raise PlanFormatError(f"plan: field '{where}' must be a list (got {type(v).__name__})")
+            if len(v) > limit:
+                raise PlanFormatError(f"plan: field '{where}' has {len(v)} entries > {limit}; not a plan this build runs")
+            return v
+
+        if not isinstance(data, dict):
+            raise PlanFormatError(f"plan: the file must hold a JSON object with 'format': 'routeplan' (got "
+                                  f"{type(data).__name__})")
         if data.get("format") != "routeplan":
             raise PlanFormatError("plan: field 'format' must be 'routeplan' (is this a RoutePlan JSON file?)")
         version = need(data, "version", "")
-        if version != PLAN_FORMAT_VERSION:
+        if version != PLAN_FORMAT_VERSION or isinstance(version, bool):
             raise PlanFormatError(
-                f"plan: field 'version' is {version!r}; this build reads version {PLAN_FORMAT_VERSION}"
+                f"plan: field 'version' is {_short(version)}; this build reads version {PLAN_FORMAT_VERSION}"
             )
         layout = need(data, "layout", "")
-        if layout not in LAYOUTS:
-            raise PlanFormatError(f"plan: field 'layout' is {layout!r}; use one of {LAYOUTS}")
-        stage_nodes = [[int(n) for n in s] for s in need(data, "stage_nodes", "")]
+        if not isinstance(layout, str) or layout not in LAYOUTS:
+            raise PlanFormatError(f"plan: field 'layout' is {_short(layout)}; use one of {LAYOUTS}")
+        stage_nodes = [[integer(n, f"stage_nodes[{s}][{r}]") for r, n in
+                        enumerate(listed(g, f"stage_nodes[{s}]", MAX_NODES))]
+                       for s, g in enumerate(listed(need(data, "stage_nodes", ""), "stage_nodes", MAX_STAGES))]
         routes = []
-        for i, mb in enumerate(need(data, "microbatches", "")):
-            home = need(mb, "home", f"microbatches[{i}].")
+        for i, mb in enumerate(listed(need(data, "microbatches", ""), "microbatches", MAX_MICROBATCHES)):
+            w = f"microbatches[{i}]."
+            home = need(mb, "home", w)
             hops = tuple(
-                Hop(int(need(h, "stage", f"microbatches[{i}].hops[{j}].")),
-                    int(need(h, "replica", f"microbatches[{i}].hops[{j}].")),
-                    int(need(h, "node", f"microbatches[{i}].hops[{j}].")))
-                for j, h in enumerate(need(mb, "hops", f"microbatches[{i}]."))
+                Hop(integer(need(h, "stage", f"{w}hops[{j}]."), f"{w}hops[{j}].stage"),
+                    integer(need(h, "replica", f"{w}hops[{j}]."), f"{w}hops[{j}].replica"),
+                    integer(need(h, "node", f"{w}hops[{j}]."), f"{w}hops[{j}].node"))
+                for j, h in enumerate(listed(need(mb, "hops", w), f"{w}hops", MAX_STAGES))
             )
-            routes.append(MicrobatchRoute(int(need(mb, "id", f"microbatches[{i}].")),
-                                          int(need(home, "replica", f"microbatches[{i}].home.")),
-                                          int(need(home, "node", f"microbatches[{i}].home.")), hops))
+            routes.append(MicrobatchRoute(integer(need(mb, "id", w), f"{w}id"),
+                                          integer(need(home, "replica", f"{w}home."), f"{w}home.replica"),
+                                          integer(need(home, "node", f"{w}home."), f"{w}home.node"), hops))
         node_order = None
-        if data.get("node_order") is not None:
-            node_order = {int(n): [(int(mb), str(ph)) for mb, ph in order] for n, order in data["node_order"].items()}
-        return cls(stage_nodes=stage_nodes, routes=routes, path_length=int(need(data, "path_length", "")),
-                   layout=layout, memory=data.get("memory"), node_order=node_order, meta=dict(data.get("meta", {})))
+        raw_order = data.get("node_order")
+        if raw_order is not None:
+            if not isinstance(raw_order, dict):
+                raise PlanFormatError("plan: field 'node_order' must map node ids to [[microbatch, 'F'|'B'], ...]")
+            node_order = {}
+            for n, order in raw_order.items():
+                where = f"node_order[{str(n)[:40]}]"
+                try:
+                    node = int(n)
+                except (TypeError, ValueError):
+                    raise PlanFormatError(f"plan: field '{where}': node ids are integers") from None
+                items = []
+                for k, item in enumerate(listed(order, where, 2 * MAX_MICROBATCHES)):
+                    if not (isinstance(item, list) and len(item) == 2 and item[1] in ("F", "B")):
+                        raise PlanFormatError(f"plan: field '{where}[{k}]' must be [microbatch id, 'F' or 'B']")
+                    items.append((integer(item[0], f"{where}[{k}][0]"), item[1]))
+                node_order[node] = items
+        memory = data.get("memory")
+        if memory is not None:
+            memory = integer(memory, "memory", lo=1)
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise PlanFormatError("plan: field 'meta' must be an object (or omitted)")
+        return cls(stage_nodes=stage_nodes, routes=routes,
+                   path_length=integer(need(data, "path_length", ""), "path_length", lo=1),
+                   layout=layout, memory=memory, node_order=node_order, meta=dict(meta))
 
     @classmethod
     def from_json(cls, text: str) -> "RoutePlan":
+        if len(text) > MAX_TEXT:
+            raise PlanFormatError(f"plan: {len(text)} characters > {MAX_TEXT}; not a plan file")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanFormatError(f"plan: not valid JSON ({exc})") from exc
-        return cls.from_dict(data)
+        except RecursionError:
+            raise PlanFormatError("plan: nested too deeply to be a RoutePlan") from None
+        except ValueError as exc:
+            raise PlanFormatError(f"plan: not valid JSON ({exc})") from None
+        try:
+            return cls.from_dict(data)
+        except RecursionError:
+            raise PlanFormatError("plan: nested too deeply to be a RoutePlan") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutePlan":
         p = Path(path)
+        if p.is_dir():
+            raise PlanFormatError(f"plan file {p} is a directory; give the plan.json inside it")
         if not p.is_file():
             raise PlanFormatError(f"plan file not found: {p}")
-        return cls.from_json(p.read_text())
+        try:
+            if p.stat().st_size > MAX_TEXT:
+                raise PlanFormatError(f"plan file {p}: larger than {MAX_TEXT} bytes; not a plan file")
+            text = p.read_text()
+        except UnicodeDecodeError:
+            raise PlanFormatError(f"plan file {p}: not UTF-8 JSON text") from None
+        except OSError as exc:
+            raise PlanFormatError(f"plan file {p}: cannot be read ({exc.strerror})") from None
+        return cls.from_json(text)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def make_route(mb: int, stage_nodes: Sequence[Sequence[int]], home_replica: int,

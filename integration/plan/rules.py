@@ -81,8 +81,10 @@ def validate(plan: RoutePlan, rules: Rules | None = None) -> list[Violation]:
 
     if plan.layout not in LAYOUTS:
         out.append(Violation("LAYOUT", None, f"layout {plan.layout!r} is not one of {LAYOUTS}"))
-    if S < 2:
-        out.append(Violation("LAYOUT", None, f"a pipeline needs at least 2 stages, plan has {S}"))
+    if S < 2 or not plan.stage_nodes[0]:
+        out.append(Violation("LAYOUT", None, f"a pipeline needs at least 2 stages and a home node, plan has {S} "
+                                             f"stages"))
+        return out
     seen_nodes: Counter = Counter(n for stage in plan.stage_nodes for n in stage)
     for n, c in seen_nodes.items():
         if c > 1:

@@ -1,7 +1,8 @@
 """Event simulator: predicted time of one training iteration for any RoutePlan on a cluster.
 
 Per microbatch the ops are: F on the home node (w), F on each hop (w of that node), L (head + loss,
-w/4) back on the home node, then B on each hop in reverse (1.5 w) and B on the home node (1.5 w).
+w/4) back on the home node, then B on each hop in reverse (1.5 w) and B on the home node (1.5 w);
+the factors come from :mod:`.costmodel`, which the runtime's program compiler uses too.
 Each node runs one op at a time and stays busy ``gap_s`` (0.1 s, inside the spec's 0.09-0.13 s) after
 each op. Sending an activation or gradient from a to b takes C[a][b].
 
@@ -34,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from .cluster import Cluster, load_cluster
+from .costmodel import BODY_B, BODY_F, BODY_TOTAL, HOME_B, HOME_F, HOME_TOTAL, LOSS
 from .routeplan import RoutePlan
 
 MODES = ("paper", "full")
@@ -88,9 +90,9 @@ def compute_lower_bound(plan: RoutePlan, stage_times: Sequence[float]) -> float:
     """No schedule can beat the busiest node's compute (F + B per visit, plus L at home)."""
     load: dict[int, float] = defaultdict(float)
     for r in plan.routes:
-        load[r.home_node] += stage_times[r.home_node] * (1 + 0.25 + 1.5)
+        load[r.home_node] += stage_times[r.home_node] * HOME_TOTAL
         for h in r.hops:
-            load[h.node] += stage_times[h.node] * 2.5
+            load[h.node] += stage_times[h.node] * BODY_TOTAL
     return max(load.values()) if load else 0.0
 
 
@@ -99,8 +101,8 @@ def _chains(plan: RoutePlan, w: Sequence[float]) -> dict[int, list[tuple[int, st
     for r in plan.routes:
         h = r.home_node
         hops = [x.node for x in r.hops]
-        ch = [(h, "F", w[h])] + [(n, "F", w[n]) for n in hops] + [(h, "L", 0.25 * w[h])]
-        ch += [(n, "B", 1.5 * w[n]) for n in reversed(hops)] + [(h, "B", 1.5 * w[h])]
+        ch = [(h, "F", HOME_F * w[h])] + [(n, "F", BODY_F * w[n]) for n in hops] + [(h, "L", LOSS * w[h])]
+        ch += [(n, "B", BODY_B * w[n]) for n in reversed(hops)] + [(h, "B", HOME_B * w[h])]
         out[r.mb] = ch
     return out
 

@@ -6,8 +6,9 @@ route can deadlock: the earliest unfinished op always has both of its participan
 The same argument matches the k-th send A->B with the k-th receive at B, so nothing relies on
 p2p tags (NCCL ignores them).
 
-The global order comes from a small list-scheduling simulation of the iteration with unit costs
-(body forward 1, backward 2), backward work first (it frees activations), and at most
+The global order comes from a small list-scheduling simulation of the iteration with the
+simulator's op costs (integration/plan/costmodel.py: body forward 1, backward 1.5, head + loss
+0.25, in units of a stage forward), backward work first (it frees activations), and at most
 ``max_inflight`` microbatches in flight per home node. If the plan carries a per-node
 ``node_order`` (the planner's schedule), each node takes its work in exactly that order instead,
 and a home node admits microbatches as its order says.
@@ -22,6 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
+from ..plan.costmodel import op_cost  # the simulator's cost model: one source of op costs
 from ..plan.routeplan import RoutePlan
 
 # Compute parts of a model on a node.
@@ -99,7 +101,6 @@ def _chain(plan: RoutePlan, route) -> list[tuple[int, str, bool]]:
     return steps
 
 
-_COST = {PART_EMBED: 0.25, PART_HEAD: 0.5, PART_FIRST: 1.0, PART_BODY: 1.0, PART_LAST: 1.25}
 
 
 def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
@@ -193,7 +194,7 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
             n, part, bwd = chains[mb][idx]
             if node_order is not None and node in node_order and _is_ordered_step(chains[mb], idx):
                 order_pos[node] += 1
-            cost = _COST[part] * (2.0 if bwd else 1.0)
+            cost = op_cost(part, bwd)
             if idx == 0:
                 emit(n, LOAD, mb)  # data is loaded right before the microbatch enters the pipeline
             emit(n, BWD if bwd else FWD, mb, part)

@@ -1,0 +1,507 @@
+"""Routes and schedule on clusters whose links differ, with OR-tools CP-SAT in two steps.
+
+Why two steps: on a geo-distributed cluster an iteration is as long as its slowest *route slot*
+(a home keeps ``slots = min(memory, m)`` microbatches in flight; each slot runs ``m / slots``
+microbatches one after another), so the routes decide the floor and the schedule decides how
+close to it the plan gets. Both are small integer programs:
+
+1. **routes** (:func:`choose_routes`): per home node, how many of its slots ride each candidate
+   route (a CC3/CC4-valid body order and one replica per hop). TC1: a body node carries at most
+   its memory of slot routes; CC5: every body stage carries the same number. The objective is the
+   collision-free makespan bound: a home's slots leave it one forward apart, so its k-th longest
+   slot route ends no earlier than ``k (w + gap) + rounds x round trip + (rounds - 1) gap``.
+   A second pass keeps that bound within a slack and minimises the number of (body node, home)
+   pairs, because microbatches of one home arrive spaced by the home itself while two homes'
+   microbatches collide (SkipPipe's own plan uses one route per home for the same reason).
+2. **schedule** (:func:`schedule_routes`): the routes fixed, every op of every microbatch is an
+   interval (durations from :mod:`.costmodel`, sends cost C[a][b]); one op at a time per node
+   plus the busy gap; a slot's next microbatch starts after the previous one's last backward (the
+   simulator's injection rule). Objective: the last home backward. The per-node order of the
+   solution becomes ``plan.node_order``.
+
+Determinism: one worker, a fixed random seed and CP-SAT's *deterministic* time limit, so every
+rank that plans for itself gets the same plan on any machine. :func:`lower_bound` is the bound
+printed beside results: no schedule of any routes on this placement can end earlier.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import product
+from typing import Sequence
+
+import numpy as np
+
+from .costmodel import BODY_B, BODY_F, BODY_TOTAL, HOME_B, HOME_F, HOME_TOTAL, LOSS
+from .orders import all_orders
+from .routeplan import RoutePlan, make_route
+from .rules import Rules
+
+UNIT_S = 1e-3  # the solver works in integer milliseconds
+MAX_CANDIDATES = 240_000  # all routes of all homes; beyond this the model is not built
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One possible route of a home: body nodes in visiting order and its isolated round trip."""
+
+    nodes: tuple[int, ...]
+    round_trip_s: float
+
+
+def round_trip(home: int, nodes: Sequence[int], C: np.ndarray, w: Sequence[float]) -> float:
+    """Isolated round trip of one microbatch: its compute plus every send, forward and back.
+    The busy gaps are not on a lone microbatch's chain (each follows an op on the node it leaves)."""
+    seq = [home, *nodes, home]
+    t = w[home] * HOME_TOTAL + sum(w[n] for n in nodes) * BODY_TOTAL
+    return t + sum(C[a][b] + C[b][a] for a, b in zip(seq, seq[1:]))
+
+
+def count_candidates(stage_nodes: Sequence[Sequence[int]], path_length: int, rules: Rules) -> int:
+    """How many routes :func:`candidates` would enumerate for all homes (to refuse huge models early)."""
+    per_home = sum(math.prod(len(stage_nodes[s]) for s in o)
+                   for o in all_orders(len(stage_nodes), path_length - 1, rules))
+    return per_home * len(stage_nodes[0])
+
+
+def candidates(stage_nodes: Sequence[Sequence[int]], home: int, C: np.ndarray, w: Sequence[float],
+               path_length: int, rules: Rules) -> list[Candidate]:
+    """Every valid route of ``home`` (all orders, all replicas), shortest round trip first."""
+    Cl = np.asarray(C).tolist()
+    out = []
+    for o in all_orders(len(stage_nodes), path_length - 1, rules):
+        for nodes in product(*[stage_nodes[s] for s in o]):
+            out.append(Candidate(tuple(nodes), round_trip(home, nodes, Cl, w)))
+    out.sort(key=lambda c: (c.round_trip_s, c.nodes))
+    return out
+
+
+def lower_bound(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[float], memory: int, m: int,
+                path_length: int, rules: Rules, gap_s: float) -> float:
+    """No plan on this placement ends before this (paper mode, the simulator's rules).
+
+    Per home: its last slot's first microbatch starts after ``slots - 1`` forwards on the home,
+    and each slot runs ``rounds`` microbatches back to back, each at least the home's shortest
+    round trip. Also: the busiest home's own compute and gaps, and where memory is tight (every
+    body node must carry ``memory`` slots), the shortest round trip through each body node."""
+    slots = min(memory, m)
+    rounds = math.ceil(m / slots)
+    best = 0.0
+    via: dict[int, float] = {}  # body node -> shortest round trip of any route through it
+    for h in stage_nodes[0]:
+        cands = candidates(stage_nodes, h, C, w, path_length, rules)
+        if not cands:
+            continue
+        rt = cands[0].round_trip_s
+        wf = w[h] * HOME_F
+        best = max(best, (slots - 1) * (wf + gap_s) + rounds * rt + (rounds - 1) * gap_s,
+                   m * (w[h] * HOME_TOTAL + 3 * gap_s) - gap_s)
+        for c in cands:
+            for n in c.nodes:
+                via[n] = min(via.get(n, math.inf), c.round_trip_s)
+    # Tight memory (every body slot is needed): every body node carries a slot, whose microbatches
+    # each take at least the shortest round trip through that node.
+    body = [n for g in stage_nodes[1:] for n in g]
+    visits = len(stage_nodes[0]) * slots * (path_length - 1)
+    if len(body) * memory == visits:
+        best = max([best] + [rounds * via[n] + (rounds - 1) * gap_s for n in body if n in via])
+    return best
+
+
+def choose_routes(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[float], memory: int, m: int,
+                  path_length: int, cap: dict[int, int], gap_s: float, rules: Rules, slack_s: float = 0.0,
+                  deterministic_time: float = 4.0, seed: int = 0,
+                  max_per_home: int = 400) -> list[list[int]] | None:
+    """Slot routes (home-major: ``slots`` lists of body nodes per home) or None if none was found.
+
+    Only the ``max_per_home`` shortest candidates of each home enter the model (all of them when
+    that is infeasible). ``slack_s``: how far above the best makespan bound the second pass may go
+    to use fewer (body node, home) pairs."""
+    from ortools.sat.python import cp_model
+
+    homes = list(stage_nodes[0])
+    S = len(stage_nodes)
+    hops = path_length - 1
+    slots = min(memory, m)
+    rounds = math.ceil(m / slots)
+    per_stage = len(homes) * slots * hops // (S - 1)
+    stage_of = {n: s for s, g in enumerate(stage_nodes) for n in g}
+    all_c = {h: candidates(stage_nodes, h, C, w, path_length, rules) for h in homes}
+    gap = int(round(gap_s / UNIT_S))
+
+    def build(limit: int | None, bound_ms: int | None):
+        md = cp_model.CpModel()
+        cand = {h: all_c[h][:limit] if limit else all_c[h] for h in homes}
+        y, b = {}, {}
+        for h in homes:
+            for i, _ in enumerate(cand[h]):
+                y[h, i] = md.NewIntVar(0, slots, "")
+                b[h, i] = md.NewBoolVar("")
+                md.Add(y[h, i] >= 1).OnlyEnforceIf(b[h, i])
+                md.Add(y[h, i] == 0).OnlyEnforceIf(b[h, i].Not())
+            md.Add(sum(y[h, i] for i in range(len(cand[h]))) == slots)
+        load: dict[int, list] = {n: [] for g in stage_nodes[1:] for n in g}
+        visits: dict[int, list] = {s: [] for s in range(1, S)}
+        pair: dict[tuple[int, int], list] = {}
+        for h in homes:
+            for i, c in enumerate(cand[h]):
+                for n in c.nodes:
+                    load[n].append(y[h, i])
+                    visits[stage_of[n]].append(y[h, i])
+                    pair.setdefault((n, h), []).append(b[h, i])
+        for n, terms in load.items():
+            md.Add(sum(terms) <= cap[n])
+        for s, terms in visits.items():
+            md.Add(sum(terms) == per_stage)
+        horizon = int(sum(rounds * cand[h][-1].round_trip_s / UNIT_S for h in homes)) + 10 ** 6
+        M = md.NewIntVar(0, horizon, "")
+        for h in homes:
+            wf = int(round((w[h] * HOME_F + gap_s) / UNIT_S))
+            n_c = len(cand[h])
+            suffix = [None] * (n_c + 1)
+            suffix[n_c] = 0
+            for i in reversed(range(n_c)):  # slots on routes at least as long as candidate i
+                v = md.NewIntVar(0, slots, "")
+                md.Add(v == y[h, i] + (suffix[i + 1] if i + 1 < n_c else 0))
+                suffix[i] = v
+            for i, c in enumerate(cand[h]):
+                base = int(round(rounds * c.round_trip_s / UNIT_S)) + (rounds - 1) * gap
+                md.Add(M >= base + wf * (suffix[i] - 1)).OnlyEnforceIf(b[h, i])
+        if bound_ms is None:
+            md.Minimize(M)
+        else:
+            md.Add(M <= bound_ms)
+            z = []
+            for terms in pair.values():
+                v = md.NewBoolVar("")
+                md.AddMaxEquality(v, terms)
+                z.append(v)
+            md.Minimize(sum(z) * 10 ** 6 + M)  # fewest (node, home) pairs, then the bound
+        return md, cand, y, M
+
+    def solve(md):
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = 1
+        solver.parameters.max_deterministic_time = deterministic_time
+        solver.parameters.random_seed = seed
+        st = solver.Solve(md)
+        return solver if st in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
+
+    limit: int | None = max_per_home
+    md, cand, y, M = build(limit, None)
+    sol = solve(md)
+    if sol is None:
+        limit = None
+        md, cand, y, M = build(limit, None)
+        sol = solve(md)
+        if sol is None:
+            return None
+    best_ms = sol.Value(M)
+    if slack_s >= 0:
+        md2, cand2, y2, M2 = build(limit, best_ms + int(round(slack_s / UNIT_S)))
+        sol2 = solve(md2)
+        if sol2 is not None:
+            sol, cand, y = sol2, cand2, y2
+    out: list[list[int]] = []
+    for h in homes:
+        mine = []
+        for i, c in enumerate(cand[h]):
+            mine += [list(c.nodes)] * sol.Value(y[h, i])
+        # Longest route first: the first slot leaves home first (the bound's ordering).
+        mine.sort(key=lambda nodes: -round_trip(h, nodes, np.asarray(C).tolist(), w))
+        out += mine
+    return out
+
+
+def schedule_routes(stage_nodes: Sequence[Sequence[int]], slot_routes: Sequence[Sequence[int]], C: np.ndarray,
+                    w: Sequence[float], memory: int, m: int, path_length: int, gap_s: float,
+                    deterministic_time: float = 4.0, seed: int = 0,
+                    meta: dict | None = None) -> tuple[RoutePlan, float] | None:
+    """The plan of these slot routes with the CP-SAT schedule as its node_order, and the solver's
+    makespan (seconds), or None if no schedule was found in the budget."""
+    from ortools.sat.python import cp_model
+
+    homes = list(stage_nodes[0])
+    slots = min(memory, m)
+    stage_of = {n: s for s, g in enumerate(stage_nodes) for n in g}
+    replica_of = {n: r for g in stage_nodes for r, n in enumerate(g)}
+    Cl = np.asarray(C).tolist()
+    gap = int(round(gap_s / UNIT_S))
+
+    def ms(x: float) -> int:
+        return int(round(x / UNIT_S))
+
+    md = cp_model.CpModel()
+    chains: dict[int, list[tuple[int, str, int]]] = {}
+    routes = []
+    for hr, h in enumerate(homes):
+        for j in range(m):
+            nodes = list(slot_routes[hr * slots + j % slots])
+            mb = hr * m + j
+            routes.append(make_route(mb, stage_nodes, hr, [(stage_of[n], replica_of[n]) for n in nodes]))
+            ch = [(h, "F", ms(HOME_F * w[h]))] + [(n, "F", ms(BODY_F * w[n])) for n in nodes]
+            ch += [(h, "L", ms(LOSS * w[h]))] + [(n, "B", ms(BODY_B * w[n])) for n in reversed(nodes)]
+            ch += [(h, "B", ms(HOME_B * w[h]))]
+            chains[mb] = ch
+    horizon = sum(sum(d + gap for _, _, d in ch) + sum(ms(Cl[a][b]) for (a, _, _), (b, _, _) in zip(ch, ch[1:]))
+                  for ch in chains.values())
+    starts: dict[tuple[int, int], cp_model.IntVar] = {}
+    per_node: dict[int, list] = {}
+    ends = {}
+    for mb, ch in chains.items():
+        prev_end, prev_node = None, None
+        for k, (n, _, d) in enumerate(ch):
+            s = md.NewIntVar(0, horizon, "")
+            starts[mb, k] = s
+            per_node.setdefault(n, []).append(md.NewFixedSizeIntervalVar(s, d + gap, ""))
+            if prev_end is not None:
+                md.Add(s >= prev_end + (ms(Cl[prev_node][n]) if n != prev_node else 0))
+            prev_end, prev_node = s + d, n
+        ends[mb] = prev_end
+    for hr in range(len(homes)):
+        for j in range(slots, m):  # the simulator's injection rule
+            md.Add(starts[hr * m + j, 0] >= ends[hr * m + j - slots])
+        for j in range(1, min(slots, m)):  # first wave leaves in id order: removes label symmetry
+            md.Add(starts[hr * m + j, 0] >= starts[hr * m + j - 1, 0])
+    for ivs in per_node.values():
+        md.AddNoOverlap(ivs)
+    mk = md.NewIntVar(0, horizon, "")
+    for e in ends.values():
+        md.Add(mk >= e)
+    md.Minimize(mk)
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.max_deterministic_time = deterministic_time
+    solver.parameters.random_seed = seed
+    st = solver.Solve(md)
+    if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    timed: dict[int, list[tuple[int, int, str]]] = {}
+    for mb, ch in chains.items():
+        home = ch[0][0]
+        for k, (n, ph, _) in enumerate(ch):
+            if ph == "L":
+                continue
+            # node_order lists a node's first forward and last backward of a microbatch.
+            if n == home and ((ph == "F" and k != 0) or (ph == "B" and k != len(ch) - 1)):
+                continue
+            timed.setdefault(n, []).append((solver.Value(starts[mb, k]), mb, ph))
+    node_order = {n: [(mb, ph) for _, mb, ph in sorted(v)] for n, v in timed.items()}
+    plan = RoutePlan(stage_nodes=[list(g) for g in stage_nodes], routes=routes, path_length=path_length,
+                     layout="ring", memory=memory, node_order=node_order, meta=dict(meta or {}))
+    return plan, solver.Value(mk) * UNIT_S
+
+
+
+def solve_joint(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[float], memory: int, m: int,
+                path_length: int, cap: dict[int, int], gap_s: float, rules: Rules, per_home: int = 16, per_order: int = 1,
+                extra_routes: Sequence[Sequence[int]] = (), hint: Sequence[Sequence[int]] | None = None,
+                deterministic_time: float = 8.0, seed: int = 0) -> list[list[int]] | None:
+    """Routes and schedule in one CP-SAT model; returns the slot routes (home-major) or None.
+
+    Each slot picks one of its home's ``per_home`` shortest candidate routes (plus
+    ``extra_routes`` of that home, e.g. a known feasible plan's, so the model is never empty);
+    the ops of every microbatch are intervals whose node and link delays follow the pick.
+    ``hint`` (slot routes) seeds the search. The caller schedules the chosen routes again with
+    :func:`schedule_routes` (a smaller model) and keeps whichever replays faster."""
+    from ortools.sat.python import cp_model
+
+    homes = list(stage_nodes[0])
+    S = len(stage_nodes)
+    hops = path_length - 1
+    slots = min(memory, m)
+    rounds = math.ceil(m / slots)
+    stage_of = {n: s for s, g in enumerate(stage_nodes) for n in g}
+    Cl = np.asarray(C).tolist()
+    gap = int(round(gap_s / UNIT_S))
+
+    def ms(x: float) -> int:
+        return int(round(x / UNIT_S))
+
+    cand: dict[int, list[tuple[int, ...]]] = {}
+    for h in homes:
+        allc = candidates(stage_nodes, h, C, w, path_length, rules)
+        lst = [c.nodes for c in allc[:per_home]]
+        # Plus the best replicas of every stage order, so CC5 and TC1 can always be met.
+        seen_order: dict[tuple[int, ...], int] = {}
+        for c in allc:
+            o = tuple(stage_of[n] for n in c.nodes)
+            if seen_order.get(o, 0) < per_order and c.nodes not in lst:
+                lst.append(c.nodes)
+                seen_order[o] = seen_order.get(o, 0) + 1
+        for hr in range(len(homes)):
+            for r in list(extra_routes[hr * slots:(hr + 1) * slots]) + list(
+                    (hint or [])[hr * slots:(hr + 1) * slots]):
+                if homes[hr] == h and tuple(r) not in lst:
+                    lst.append(tuple(r))
+        cand[h] = lst
+    md = cp_model.CpModel()
+    pick: dict[tuple[int, int, int], cp_model.IntVar] = {}
+    for hr, h in enumerate(homes):
+        for j in range(slots):
+            for c in range(len(cand[h])):
+                pick[hr, j, c] = md.NewBoolVar("")
+            md.AddExactlyOne(pick[hr, j, c] for c in range(len(cand[h])))
+            if j:  # slots of a home are interchangeable: picks in candidate order
+                md.Add(sum(c * pick[hr, j - 1, c] for c in range(len(cand[h]))) <=
+                       sum(c * pick[hr, j, c] for c in range(len(cand[h]))))
+    per_stage = len(homes) * slots * hops // (S - 1)
+    for s in range(1, S):
+        md.Add(sum(v for (hr, j, c), v in pick.items() for n in cand[homes[hr]][c] if stage_of[n] == s) == per_stage)
+    x: dict[tuple[int, int, int, int], cp_model.IntVar] = {}
+    for hr, h in enumerate(homes):
+        for j in range(slots):
+            for k in range(hops):
+                nodes_k = sorted({cand[h][c][k] for c in range(len(cand[h]))})
+                for n in nodes_k:
+                    v = md.NewBoolVar("")
+                    md.Add(v == sum(pick[hr, j, c] for c in range(len(cand[h])) if cand[h][c][k] == n))
+                    x[hr, j, k, n] = v
+    for n in [n for g in stage_nodes[1:] for n in g]:
+        md.Add(sum(v for (hr, j, k, nn), v in x.items() if nn == n) <= cap[n])
+    horizon = int(rounds * len(homes) * slots * max(c.round_trip_s for h in homes
+                                                     for c in candidates(stage_nodes, h, C, w, path_length,
+                                                                         rules)[:1]) / UNIT_S) + 10 ** 6
+    node_iv: dict[int, list] = {}
+    ends = []
+    for hr, h in enumerate(homes):
+        for j in range(slots):
+            prev_end = None
+            for r in range(rounds):
+                if j + r * slots >= m:
+                    break
+                pos_nodes: list[list[int]] = []  # per chain position: the possible nodes
+                seq = [("home", "F")] + [(k, "F") for k in range(hops)] + [("home", "L")] + \
+                      [(k, "B") for k in reversed(range(hops))] + [("home", "B")]
+                st = []
+                for p, (k, ph) in enumerate(seq):
+                    s = md.NewIntVar(0, horizon, "")
+                    st.append(s)
+                    if k == "home":
+                        d = ms({"F": HOME_F, "L": LOSS, "B": HOME_B}[ph] * w[h])
+                        node_iv.setdefault(h, []).append(md.NewFixedSizeIntervalVar(s, d + gap, ""))
+                        pos_nodes.append([h])
+                    else:
+                        f = BODY_F if ph == "F" else BODY_B
+                        nodes_k = sorted({cand[h][c][k] for c in range(len(cand[h]))})
+                        for n in nodes_k:
+                            node_iv.setdefault(n, []).append(md.NewOptionalFixedSizeIntervalVar(
+                                s, ms(f * w[n]) + gap, x[hr, j, k, n], ""))
+                        pos_nodes.append(nodes_k)
+                if prev_end is not None:
+                    md.Add(st[0] >= prev_end)  # the simulator's injection rule
+                # Durations and link delays follow the pick.
+                for c, route in enumerate(cand[h]):
+                    nodes = [h] + list(route) + [h] + list(reversed(route)) + [h]
+                    lit = pick[hr, j, c]
+                    for p in range(len(seq) - 1):
+                        a, b = nodes[p], nodes[p + 1]
+                        k, ph = seq[p]
+                        d = ms(({"F": HOME_F, "L": LOSS, "B": HOME_B}[ph] if k == "home" else
+                                (BODY_F if ph == "F" else BODY_B)) * w[a])
+                        md.Add(st[p + 1] >= st[p] + d + (ms(Cl[a][b]) if a != b else 0)).OnlyEnforceIf(lit)
+                end = md.NewIntVar(0, horizon, "")
+                md.Add(end == st[-1] + ms(HOME_B * w[h]))
+                ends.append(end)
+                prev_end = end
+    for ivs in node_iv.values():
+        md.AddNoOverlap(ivs)
+    mk = md.NewIntVar(0, horizon, "")
+    md.AddMaxEquality(mk, ends)
+    md.Minimize(mk)
+    if hint is not None:
+        for hr, h in enumerate(homes):
+            chosen = sorted(cand[h].index(tuple(r)) for r in hint[hr * slots:(hr + 1) * slots])
+            for j in range(slots):
+                for c in range(len(cand[h])):
+                    md.AddHint(pick[hr, j, c], int(c == chosen[j]))
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.max_deterministic_time = deterministic_time
+    solver.parameters.random_seed = seed
+    status = solver.Solve(md)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    out = []
+    for hr, h in enumerate(homes):
+        for j in range(slots):
+            c = next(c for c in range(len(cand[h])) if solver.Value(pick[hr, j, c]))
+            out.append(list(cand[h][c]))
+    return out
+
+
+
+def choose_one_route_per_home(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[float], memory: int,
+                              m: int, path_length: int, cap: dict[int, int], gap_s: float, rules: Rules,
+                              max_nodes: int = 400_000) -> list[list[int]] | None:
+    """Every slot of a home on one route (SkipPipe's own structure): a home's microbatches then
+    arrive at its body nodes spaced by the home itself, and with tight capacities no two homes
+    share a body node. Depth-first branch and bound over homes (hardest first), minimising the
+    collision-free makespan bound, then the sum of the homes' bounds; ``max_nodes`` counts
+    candidates tried (deterministic). Slot routes home-major, or None when no such plan exists."""
+    homes = list(stage_nodes[0])
+    S = len(stage_nodes)
+    hops = path_length - 1
+    slots = min(memory, m)
+    rounds = math.ceil(m / slots)
+    stage_of = {n: s for s, g in enumerate(stage_nodes) for n in g}
+    per_stage = len(homes) * slots * hops // (S - 1)
+    if per_stage % slots:
+        return None
+    uses = {n: cap[n] // slots for g in stage_nodes[1:] for n in g}  # homes a body node can carry
+
+    def bound(h: int, rt: float) -> float:
+        return (slots - 1) * (w[h] * HOME_F + gap_s) + (rounds - 1) * gap_s + rounds * rt
+
+    cand = {}
+    for h in homes:
+        best: dict[frozenset, Candidate] = {}
+        for c in candidates(stage_nodes, h, C, w, path_length, rules):
+            best.setdefault(frozenset(c.nodes), c)  # shortest order of each node set
+        cand[h] = sorted(((bound(h, c.round_trip_s), c) for c in best.values()), key=lambda x: (x[0], x[1].nodes))
+    order = sorted(homes, key=lambda h: -cand[h][0][0] if cand[h] else 0)
+    rest_min = [sum(cand[h][0][0] for h in order[k:]) for k in range(len(order))] + [0.0]
+    need = {s: per_stage // slots for s in range(1, S)}
+    state = {"best": None, "key": (math.inf, math.inf), "nodes": 0}
+    chosen: list[Candidate] = []
+
+    def dfs(k: int, mx: float, total: float) -> None:
+        if state["nodes"] >= max_nodes:
+            return
+        state["nodes"] += 1
+        if k == len(order):
+            if (mx, total) < state["key"]:
+                state["key"], state["best"] = (mx, total), list(chosen)
+            return
+        h = order[k]
+        for b, c in cand[h]:
+            state["nodes"] += 1
+            if state["nodes"] >= max_nodes:
+                return
+            nmx = max(mx, b)
+            if (nmx, total + b + rest_min[k + 1]) >= state["key"]:
+                if b >= state["key"][0]:
+                    break  # sorted: every later candidate is at least as long
+                continue
+            if any(uses[n] == 0 for n in c.nodes) or any(need[stage_of[n]] == 0 for n in c.nodes):
+                continue
+            for n in c.nodes:
+                uses[n] -= 1
+                need[stage_of[n]] -= 1
+            chosen.append(c)
+            dfs(k + 1, nmx, total + b)
+            chosen.pop()
+            for n in c.nodes:
+                uses[n] += 1
+                need[stage_of[n]] += 1
+
+    dfs(0, 0.0, 0.0)
+    if state["best"] is None:
+        return None
+    by_home = dict(zip(order, state["best"]))
+    return [list(by_home[h].nodes) for h in homes for _ in range(slots)]
+
+
+__all__ = ["Candidate", "round_trip", "candidates", "count_candidates", "lower_bound", "choose_routes",
+           "schedule_routes", "solve_joint", "choose_one_route_per_home"]
