@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, MissingMandatoryValue, OmegaConfBaseException
 
 from .models.llama import LlamaConfig
-from .schema import ConfigError, JobConfig
+from .schema import ConfigError, JobConfig, quote_failure_schedule
 
 
 def _bad_input() -> tuple[type[Exception], ...]:
@@ -36,18 +36,6 @@ def _bad_input() -> tuple[type[Exception], ...]:
 
 #: The exceptions that mean "bad input": one message, exit code 2, nothing trained.
 BAD_INPUT: tuple[type[Exception], ...] = _bad_input()
-
-
-def quote_failure_schedule(argv: list[str]) -> list[str]:
-    """A failure schedule typed in a shell (``recovery.inject=kill:stage=2,step=5``) arrives unquoted
-    and its commas would read as a Hydra sweep: quote it."""
-    out = []
-    for a in argv:
-        key, _, value = a.partition("=")
-        if key == "recovery.inject" and value and value[0] not in "'\"":
-            a = f'{key}="{value}"'
-        out.append(a)
-    return out
 
 
 @dataclass

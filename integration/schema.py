@@ -333,6 +333,18 @@ class JobConfig:
     progress: bool = True
 
 
+def quote_failure_schedule(argv: list[str]) -> list[str]:
+    """A failure schedule typed in a shell (``recovery.inject=kill:stage=2,step=5``) arrives unquoted
+    and its commas would read as a Hydra sweep: quote it."""
+    out = []
+    for a in argv:
+        key, _, value = a.partition("=")
+        if key == "recovery.inject" and value and value[0] not in "'\"":
+            a = f'{key}="{value}"'
+        out.append(a)
+    return out
+
+
 def register() -> None:
     """Register :class:`JobConfig` as ``schema`` (the first entry of ``hydra_conf/config.yaml``'s defaults)."""
     from hydra.core.config_store import ConfigStore

@@ -207,10 +207,10 @@ def world_size_of(overrides: Sequence[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    quoted = []
-    for a in overrides:  # the same quoting of failure schedules as integration/train.py
-        key, _, value = a.partition("=")
-        quoted.append(f'{key}="{value}"' if key == "recovery.inject" and value and value[0] not in "'\"" else a)
+    # registers the typed schema hydra_conf/config.yaml starts from (imports no torch)
+    from integration.schema import quote_failure_schedule
+
+    quoted = quote_failure_schedule(list(overrides))
     try:
         with initialize_config_dir(config_dir=str(ROOT / "hydra_conf"), version_base=None):
             cfg = compose(config_name="config", overrides=quoted)
