@@ -181,7 +181,7 @@ def _field_of(message: str, default: str) -> str:
 
 def as_config_error(exc: Exception, default_field: str, fix: str = "") -> ConfigError:
     """A library's ValueError as a :class:`ConfigError` on the key its message starts with."""
-    text = str(exc).replace("routing.microbatches", "train.microbatches")
+    text = str(exc)
     key = _field_of(text, default_field)
     if text.startswith(key + ":"):
         text = text[len(key) + 1:].lstrip()

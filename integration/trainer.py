@@ -39,6 +39,11 @@ def setup_environment() -> str:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return "nccl"
     os.environ["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed's CPU op, built by launch/setup.sh into a cache private to this venv: another venv
+    # rebuilding the shared ~/.cache/torch_extensions cannot break this start.
+    private = Path(sys.prefix) / "torch_extensions"
+    if (private / ".skipfree-built").is_file():
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(private))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     return "gloo"

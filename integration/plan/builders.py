@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from .routeplan import RoutePlan, make_route
+from .routeplan import RoutePlan, make_route, route_slots
 
 
 def _check_common(stage_nodes: Sequence[Sequence[int]], microbatches_per_home: int) -> None:
@@ -67,7 +67,7 @@ def checkfree_plus(stage_nodes: Sequence[Sequence[int]], microbatches_per_home: 
     """
     _check_common(stage_nodes, microbatches_per_home)
     if microbatches_per_home % 2:
-        raise ValueError(f"routing.microbatches: CheckFree+ needs an even microbatch count per home replica "
+        raise ValueError(f"train.microbatches: CheckFree+ needs an even microbatch count per home replica "
                          f"(half in order, half swapped), got {microbatches_per_home}")
     L = len(stage_nodes) - 1
     routes = []
@@ -108,10 +108,10 @@ def oblivious_skip(stage_nodes: Sequence[Sequence[int]], microbatches_per_home: 
     if memory is not None:
         if memory < 1:
             raise ValueError(f"routing.memory must be >= 1, got {memory}")
-        slots = min(memory, microbatches_per_home)
-        if microbatches_per_home % slots:
-            raise ValueError(f"routing.microbatches: {microbatches_per_home} microbatches per home are not a "
-                             f"multiple of memory={slots} route slots; use a multiple so every slot is used "
+        slots = route_slots(memory, microbatches_per_home)
+        if slots is None:
+            raise ValueError(f"train.microbatches: {microbatches_per_home} microbatches per home are not a "
+                             f"multiple of memory={memory} route slots; use a multiple so every slot is used "
                              f"equally (CC5)")
     else:
         slots = microbatches_per_home
@@ -128,7 +128,7 @@ def oblivious_skip(stage_nodes: Sequence[Sequence[int]], microbatches_per_home: 
     if free and (n_routes * per_route) % len(free):
         raise ValueError(
             f"routing: CC5 (equal visits) cannot hold: {n_routes} routes x {per_route} free hops are not "
-            f"divisible by {len(free)} skippable stages; change routing.microbatches, routing.memory or "
+            f"divisible by {len(free)} skippable stages; change train.microbatches, routing.memory or "
             f"routing.path_length")
     rng = random.Random(seed)
     target = (n_routes * per_route) // len(free) if free else 0

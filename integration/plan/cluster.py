@@ -43,6 +43,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .textfile import read_bounded_text
+
 GIB = 1024 ** 3
 DEFAULT_OVERHEAD_S = 0.35
 NETWORK_FILE = "skippipe_geo_network.json"
@@ -486,17 +488,8 @@ def parse_cluster_text(text: str, fmt: str, name: str = "cluster") -> Cluster:
 def load_cluster_file(path: str | Path) -> Cluster:
     """Read a cluster from a ``.yaml``/``.yml``/``.json`` file."""
     p = Path(path)
-    if not p.is_file():
-        raise ClusterConfigError(f"cluster file not found: {p}; give a built-in name ({', '.join(builtin_names())}) "
-                                 f"or a YAML/JSON path")
-    try:
-        if p.stat().st_size > MAX_FILE_BYTES:
-            raise ClusterConfigError(f"cluster file {p}: larger than {MAX_FILE_BYTES} bytes; not a cluster file")
-        text = p.read_text()
-    except UnicodeDecodeError:
-        raise ClusterConfigError(f"cluster file {p}: not UTF-8 text") from None
-    except OSError as exc:
-        raise ClusterConfigError(f"cluster file {p}: cannot be read ({exc.strerror})") from None
+    text = read_bounded_text(p, MAX_FILE_BYTES, ClusterConfigError, "cluster file",
+                             f"; give a built-in name ({', '.join(builtin_names())}) or a YAML/JSON path")
     return parse_cluster_text(text, "json" if p.suffix.lower() == ".json" else "yaml", name=p.stem)
 
 

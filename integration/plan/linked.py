@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import product
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -49,6 +49,26 @@ class Candidate:
     nodes: tuple[int, ...]
     round_trip_s: float
 
+
+
+def _shape(stage_nodes, memory: int, m: int, path_length: int):
+    """(homes, S, hops per route, route slots per home, rounds per slot, node -> stage) of a layout."""
+    slots = min(memory, m)
+    return (list(stage_nodes[0]), len(stage_nodes), path_length - 1, slots, math.ceil(m / slots),
+            {n: s for s, g in enumerate(stage_nodes) for n in g})
+
+
+def _solve(md: Any, deterministic_time: float, seed: int) -> Any:
+    """Solve with one worker and a deterministic time budget (every rank gets the same answer); the
+    solver holding a solution, or ``None`` when none was found in the budget."""
+    from ortools.sat.python import cp_model
+
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.max_deterministic_time = deterministic_time
+    solver.parameters.random_seed = seed
+    status = solver.Solve(md)
+    return solver if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
 
 def round_trip(home: int, nodes: Sequence[int], C: np.ndarray, w: Sequence[float]) -> float:
     """Isolated round trip of one microbatch: its compute plus every send, forward and back.
@@ -181,12 +201,7 @@ def choose_routes(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequen
         return md, cand, y, M
 
     def solve(md):
-        solver = cp_model.CpSolver()
-        solver.parameters.num_workers = 1
-        solver.parameters.max_deterministic_time = deterministic_time
-        solver.parameters.random_seed = seed
-        st = solver.Solve(md)
-        return solver if st in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
+        return _solve(md, deterministic_time, seed)
 
     limit: int | None = max_per_home
     md, cand, y, M = build(limit, None)
@@ -270,12 +285,8 @@ def schedule_routes(stage_nodes: Sequence[Sequence[int]], slot_routes: Sequence[
     for e in ends.values():
         md.Add(mk >= e)
     md.Minimize(mk)
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = 1
-    solver.parameters.max_deterministic_time = deterministic_time
-    solver.parameters.random_seed = seed
-    st = solver.Solve(md)
-    if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    solver = _solve(md, deterministic_time, seed)
+    if solver is None:
         return None
     timed: dict[int, list[tuple[int, int, str]]] = {}
     for mb, ch in chains.items():
@@ -307,12 +318,7 @@ def solve_joint(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence
     :func:`schedule_routes` (a smaller model) and keeps whichever replays faster."""
     from ortools.sat.python import cp_model
 
-    homes = list(stage_nodes[0])
-    S = len(stage_nodes)
-    hops = path_length - 1
-    slots = min(memory, m)
-    rounds = math.ceil(m / slots)
-    stage_of = {n: s for s, g in enumerate(stage_nodes) for n in g}
+    homes, S, hops, slots, rounds, stage_of = _shape(stage_nodes, memory, m, path_length)
     Cl = np.asarray(C).tolist()
     gap = int(round(gap_s / UNIT_S))
 
@@ -416,12 +422,8 @@ def solve_joint(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence
             for j in range(slots):
                 for c in range(len(cand[h])):
                     md.AddHint(pick[hr, j, c], int(c == chosen[j]))
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = 1
-    solver.parameters.max_deterministic_time = deterministic_time
-    solver.parameters.random_seed = seed
-    status = solver.Solve(md)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    solver = _solve(md, deterministic_time, seed)
+    if solver is None:
         return None
     out = []
     for hr, h in enumerate(homes):
@@ -440,12 +442,7 @@ def choose_one_route_per_home(stage_nodes: Sequence[Sequence[int]], C: np.ndarra
     share a body node. Depth-first branch and bound over homes (hardest first), minimising the
     collision-free makespan bound, then the sum of the homes' bounds; ``max_nodes`` counts
     candidates tried (deterministic). Slot routes home-major, or None when no such plan exists."""
-    homes = list(stage_nodes[0])
-    S = len(stage_nodes)
-    hops = path_length - 1
-    slots = min(memory, m)
-    rounds = math.ceil(m / slots)
-    stage_of = {n: s for s, g in enumerate(stage_nodes) for n in g}
+    homes, S, hops, slots, rounds, stage_of = _shape(stage_nodes, memory, m, path_length)
     per_stage = len(homes) * slots * hops // (S - 1)
     if per_stage % slots:
         return None

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .routeplan import route_slots
+
 
 class LayoutError(ValueError):
     """A stage layout that cannot satisfy the rules; the message names the constraint and the fix."""
@@ -62,11 +64,10 @@ def check_params(num_stages: int, path_length: int, memory: int, microbatches_pe
         raise LayoutError(f"memory: {memory}; a node must hold at least 1 microbatch (use memory >= 1)")
     if microbatches_per_home < 1:
         raise LayoutError(f"microbatches_per_home: {microbatches_per_home}; use >= 1")
-    slots = min(memory, microbatches_per_home)
-    if microbatches_per_home % slots:
+    if route_slots(memory, microbatches_per_home) is None:
         raise LayoutError(f"memory: {memory} route slots per home cannot share {microbatches_per_home} microbatches "
                           f"equally (TC1 + CC5); use microbatches_per_home a multiple of memory "
-                          f"(e.g. {slots * math.ceil(microbatches_per_home / slots)}) or memory >= "
+                          f"(e.g. {memory * math.ceil(microbatches_per_home / memory)}) or memory >= "
                           f"microbatches_per_home")
 
 

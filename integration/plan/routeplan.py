@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .textfile import read_bounded_text
+
 PLAN_FORMAT_VERSION = 1
 LAYOUTS = ("ring", "linear")
 # Loader bounds: past them a file is refused with a message instead of exhausting memory.
@@ -259,20 +261,7 @@ class RoutePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutePlan":
-        p = Path(path)
-        if p.is_dir():
-            raise PlanFormatError(f"plan file {p} is a directory; give the plan.json inside it")
-        if not p.is_file():
-            raise PlanFormatError(f"plan file not found: {p}")
-        try:
-            if p.stat().st_size > MAX_TEXT:
-                raise PlanFormatError(f"plan file {p}: larger than {MAX_TEXT} bytes; not a plan file")
-            text = p.read_text()
-        except UnicodeDecodeError:
-            raise PlanFormatError(f"plan file {p}: not UTF-8 JSON text") from None
-        except OSError as exc:
-            raise PlanFormatError(f"plan file {p}: cannot be read ({exc.strerror})") from None
-        return cls.from_json(text)
+        return cls.from_json(read_bounded_text(path, MAX_TEXT, PlanFormatError, "plan file"))
 
 
 def _short(v: Any) -> str:
@@ -304,3 +293,10 @@ def grid_stage_nodes(num_stages: int, replicas: int | Sequence[int]) -> list[lis
         out.append(list(range(nxt, nxt + c)))
         nxt += c
     return out
+
+
+def route_slots(memory: int, microbatches_per_home: int) -> int | None:
+    """Distinct routes per home under TC1 (``min(memory, m)``), or ``None`` when the home's ``m``
+    microbatches cannot use them equally (CC5 needs every slot used the same number of times)."""
+    slots = min(memory, microbatches_per_home)
+    return None if microbatches_per_home % slots else slots
