@@ -329,13 +329,12 @@ def check_data(job: JobConfig) -> None:
         bound = sum(f.stat().st_size for f in files) + len(files)
         _check_split_sizes(bound, d.val_fraction, seq, "data.paths", "bytes of text")
     elif d.source == "megatron":
-        prefix = os.path.expanduser(d.prefix)
-        missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
-        if missing:
-            hint = f"give the prefix without extension, e.g. '{prefix[:-4]}'" if prefix.endswith((".bin", ".idx")) \
-                else "point data.prefix at an indexed dataset (without .bin/.idx)"
-            raise ConfigError("data.prefix", f"expected '{prefix}.bin' + '{prefix}.idx'; missing "
-                              f"{', '.join(repr(m) for m in missing)}", hint)
+        from .data.dataset import check_megatron_files
+
+        try:
+            prefix = check_megatron_files(d.prefix)
+        except ValueError as exc:
+            raise as_config_error(exc, "data.prefix") from None
         # Token ids take at least one byte each in megatron's .bin (uint8 is its narrowest dtype).
         bound = os.path.getsize(prefix + ".bin")
         _check_split_sizes(bound, d.val_fraction, seq, "data.prefix", "tokens at most")

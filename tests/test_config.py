@@ -144,6 +144,8 @@ def _data_cases(tmp: Path) -> list[tuple[list[str], str]]:
     small = tmp / "small.txt"  # enough for training samples, not for a validation sample at 1%
     small.write_text("def f(x):\n    return x\n" * 150)
     (tmp / "adir").mkdir()
+    (tmp / "garbage.bin").write_bytes(b"\x07" * 100_000)  # a megatron pair whose index is not one
+    (tmp / "garbage.idx").write_bytes(b"not an index" * 10)
     return [(["data=text", "data.paths=[/nonexistent/dir/*.txt]"], "data.paths"),
             (["data=text", "data.paths=[/nonexistent/file.txt]"], "data.paths"),
             (["data=text", f"data.paths=[{tmp / 'adir'}]"], "data.paths"),
@@ -151,6 +153,7 @@ def _data_cases(tmp: Path) -> list[tuple[list[str], str]]:
             (["data=text", f"data.paths=[{small}]", "data.val_fraction=0.01"], "data.val_fraction"),
             (["data=megatron", "data.prefix=/nonexistent/corpus"], "data.prefix"),
             (["data=megatron", "data.prefix=/nonexistent/corpus.bin"], "data.prefix"),
+            (["data=megatron", f"data.prefix={tmp / 'garbage'}"], "data.prefix"),
             (["routing=file", f"routing.path={tmp / 'adir'}"], "routing.path"),
             (["routing=file", f"routing.path={tmp / 'missing.json'}"], "routing.path")]
 
@@ -197,7 +200,7 @@ def test_bad_plan_file_refused(index, tmp_path, monkeypatch):
     _refused(["routing=file", f"routing.path={path}"], field, tmp_path, monkeypatch)
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(10))
 def test_bad_data_refused(index, tmp_path, monkeypatch):
     overrides, field = _data_cases(tmp_path)[index]
     _refused(overrides, field, tmp_path, monkeypatch)

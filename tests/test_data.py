@@ -229,3 +229,18 @@ def test_megatron_missing_prefix_errors(tmp_path: Path) -> None:
         build_dataset({"source": "megatron"})
     with pytest.raises(ValueError, match="data.source"):
         build_dataset({"source": "hdf5"})
+
+
+def test_megatron_garbage_files_are_a_clear_error(tmp_path: Path) -> None:
+    """Bytes that are not a megatron-core indexed dataset: our message on data.prefix, never
+    megatron's AssertionError (a wrong header) or a raw struct/numpy error (a truncated index)."""
+    from integration.data.dataset import MEGATRON_INDEX_HEADER
+
+    garbage = tmp_path / "garbage"
+    (tmp_path / "garbage.bin").write_bytes(b"\x07" * 4096)
+    (tmp_path / "garbage.idx").write_bytes(b"not an index" * 10)
+    with pytest.raises(ValueError, match=r"data.prefix: .*garbage.idx' is not a Megatron index file"):
+        build_dataset({"source": "megatron", "prefix": str(garbage)})
+    (tmp_path / "garbage.idx").write_bytes(MEGATRON_INDEX_HEADER + b"\x01")  # the right header, then nothing
+    with pytest.raises(ValueError, match=r"data.prefix: .* is not a readable Megatron indexed dataset"):
+        build_dataset({"source": "megatron", "prefix": str(garbage)})

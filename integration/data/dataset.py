@@ -18,11 +18,15 @@ under a file lock with atomic rename (several ranks may build at once).
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+#: The first bytes of a megatron-core ``.idx`` file (``megatron/core/datasets/indexed_dataset.py``).
+MEGATRON_INDEX_HEADER = b"MMIDIDX\x00\x00"
 
 from integration.data.corpus import (
     DEFAULT_MAX_BYTES,
@@ -189,12 +193,10 @@ def tokenize_to_cache(
     return np.memmap(path, dtype=np.int32, mode="r")
 
 
-def load_megatron_tokens(prefix: str) -> np.ndarray:
-    """All token ids of a Megatron indexed dataset (``prefix.bin``/``prefix.idx``) in order.
-
-    Read through ``megatron.core.datasets.indexed_dataset.IndexedDataset`` and copied
-    into memory (the dataset's own mmap closes when it is garbage collected).
-    """
+def check_megatron_files(prefix: str) -> str:
+    """The expanded ``prefix`` of a Megatron indexed dataset whose ``.bin`` and ``.idx`` exist and whose
+    ``.idx`` starts with megatron-core's index header; a ``ValueError`` naming ``data.prefix`` otherwise
+    (without reading the tokens, so the preflight can call it)."""
     if not prefix:
         raise ValueError("data.prefix: required when data.source is 'megatron' (path without .bin/.idx)")
     prefix = os.path.expanduser(str(prefix))
@@ -207,9 +209,28 @@ def load_megatron_tokens(prefix: str) -> np.ndarray:
             f"data.prefix: expected a Megatron indexed dataset '{prefix}.bin' + '{prefix}.idx'; "
             f"missing {', '.join(repr(m) for m in missing)}{hint}"
         )
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(len(MEGATRON_INDEX_HEADER))
+    if header != MEGATRON_INDEX_HEADER:
+        raise ValueError(f"data.prefix: '{prefix}.idx' is not a Megatron index file (its header is not "
+                         f"{MEGATRON_INDEX_HEADER!r}); write the dataset with megatron's preprocess_data.py or "
+                         f"IndexedDatasetBuilder")
+    return prefix
+
+
+def load_megatron_tokens(prefix: str) -> np.ndarray:
+    """All token ids of a Megatron indexed dataset (``prefix.bin``/``prefix.idx``) in order.
+
+    Read through ``megatron.core.datasets.indexed_dataset.IndexedDataset`` and copied
+    into memory (the dataset's own mmap closes when it is garbage collected).
+    """
+    prefix = check_megatron_files(prefix)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    ds = IndexedDataset(prefix, mmap=True)
+    try:
+        ds = IndexedDataset(prefix, mmap=True)
+    except (AssertionError, ValueError, OSError, IndexError, struct.error) as exc:  # megatron asserts on malformed files
+        raise ValueError(f"data.prefix: '{prefix}' is not a readable Megatron indexed dataset ({exc})") from None
     if len(ds) == 0:
         raise ValueError(f"data.prefix: '{prefix}' holds no sequences")
     tokens = np.concatenate(ds[0 : len(ds)])
