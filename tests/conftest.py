@@ -38,7 +38,8 @@ def run_agent(script: tuple[str, ...] | list[str], *args: str, nproc: int, log_d
               timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m launch.agent --nproc N --hot-spares K ... -- <script> <args>`` from the repo root."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    env.pop("RANK", None)
+    for k in ("RANK", "SKIPFREE_DEBUG", "HYDRA_FULL_ERROR"):
+        env.pop(k, None)
     opts = ["--nproc", str(nproc), "--hot-spares", str(hot_spares), "--log-dir", str(log_dir)]
     if heartbeat_timeout is not None:
         opts += ["--heartbeat-timeout", str(heartbeat_timeout)]
@@ -54,6 +55,20 @@ def run_agent_job(tmp: Path, *overrides: str, nproc: int = 5, heartbeat_timeout:
     p = run_agent(WORKER, f"out={tmp}", *overrides, nproc=nproc, log_dir=tmp / "logs",
                   heartbeat_timeout=heartbeat_timeout, max_restarts=max_restarts, timeout=timeout)
     return p.returncode, "\n".join(x for x in p.stderr.splitlines() if x.startswith("agent: "))
+
+
+def run_main_job_under_agent(out: Path, nproc: int, *overrides: str, heartbeat_timeout: float | None = None,
+                             max_restarts: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m launch.agent --nproc N --spares 1 -- integration/train.py ...`` as a user types it,
+    outputs under ``out/out/rank<R>``, agent logs under ``out/logs``."""
+    return run_agent(("integration/train.py",), f"output_root={out}/out", "progress=false", "tensorboard=false",
+                     *overrides, nproc=nproc, log_dir=out / "logs", heartbeat_timeout=heartbeat_timeout,
+                     max_restarts=max_restarts, timeout=timeout)
+
+
+def agent_events(p: subprocess.CompletedProcess) -> list[dict]:
+    """The agent's JSON records (``agent: {...}`` lines on its stderr)."""
+    return [json.loads(line[len("agent: "):]) for line in p.stderr.splitlines() if line.startswith("agent: {")]
 
 
 def rows(tmp: Path, rank: int, name: str) -> list[dict]:

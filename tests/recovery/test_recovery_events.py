@@ -6,12 +6,9 @@ hang from the last heartbeat (so detection takes the heartbeat timeout, not 0)."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import agent_events, run_main_job_under_agent
+
 
 HEARTBEAT_TIMEOUT = 3.0
 # Stage 2 (interior, CheckFree) fails four times in four generations:
@@ -24,15 +21,10 @@ SCHEDULE = ("kill:stage=2,step=3,phase=backward,after_ops=2;kill:stage=2,step=3,
 
 
 def test_every_failure_one_event_superseded_validation_and_hang_timing(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "launch.agent", "--nproc", "4", "--spares", "1", "--max-restarts", "10",
-           "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT), "--log-dir", str(tmp_path / "logs"), "--",
-           "integration/train.py", "recovery=checkfree", "train.steps=8", f"output_root={tmp_path}/out",
-           "progress=false", "tensorboard=false", f"recovery.inject={SCHEDULE}"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = run_main_job_under_agent(tmp_path, 4, "recovery=checkfree", "train.steps=8", f"recovery.inject={SCHEDULE}",
+                                 heartbeat_timeout=HEARTBEAT_TIMEOUT, max_restarts=10)
     assert p.returncode == 0, p.stderr[-4000:]
-    agent = [json.loads(line[len("agent: "):]) for line in p.stderr.splitlines() if line.startswith("agent: {")]
+    agent = agent_events(p)
     assert [(e["rank"], e["generation"]) for e in agent if e["event"] == "failure"] == [(2, g) for g in (1, 2, 3, 4)]
 
     out = tmp_path / "out"

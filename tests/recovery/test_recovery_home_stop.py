@@ -5,16 +5,13 @@ traceback, no crash-and-respawn loop - and no stop message may suggest that sett
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import agent_events, run_main_job_under_agent
+
 from integration.recovery.rebuild import RecoveryError, plan_rebuild
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("fallback", ["copy_neighbour", "error"])
@@ -34,15 +31,10 @@ def test_home_stage_is_never_copied_from_a_body_stage(fallback):
 def test_home_loss_with_copy_neighbour_stops_the_job_with_one_clean_message(tmp_path):
     """The main job as the old stop message told users to run it: home SIGKILLed mid-backward,
     ``recovery=degraded`` (``fallback=copy_neighbour``), no home mirror."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "SKIPFREE_DEBUG", "HYDRA_FULL_ERROR"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "launch.agent", "--nproc", "4", "--spares", "1", "--log-dir", str(tmp_path / "logs"),
-           "--", "integration/train.py", "recovery=degraded", "train.steps=6", f"output_root={tmp_path}/out",
-           "progress=false", "tensorboard=false", "recovery.inject=kill:stage=0,step=2,phase=backward,after_ops=2"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = run_main_job_under_agent(tmp_path, 4, "recovery=degraded", "train.steps=6",
+                                 "recovery.inject=kill:stage=0,step=2,phase=backward,after_ops=2", timeout=300)
     assert p.returncode == 1, p.stderr[-3000:]
-    agent = [json.loads(line[len("agent: "):]) for line in p.stderr.splitlines() if line.startswith("agent: {")]
+    agent = agent_events(p)
     failures = [e for e in agent if e["event"] == "failure"]
     assert len(failures) == 1 and failures[0]["rank"] == 0, failures  # the kill only: no crash, no respawn loop
     (abort,) = [e for e in agent if e["event"] == "abort"]

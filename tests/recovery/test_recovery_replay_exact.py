@@ -10,24 +10,17 @@ command without ``recovery.inject``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import run_main_job_under_agent
+
 
 
 def launch_main_job(out: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
-    """``python -m launch.agent --nproc N --spares 1 -- integration/train.py ...`` as a user types it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "launch.agent", "--nproc", str(nproc), "--spares", "1", "--log-dir",
-           str(out / "logs"), "--", "integration/train.py", f"output_root={out}/out", "progress=false",
-           "tensorboard=false", *overrides]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = run_main_job_under_agent(out, nproc, *overrides)
     assert p.returncode == 0, p.stderr[-4000:]
     return p
 
