@@ -6,6 +6,7 @@ from integration.plan.cluster import load_cluster, load_committed_setting
 from integration.plan.published import PUBLISHED, full_pipeline_27, published_plan
 from integration.plan.rules import Rules, validate
 from integration.plan.simulator import simulate
+from tests.plan.test_planner import _forward_overlap
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
@@ -23,14 +24,6 @@ def test_their_full_pipeline_baseline_within_1pct():
     plan = full_pipeline_27()
     assert plan.num_microbatches == 27 and len(plan.stage_nodes[0]) == 3
     assert simulate(plan, load_cluster("skippipe-20"), mode="paper").iteration_s == pytest.approx(published, rel=0.01)
-
-
-def _forward_overlap(ops):
-    fwd = {}
-    for o in ops:
-        if o.phase == "F":
-            fwd.setdefault(o.node, []).append((o.start, o.end))
-    return any(b[0] < a[1] - 1e-9 for lst in fwd.values() for a, b in zip(sorted(lst), sorted(lst)[1:]))
 
 
 def test_lower_bound_holds_for_their_plans():
