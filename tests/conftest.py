@@ -71,6 +71,31 @@ def agent_events(p: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line[len("agent: "):]) for line in p.stderr.splitlines() if line.startswith("agent: {")]
 
 
+# The head of a rank script for the store-based recovery primitives: a rank context from the
+# environment, its store client, a failure monitor (generation 0) and the gloo group.
+RANK_PRELUDE = r"""
+import json, os, signal, sys, time, torch
+import torch.distributed as dist
+from integration.recovery.context import RankContext
+from integration.recovery.detect import FailureMonitor, PeerFailure, all_reduce, all_gather_object
+ctx = RankContext.from_env()
+store = ctx.connect()
+mon = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, 0, poll_s=0.05).start()
+ctx.init_group(store, 0)
+"""
+
+
+def start_ranks(script: str, world: int, out: Path, store_port: int) -> list[subprocess.Popen]:
+    """``world`` processes running ``RANK_PRELUDE + script`` against the store at ``store_port``
+    (the caller owns the store, outside the ranks); ``OUT`` in their environment is ``out``."""
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, OUT=str(out), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RANK=str(r),
+                   WORLD_SIZE=str(world), SKIPFREE_STORE_HOST="127.0.0.1", SKIPFREE_STORE_PORT=str(store_port))
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_PRELUDE + script], env=env, cwd=ROOT))
+    return procs
+
+
 def rows(tmp: Path, rank: int, name: str) -> list[dict]:
     """The JSON lines of ``tmp/rank<rank>/<name>`` (``events.jsonl``, ``audit.jsonl``)."""
     return [json.loads(x) for x in (tmp / f"rank{rank}" / name).read_text().splitlines()]

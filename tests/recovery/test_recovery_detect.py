@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,21 +13,13 @@ import torch.distributed as dist
 
 from integration.recovery.commit import StepCommit
 from integration.recovery.detect import FailureMonitor, failures_between, read_generation, record_failure
+from tests.conftest import start_ranks
 from tests.dist_utils import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 
 # Rank 0 sends nothing (it sleeps: alive but silent, or is killed); rank 1 waits on rank 0;
 # rank 2 waits on rank 1. Each reports when and how its wait ended.
 RANK = r"""
-import json, os, sys, time, torch
-import torch.distributed as dist
-from integration.recovery.context import RankContext
-from integration.recovery.detect import FailureMonitor, PeerFailure
-ctx = RankContext.from_env()
-store = ctx.connect()
-mon = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, 0, poll_s=0.05).start()
-ctx.init_group(store, 0)
 store.set(f"ready/{ctx.rank}", "1")
 if ctx.rank == 0:
     time.sleep(120)
@@ -47,12 +37,7 @@ os._exit(0)
 
 
 def start(tmp: Path, port: int) -> list[subprocess.Popen]:
-    procs = []
-    for r in range(3):
-        env = dict(os.environ, OUT=str(tmp), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="3",
-                   SKIPFREE_STORE_HOST="127.0.0.1", SKIPFREE_STORE_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", RANK], env=env, cwd=ROOT))
-    return procs
+    return start_ranks(RANK, 3, tmp, port)
 
 
 def _master(port: int) -> dist.TCPStore:

@@ -5,30 +5,18 @@ path), not let the raw gloo ``RuntimeError`` kill the survivor (which made one k
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch.distributed as dist
 
+from tests.conftest import start_ranks
 from tests.dist_utils import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 
 # Rank 1 SIGKILLs itself after the group formed; rank 0 then uses every failure-aware transfer
 # towards it. Gloo closes the pair on the first error, so each later launch raises at once.
 RANK = r"""
-import json, os, signal, time, torch
-import torch.distributed as dist
-from integration.recovery.context import RankContext
-from integration.recovery.detect import FailureMonitor, PeerFailure, all_reduce, all_gather_object
 from integration.recovery.transfer import recv_state, send_state
 from integration.runtime.p2p import RoutedP2P, TensorSpec
-ctx = RankContext.from_env()
-store = ctx.connect()
-mon = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, 0, poll_s=0.05).start()
-ctx.init_group(store, 0)
 all_reduce(torch.zeros(1), mon, "warm-up")
 if ctx.rank == 1:
     os.kill(os.getpid(), signal.SIGKILL)
@@ -61,11 +49,7 @@ os._exit(0)
 def test_launch_error_to_a_dead_peer_is_a_peer_failure(tmp_path):
     port = free_port()
     master = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=True, wait_for_workers=False)
-    procs = []
-    for r in range(2):
-        env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RANK=str(r),
-                   WORLD_SIZE="2", SKIPFREE_STORE_HOST="127.0.0.1", SKIPFREE_STORE_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", RANK], env=env, cwd=ROOT))
+    procs = start_ranks(RANK, 2, tmp_path, port)
     try:
         assert procs[0].wait(timeout=120) == 0
         assert procs[1].wait(timeout=30) == -9
