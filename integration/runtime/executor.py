@@ -13,9 +13,10 @@ from typing import Callable, Protocol
 
 import torch
 
+from .boundary import BoundaryLayout, recv_payload, send_payload
 from .p2p import RoutedP2P, TensorSpec
-from .program import (BWD, FWD, LOAD, LOSS_PARTS, PART_EMBED, PART_FIRST, RECV_ACT, RECV_GRAD, RECV_LABELS,
-                      SEND_ACT, SEND_GRAD, SEND_LABELS, Op)
+from .program import (BWD, FWD, LOAD, LOSS_PARTS, PART_EMBED, PART_FIRST, RECV_ACT, RECV_BATCH, RECV_GRAD,
+                      RECV_LABELS, SEND_ACT, SEND_BATCH, SEND_GRAD, SEND_LABELS, Op)
 
 
 BACKWARD_KINDS = (BWD, SEND_GRAD, RECV_GRAD)
@@ -38,6 +39,13 @@ class StageHandler(Protocol):
 
     def backward(self, part: str, mb: int, output: torch.Tensor, grad: torch.Tensor) -> None:
         """Backward from ``output`` with the gradient received from downstream."""
+
+    # Only for programs compiled with ``carry_batch=True``:
+    def batch_tensors(self, mb: int) -> list[torch.Tensor]:
+        """Home: the flattened data batch of ``mb`` to send along its route."""
+
+    def receive_batch(self, mb: int, tensors: list[torch.Tensor], layout: BoundaryLayout) -> None:
+        """Another node of the route: the data batch of ``mb`` as the home loaded it."""
 
 
 @dataclass
@@ -65,6 +73,8 @@ class ProgramExecutor:
         self.label_spec = label_spec
         self.step = 0
         self.forward_only = False
+        # carry_batch programs: (home rank, "batch") -> the layout agreed in the boundary handshake.
+        self.recv_layouts: dict[tuple[int, str], BoundaryLayout] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -162,7 +172,19 @@ class ProgramExecutor:
     def _op_recv_labels(self, op: Op) -> None:
         self.labels[op.mb] = self.p2p.recv(self.label_spec, op.peer, "labels", op.mb, self.step)
 
+    def _op_send_batch(self, op: Op) -> None:
+        send_payload(self.p2p, self.handler.batch_tensors(op.mb), op.peer, "batch", op.mb, self.step)
+
+    def _op_recv_batch(self, op: Op) -> None:
+        layout = self.recv_layouts.get((op.peer, "batch"))
+        if layout is None:
+            raise RuntimeError(f"rank {self.rank}: no agreed batch layout from rank {op.peer} (run the boundary "
+                               f"handshake before a carry_batch program)")
+        self.handler.receive_batch(op.mb, recv_payload(self.p2p, layout, op.peer, "batch", op.mb, self.step), layout)
+        self.labels[op.mb] = None  # the labels travel inside the batch; the handler's loss reads them there
+
 
 # Every op kind has a method; checked at import so a new kind cannot be silently ignored.
-for _kind in (LOAD, FWD, BWD, SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD, SEND_LABELS, RECV_LABELS):
+for _kind in (LOAD, FWD, BWD, SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD, SEND_LABELS, RECV_LABELS, SEND_BATCH,
+              RECV_BATCH):
     assert hasattr(ProgramExecutor, f"_op_{_kind}"), _kind

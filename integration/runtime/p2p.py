@@ -20,7 +20,7 @@ HEADER_LEN = 12
 MAX_DIMS = HEADER_LEN - 6
 HEADER_BYTES = HEADER_LEN * 8
 
-KIND_CODES = {"act": 1, "grad": 2, "labels": 3}
+KIND_CODES = {"act": 1, "grad": 2, "labels": 3, "batch": 4}  # batch: a microbatch's data along its route
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
            torch.bool]
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}

@@ -45,6 +45,8 @@ SEND_GRAD = "send_grad"
 RECV_GRAD = "recv_grad"
 SEND_LABELS = "send_labels"
 RECV_LABELS = "recv_labels"
+SEND_BATCH = "send_batch"  # carry_batch: the home's whole data batch to another node of the route
+RECV_BATCH = "recv_batch"
 
 @dataclass(frozen=True)
 class Op:
@@ -103,11 +105,14 @@ def _chain(plan: RoutePlan, route) -> list[tuple[int, str, bool]]:
 
 
 
-def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
+def compile_plan(plan: RoutePlan, max_inflight: int | None = None, carry_batch: bool = False) -> Program:
     """Compile ``plan`` into per-rank programs sharing one deadlock-free global order.
 
     ``max_inflight`` bounds microbatches in flight per home node (default: the number of
     compute steps on a route, enough to fill the pipeline like 1F1B's warm-up).
+    ``carry_batch``: instead of sending labels to the loss node (linear layout), the home sends its
+    whole data batch to every other node of the route, once per node, in the order the route visits
+    them (megatron hands every stage the batch: masks and position ids are used on every stage).
     """
     routes = sorted(plan.routes, key=lambda r: r.mb)
     chains = {r.mb: _chain(plan, r) for r in routes}
@@ -209,7 +214,10 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
         chain = chains[mb]
         node, part, bwd = chain[idx]
         route = route_of[mb]
-        if not bwd and idx == 0 and plan.layout == "linear":
+        if not bwd and idx == 0 and carry_batch:
+            for dst in dict.fromkeys(n for n, _, _ in chain if n != route.home_node):
+                emit_transfer(SEND_BATCH, RECV_BATCH, mb, route.home_node, dst)
+        elif not bwd and idx == 0 and plan.layout == "linear":
             emit_transfer(SEND_LABELS, RECV_LABELS, mb, route.home_node, route.hops[-1].node)
         if idx + 1 < len(chain):
             nxt_node = chain[idx + 1][0]

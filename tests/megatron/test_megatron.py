@@ -52,7 +52,8 @@ def _train(layout: str, tp: int, pp: int, plan_fn, m: int, steps: int, *, stock:
     if stock:
         fb = get_forward_backward_func()
     else:
-        fb = RoutedForwardBackward(plan, num_microbatches=m, rules=rules, grid=grid)
+        fb = RoutedForwardBackward(plan, num_microbatches=m, rules=rules, grid=grid,
+                                   allow_unvisited=rules is not None and not rules.equal_visits)
         fb.guard_optimizer(opt)
     stage, replica, t = grid.coords(dist.get_rank())
     losses = []
@@ -325,23 +326,13 @@ def test_bad_parallel_layout_and_version_refused_before_any_group_exists(monkeyp
     assert not dist.is_initialized()  # refused before any process group or model was built
 
 
-# ----------------------------------------------------------------------------- launch 2 (2 ranks): example + backend
+# ----------------------------------------------------------------------------- launch 2 (2 ranks): main job backend
 def _launch_two(rank: int, world: int):
-    import importlib.util
-    from pathlib import Path
-
     from omegaconf import OmegaConf
 
     from integration.backends.megatron.backend import build_megatron_backend
 
-    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "megatron_gpt_routed.py"
-    spec = importlib.util.spec_from_file_location("megatron_gpt_routed", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    out = {"stock": example.train(2, "full", routed=False), "routed": example.train(2, "full", routed=True)}
-    marked = [line for line in path.read_text().splitlines() if "# ROUTED" in line]
-    out["marked_lines"] = len(marked)
-
+    out = {}
     cfg = OmegaConf.create({
         "parallel": {"stages": 2, "replicas": 1, "tensor": 1},
         "model": {"layout": "ring", "d_model": HIDDEN, "n_heads": HEADS, "layers_per_stage": 1, "seq_len": SEQ,
@@ -361,11 +352,9 @@ def _launch_two(rank: int, world: int):
     return out
 
 
-def test_example_loop_and_main_job_backend():
+def test_main_job_backend():
     results = run_workers(_launch_two, 2)
     for r in results:
-        assert r["stock"] == r["routed"]  # the full plan reproduces megatron's stock 1F1B bitwise
-        assert 1 <= r["marked_lines"] <= 10
         assert r["stage_of_rank"] == [(0, 0), (1, 0)]
         assert r["grid_matches_config"]
     a, b = results

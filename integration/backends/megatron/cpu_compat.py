@@ -52,6 +52,13 @@ _SHIMMED_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.parallel_state",
     "megatron.core.utils",
+    # dist_checkpointing save/load: torch.cuda.synchronize()/current_device() and device="cuda" buffers
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
 
 # Private names the patches replace or wrap; their absence means an unsupported megatron-core.
