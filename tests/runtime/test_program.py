@@ -18,7 +18,7 @@ def execute(program, seed=0):
     pos = {r: 0 for r in program.ops}
     channels = defaultdict(deque)  # (src, dst) -> messages in flight
     done_compute = set()
-    pair = {P.SEND_ACT: P.RECV_ACT, P.SEND_GRAD: P.RECV_GRAD, P.SEND_LABELS: P.RECV_LABELS}
+    pair = {P.SEND_ACT: P.RECV_ACT, P.SEND_GRAD: P.RECV_GRAD, P.SEND_LABELS: P.RECV_LABELS, P.SEND_BATCH: P.RECV_BATCH}
     while any(pos[r] < len(program.ops[r]) for r in program.ops):
         runnable = []
         for r, ops in program.ops.items():
@@ -126,3 +126,26 @@ def test_node_order_is_followed_and_infeasible_order_rejected():
     plan.node_order = {1: [(0, "B"), (0, "F"), (1, "F"), (1, "B"), (2, "F"), (2, "B")]}
     with pytest.raises(ValueError, match="node_order cannot be followed"):
         P.compile_plan(plan)
+
+
+@pytest.mark.parametrize("layout", ["linear", "ring"])
+def test_carry_batch_sends_the_batch_once_to_every_other_node_of_the_route_before_it_computes(layout):
+    plan = oblivious_skip(grid_stage_nodes(4, 2), 3, 3, seed=1, layout=layout)
+    plain, carried = P.compile_plan(plan), P.compile_plan(plan, carry_batch=True)
+    assert not any(op.kind in (P.SEND_BATCH, P.RECV_BATCH) for ops in plain.ops.values() for op in ops)
+    for route in plan.routes:
+        others = {h.node for h in route.hops} - {route.home_node}
+        sent = [op.peer for op in carried.for_rank(route.home_node) if op.kind == P.SEND_BATCH and op.mb == route.mb]
+        assert sorted(sent) == sorted(others)
+        for node in others:
+            ops = carried.for_rank(node)
+            first_recv = next(i for i, op in enumerate(ops) if op.kind == P.RECV_BATCH and op.mb == route.mb)
+            first_fwd = next(i for i, op in enumerate(ops) if op.kind == P.FWD and op.mb == route.mb)
+            assert first_recv < first_fwd
+    assert not any(op.kind in (P.SEND_LABELS, P.RECV_LABELS) for ops in carried.ops.values() for op in ops)
+    # Compute ops are the same, in the same order, with or without the batch transfers.
+    compute = lambda prog: {r: [(o.kind, o.mb, o.part) for o in ops if o.kind in (P.FWD, P.BWD)]  # noqa: E731
+                            for r, ops in prog.ops.items()}
+    assert compute(plain) == compute(carried)
+    execute(carried)
+    check_dependencies(carried)
