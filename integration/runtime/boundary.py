@@ -4,8 +4,8 @@ A boundary payload is a nested structure (tensor, tuple, list, dict, None) flatt
 tensors plus a :class:`BoundaryLayout` (the structure and every tensor's shape and dtype). Float
 tensors carry gradients back along the route, integer/bool ones (tokens, labels, masks) do not.
 The single-tensor activation path of :class:`~integration.runtime.p2p.RoutedP2P` stays as it is; a
-layout is sent as one header-checked message per tensor, in order (the program's global order
-matches the k-th send of a pair with its k-th receive, so no tags are needed).
+payload travels as one header-checked message of its tensors' bytes, packed 8-byte aligned (its
+size is checked on arrival; the handshake has already agreed on the layout).
 
 :func:`handshake` runs once per plan, before the first transfer: every rank publishes what it will
 send to whom and what it expects from whom, all ranks check every pair with the same data, and a
@@ -102,16 +102,37 @@ def unflatten(tensors: list[torch.Tensor], layout: BoundaryLayout) -> Any:
     return build(layout.structure)
 
 
+_ALIGN = 8  # every tensor starts 8-byte aligned inside a packed payload (viewable as any dtype)
+
+
+def _nbytes(spec: TensorSpec) -> int:
+    n = torch.Size(spec.shape).numel() * torch.empty((), dtype=spec.dtype).element_size()
+    return n + (-n) % _ALIGN
+
+
 def send_payload(p2p: RoutedP2P, tensors: list[torch.Tensor], peer: int, kind: str, mb: int, step: int) -> None:
-    """Send a flattened payload: one header-checked message per tensor, in order."""
+    """Send a flattened payload as ONE header-checked message (its tensors' bytes, packed)."""
+    chunks = []
     for t in tensors:
-        p2p.send(t, peer, kind, mb, step)
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        chunks.append(raw)
+        if raw.numel() % _ALIGN:
+            chunks.append(torch.zeros((-raw.numel()) % _ALIGN, dtype=torch.uint8, device=raw.device))
+    packed = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+    p2p.send(packed, peer, kind, mb, step)
 
 
 def recv_payload(p2p: RoutedP2P, layout: BoundaryLayout, peer: int, kind: str, mb: int, step: int
                  ) -> list[torch.Tensor]:
-    """Receive the tensors of a payload of ``layout`` (each checked against its spec on arrival)."""
-    return [p2p.recv(spec, peer, kind, mb, step) for spec in layout.specs]
+    """Receive the tensors of a payload of ``layout`` (views into the one received message)."""
+    sizes = [_nbytes(spec) for spec in layout.specs]
+    packed = p2p.recv(TensorSpec((sum(sizes),), torch.uint8), peer, kind, mb, step)
+    out, offset = [], 0
+    for spec, size in zip(layout.specs, sizes):
+        n = torch.Size(spec.shape).numel() * torch.empty((), dtype=spec.dtype).element_size()
+        out.append(packed[offset:offset + n].view(spec.dtype).view(spec.shape))
+        offset += size
+    return out
 
 
 def _describe(node: Structure, specs: tuple[TensorSpec, ...]) -> str:

@@ -34,7 +34,8 @@ def _worker(rank: int, world: int) -> dict:
         return f"stage {r}"
 
     out = {}
-    batch = {"tokens": torch.arange(8).reshape(2, 4), "loss_mask": torch.ones(2, 4), "attention_mask": None}
+    batch = {"flags": torch.tensor([True, False, True]), "tokens": torch.arange(8).reshape(2, 4),
+             "loss_mask": torch.linspace(0, 1, 8).reshape(2, 4), "attention_mask": None}  # odd-sized bool first
     tensors, lay = flatten(batch)
     act = single(TensorSpec((4, 2, 8), torch.float32)).key()
     # 1. agreement: rank 0 sends the batch (rank 1 adopts its layout) and activations both ways.
@@ -47,7 +48,8 @@ def _worker(rank: int, world: int) -> dict:
         got = handshake({(0, "act"): act}, {(0, "batch"): None, (0, "act"): act}, describe_rank=name)
         received = unflatten(recv_payload(RoutedP2P(rank), got[(0, "batch")], 0, "batch", 0, 1), got[(0, "batch")])
         out["batch_equal"] = (torch.equal(received["tokens"], batch["tokens"]) and received["attention_mask"] is None
-                              and torch.equal(received["loss_mask"], batch["loss_mask"]))
+                              and torch.equal(received["loss_mask"], batch["loss_mask"])
+                              and torch.equal(received["flags"], batch["flags"]))
     out["layouts"] = sorted(got)
     # 2. rank 1 expects another activation shape; 3. rank 1 expects a batch rank 0 does not send;
     # 4. a local refusal on rank 1 only. Every rank must raise the same error.
