@@ -49,6 +49,7 @@ from megatron.core.pipeline_parallel import schedules as mcore_schedules
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_attr_wrapped_model, get_model_config, get_model_type
 
+from ...plan.builders import build_plan
 from ...plan.routeplan import RoutePlan
 from ...plan.rules import Rules
 from ...runtime import boundary
@@ -109,8 +110,6 @@ class RoutedForwardBackward:
         ``kind`` is ``build_plan``'s (full | skip | checkfree_plus); ``num_microbatches`` is per
         data-parallel replica, as megatron's. A skip plan that skips nothing is warned about.
         """
-        from ...plan.builders import build_plan
-
         layout = model_layout(model)
         if layout is None:
             raise ValueError(f"RoutedForwardBackward.for_model: cannot tell the layout of a "
