@@ -2,7 +2,7 @@
 
 megatron-core assumes a GPU in a few spots that a CPU training job reaches: ``device="cuda"``
 factories and ``torch.cuda.current_device()`` buffers (schedules, p2p, grad buffers, clipping,
-masks, rotary tables), ``torch.cuda.synchronize()``, the CUDA RNG state tracker, a
+masks, rotary tables, ``dist_checkpointing`` save/load), ``torch.cuda.synchronize()``, the CUDA RNG state tracker, a
 ``Tensor.cuda()`` when tied embeddings are synchronised, and an assertion that fp32 grads are
 ``torch.cuda.FloatTensor`` in grad clipping. The patches are:
 
