@@ -231,6 +231,12 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
     return Program(plan=plan, ops=dict(ops), stage_visits=plan.stage_visits())
 
 
+def as_program(plan: RoutePlan | Program, max_inflight: int | None = None) -> Program:
+    """A :class:`Program` as given (the main job compiles once, in its preflight or on a resample),
+    or ``plan`` compiled here (user code hands plans)."""
+    return plan if isinstance(plan, Program) else compile_plan(plan, max_inflight)
+
+
 def _is_ordered_step(chain: list[tuple[int, str, bool]], idx: int) -> bool:
     """Whether chain step ``idx`` is a node visit listed in node_order: a node's first forward
     or its last backward for that microbatch (the ring home's head steps are not)."""
