@@ -62,7 +62,8 @@ def run(job: str, steps: int, phase: str, kill_stage: int, spare: bool, routing:
 
 
 def home_sync_cost(steps: int, vocab: int, d_model: int, on: bool) -> dict:
-    """One failure-free run of the recovery preset; per-step timings from the audit, replication traffic from final.pt."""
+    """One failure-free run of the recovery preset; per-step timings from the audit, replication traffic
+    from final.pt."""
     import statistics
 
     import torch

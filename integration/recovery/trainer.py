@@ -66,14 +66,14 @@ class FaultTolerantTrainer(Trainer):
             os._exit(1)  # as at the normal end: a waiter thread in a dead group's gloo wait would abort shutdown
 
     def setup(self) -> None:
+        import faulthandler
+        import signal
+
         from .checkpoint import Checkpointer
         from .context import RankContext
         from .detect import PeerFailure, all_gather_object
         from .events import EventLog
         from .session import FaultTolerantSession, RecoverySettings
-
-        import faulthandler
-        import signal
 
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is a stuck rank?
         if "RANK" not in os.environ and "SKIPFREE_SPARE" not in os.environ:

@@ -231,6 +231,11 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None) -> Program:
     return Program(plan=plan, ops=dict(ops), stage_visits=plan.stage_visits())
 
 
+def plan_of(plan: RoutePlan | Program) -> RoutePlan:
+    """The plan itself, or the plan a :class:`Program` was compiled from."""
+    return plan.plan if isinstance(plan, Program) else plan
+
+
 def as_program(plan: RoutePlan | Program, max_inflight: int | None = None) -> Program:
     """A :class:`Program` as given (the main job compiles once, in its preflight or on a resample),
     or ``plan`` compiled here (user code hands plans)."""

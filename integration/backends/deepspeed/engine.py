@@ -37,7 +37,7 @@ from ...plan.routeplan import RoutePlan
 from ...plan.rules import Rules, check_fits_grid
 from ...runtime.executor import IterationResult, ProgramExecutor
 from ...runtime.p2p import RoutedP2P, TensorSpec
-from ...runtime.program import PART_EMBED, PART_HEAD, Program, as_program
+from ...runtime.program import PART_EMBED, PART_HEAD, Program, as_program, plan_of
 from ...runtime.gradient import check_gradient_rule, gradient_factor, stage_moves
 from . import schedule as rsched
 
@@ -73,8 +73,7 @@ class RoutedPipelineEngine(PipelineEngine):
         model = kwargs["model"]
         config_class = kwargs["config_class"]
         # Refuse an invalid plan before DeepSpeed builds anything or any rank computes.
-        program = as_program(routing.plan, routing.max_inflight)
-        check_plan_fits(program.plan, model, config_class.gradient_accumulation_steps, routing)
+        check_plan_fits(plan_of(routing.plan), model, config_class.gradient_accumulation_steps, routing)
         super().__init__(*args, **kwargs)
         if routing.gradient_rule == "visited" and (self.using_bf16_optimizer or self.zero_optimization()):
             raise ValueError("routing.gradient_rule=visited rescales .grad after the reduction, which the bf16/ZeRO "
@@ -88,16 +87,15 @@ class RoutedPipelineEngine(PipelineEngine):
                                         TensorSpec(tuple(routing.act_shape), act_dtype),
                                         TensorSpec(tuple(routing.label_shape), torch.int64))
         self.last_result: IterationResult | None = None
-        self.set_plan(program)
+        self.set_plan(routing.plan)
 
     # ----------------------------------------------------------------- plan
     def set_plan(self, plan: RoutePlan | Program) -> None:
         """Switch to another plan (same stage layout), validated here; a plan is compiled here, a
         :class:`Program` (already compiled) is run as given."""
+        check_plan_fits(plan_of(plan), self.module, self.micro_batches, self.routing)
         program = as_program(plan, self.routing.max_inflight)
-        plan = program.plan
-        check_plan_fits(plan, self.module, self.micro_batches, self.routing)
-        self.plan = plan
+        self.plan = plan = program.plan
         self.program: Program = program
         self.my_ops = self.program.for_rank(self.global_rank)
         self.stage_visits = self.program.stage_visits

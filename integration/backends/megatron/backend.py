@@ -25,16 +25,12 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from ...backend import BatchSource, StepResult, TrainingBackend
 from ...plan.builders import full_pipeline
 from ...plan.routeplan import Hop, MicrobatchRoute, RoutePlan, grid_stage_nodes
-from ...runtime.program import Program
+from ...runtime.program import Program, plan_of
 from .build import (build_model, build_optimizer, check_parallel_layout, gpt_forward_step, initialize_megatron)
 from .cpu_compat import check_megatron_version
 from .layout import MegatronGrid, check_plan_fits
 from .schedule import RoutedForwardBackward
 from .stages import gpt_config
-
-
-def _plan_of(plan: RoutePlan | Program) -> RoutePlan:
-    return plan.plan if isinstance(plan, Program) else plan
 
 
 def relabel_plan(plan: RoutePlan, stage_nodes: list[list[int]]) -> RoutePlan:
@@ -66,8 +62,8 @@ class MegatronBackend(TrainingBackend):
         self.micro_batch_size = int(cfg.train.micro_batch_size)
         self.seq_len = int(m.seq_len)
         self.microbatches = int(cfg.train.microbatches)
-        if _plan_of(plan).num_stages != stages:
-            raise ValueError(f"routing plan: it has {_plan_of(plan).num_stages} stages but parallel.stages is {stages}")
+        if plan_of(plan).num_stages != stages:
+            raise ValueError(f"routing plan: it has {plan_of(plan).num_stages} stages but parallel.stages is {stages}")
 
         self.tensor, self.stages = tensor, stages
         self.model_cfg = model_cfg
@@ -81,9 +77,9 @@ class MegatronBackend(TrainingBackend):
         tensor, stages = self.tensor, self.stages
         initialize_megatron(tensor, stages, int(train.seed))
         self.grid = MegatronGrid.from_parallel_state()
-        if tensor > 1 and _plan_of(plan).stage_nodes == grid_stage_nodes(stages, self.replicas):
-            plan = relabel_plan(_plan_of(plan), self.grid.stage_nodes)
-        check_plan_fits(_plan_of(plan), self.grid, self.microbatches)  # before any model is built
+        if tensor > 1 and plan_of(plan).stage_nodes == grid_stage_nodes(stages, self.replicas):
+            plan = relabel_plan(plan_of(plan), self.grid.stage_nodes)
+        check_plan_fits(plan_of(plan), self.grid, self.microbatches)  # before any model is built
         layers = int(m.layers_per_stage)
         num_layers = layers * (stages if self.layout == "linear" else stages - 1)
         self.config = gpt_config(num_layers=num_layers, hidden_size=int(m.d_model), num_attention_heads=int(m.n_heads),
@@ -123,8 +119,8 @@ class MegatronBackend(TrainingBackend):
     # ------------------------------------------------------------------ contract
     def set_plan(self, plan: RoutePlan | Program) -> None:
         """Run ``plan`` from the next step on (checked against the grid; a Program runs as compiled)."""
-        if self.tensor > 1 and _plan_of(plan).stage_nodes == grid_stage_nodes(self.stages, self.replicas):
-            plan = relabel_plan(_plan_of(plan), self.grid.stage_nodes)
+        if self.tensor > 1 and plan_of(plan).stage_nodes == grid_stage_nodes(self.stages, self.replicas):
+            plan = relabel_plan(plan_of(plan), self.grid.stage_nodes)
         self.fb.set_plan(plan, self.microbatches)
         self.plan, self.program = self.fb.plan, self.fb.program
 
@@ -180,7 +176,8 @@ class MegatronBackend(TrainingBackend):
         return self._mean_loss(outputs)
 
 
-def build_megatron_backend(cfg: Any, plan: RoutePlan | Program, model_cfg: Any, rank: int, world_size: int) -> MegatronBackend:
+def build_megatron_backend(cfg: Any, plan: RoutePlan | Program, model_cfg: Any, rank: int,
+                           world_size: int) -> MegatronBackend:
     """The ``backend=megatron`` entry point of the main job (``integration/train.py``).
 
     Every check (megatron-core version, TP vs heads, world layout, plan vs rank grid) runs before

@@ -46,7 +46,7 @@ from ...plan.routeplan import RoutePlan
 from ...plan.rules import Rules
 from ...runtime.executor import ProgramExecutor
 from ...runtime.p2p import RoutedP2P, TensorSpec
-from ...runtime.program import LOSS_PARTS, PART_EMBED, PART_FIRST, PART_HEAD, PART_LAST, Program, as_program
+from ...runtime.program import LOSS_PARTS, PART_EMBED, PART_FIRST, PART_HEAD, PART_LAST, Program, as_program, plan_of
 from ...runtime.gradient import check_gradient_rule, gradient_factor, stage_moves
 from .cpu_compat import apply_cpu_patches, check_megatron_version
 from .layout import MegatronGrid, check_plan_fits
@@ -60,7 +60,8 @@ class RoutedForwardBackward:
     before any rank computes.
     """
 
-    def __init__(self, plan: RoutePlan | Program, *, num_microbatches: int | None = None, gradient_rule: str = "visited",
+    def __init__(self, plan: RoutePlan | Program, *, num_microbatches: int | None = None,
+                 gradient_rule: str = "visited",
                  max_inflight: int | None = None, rules: Rules | None = None, grid: MegatronGrid | None = None,
                  p2p_wait: Callable[[object, str], None] | None = None,
                  before_op: Callable[[Any], None] | None = None):
@@ -90,10 +91,10 @@ class RoutedForwardBackward:
     def set_plan(self, plan: RoutePlan | Program, num_microbatches: int | None = None) -> None:
         """Validate ``plan`` against the megatron grid and compile this rank's program (a :class:`Program`,
         compiled already, e.g. by the main job's preflight, is run as given)."""
-        program = as_program(plan, self.max_inflight)
-        plan = program.plan
+        given, plan = plan, plan_of(plan)
         m = num_microbatches if num_microbatches is not None else len(plan.routes_from(plan.stage_nodes[0][0]))
         check_plan_fits(plan, self.grid, m, self.rules)
+        program = as_program(given, self.max_inflight)
         self.plan = plan
         self.num_microbatches = m
         self.program: Program = program
