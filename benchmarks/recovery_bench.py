@@ -1,10 +1,10 @@
 """Recovery cost on this machine: run a job under launch.agent, SIGKILL a stage, print the time breakdown.
 
-    python benchmarks/recovery_bench.py [--job worker|main] [--backend deepspeed|megatron] [--spare hot,cold]
+    python benchmarks/recovery_bench.py [--job preset|main] [--backend deepspeed|megatron] [--spare hot,cold]
         [--phase forward] [--steps 6]
     python benchmarks/recovery_bench.py --home-sync-cost [--steps 20] [--model-sizes 128x32,8192x128]
 
-``--job worker``: the small fault-tolerant worker (ring model d=32, 5 ranks);
+``--job preset``: the main job with the recovery tests' preset (``preset=recovery_test``: ring model d=32, 5 ranks);
 ``--job main``: the main job (``integration/train.py recovery=checkfree``, default tiny model, 4 ranks).
 ``--spare hot``: a pre-started hot spare is promoted; ``cold``: the agent spawns a fresh process.
 One table row per (job, spare) from rank 0's recovery event (rank 0 is a survivor): method,
@@ -12,9 +12,10 @@ detection, regroup, transfer (exchange + state, includes waiting for the joiner)
 failure -> first good step, loss before/after.
 
 ``--home-sync-cost``: the price of CheckFree+ home replication (``recovery.home_replica``) without
-failures: the worker (5 ranks, CheckFree+ routing) with replication off and on, per model size
-(``VOCABxD_MODEL``): median seconds per step on rank 0 (steps after the first two), the home's bytes
-sent per step (gradients to both holders), its sync seconds per step and the holders' seconds per step
+failures: the main job with ``preset=recovery_test`` (5 ranks, CheckFree+ routing) with replication off
+and on, per model size (``VOCABxD_MODEL``; vocabulary 257 is the bytes tokenizer, any other a BPE of
+that size): median seconds per step on rank 0 (steps after the first two), the home's bytes sent per
+step (gradients to both holders), its sync seconds per step and the holders' seconds per step
 (receive + mirror optimizer step), and the one-off full sync per generation.
 """
 
@@ -41,9 +42,10 @@ def run(job: str, steps: int, phase: str, kill_stage: int, spare: bool, routing:
         env.pop("RANK", None)
         inject = f"kill:stage={kill_stage},step={steps // 2},phase={phase}"
         witness = f"rank{2 if kill_stage == 0 else 0}"
-        if job == "worker":
+        if job == "preset":
             nproc, events = 5, Path(tmp) / witness / "events.jsonl"
-            target = ["-m", "integration.recovery.worker", f"out={tmp}", f"train.steps={steps}", f"routing={routing}",
+            target = ["integration/train.py", "preset=recovery_test", f"output_root={tmp}", f"train.steps={steps}",
+                      f"routing={routing}",
                       f'recovery.inject="{inject}"', f"recovery.home_replica={str(home_replica).lower()}",
                       f"backend={backend}"]
         else:
@@ -60,7 +62,8 @@ def run(job: str, steps: int, phase: str, kill_stage: int, spare: bool, routing:
 
 
 def home_sync_cost(steps: int, vocab: int, d_model: int, on: bool) -> dict:
-    """One failure-free worker run; per-step timings from the audit, replication traffic from final.pt."""
+    """One failure-free run of the recovery preset; per-step timings from the audit, replication traffic
+    from final.pt."""
     import statistics
 
     import torch
@@ -69,8 +72,9 @@ def home_sync_cost(steps: int, vocab: int, d_model: int, on: bool) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
         env.pop("RANK", None)
         cmd = [sys.executable, "-m", "launch.agent", "--nproc", "5", "--heartbeat-timeout", "20", "--log-dir",
-               f"{tmp}/logs", "--", "-m", "integration.recovery.worker", f"out={tmp}", f"train.steps={steps}",
-               "routing=checkfree_plus", f"recovery.home_replica={str(on).lower()}", f"model.vocab_size={vocab}",
+               f"{tmp}/logs", "--", "integration/train.py", "preset=recovery_test", f"output_root={tmp}",
+               f"train.steps={steps}", "routing=checkfree_plus", f"recovery.home_replica={str(on).lower()}",
+               *(["data.tokenizer=bytes"] if vocab == 257 else ["data.tokenizer=bpe", f"data.vocab_size={vocab}"]),
                f"model.d_model={d_model}"]
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if p.returncode:
@@ -94,16 +98,16 @@ def home_sync_cost(steps: int, vocab: int, d_model: int, on: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default="worker", choices=["worker", "main"])
+    ap.add_argument("--job", default="preset", choices=["preset", "main"])
     ap.add_argument("--spare", default="hot,cold", help="comma list of hot / cold")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--phase", default="forward", choices=["forward", "backward", "boundary"])
     ap.add_argument("--kill-stage", type=int, default=2)
-    ap.add_argument("--routing", default="full", help="worker only")
+    ap.add_argument("--routing", default="full", help="preset only")
     ap.add_argument("--backend", default="deepspeed", choices=["deepspeed", "megatron"])
-    ap.add_argument("--home-replica", action="store_true", help="worker only: recovery.home_replica=true")
+    ap.add_argument("--home-replica", action="store_true", help="preset only: recovery.home_replica=true")
     ap.add_argument("--home-sync-cost", action="store_true", help="measure CheckFree+ home replication, no failure")
-    ap.add_argument("--model-sizes", default="128x32,8192x128", help="--home-sync-cost: VOCABxD_MODEL list")
+    ap.add_argument("--model-sizes", default="257x32,8192x128", help="--home-sync-cost: VOCABxD_MODEL list")
     a = ap.parse_args()
     if a.home_sync_cost:
         steps = max(a.steps, 8)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .plan.routeplan import RoutePlan
+from .runtime.program import Program
 
 #: (step, home replica, index within that home's microbatches) -> (tokens, labels), both [b, s] int64.
 BatchSource = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -34,8 +35,9 @@ class TrainingBackend(ABC):
     plan: RoutePlan
 
     @abstractmethod
-    def set_plan(self, plan: RoutePlan) -> None:
-        """Run ``plan`` from the next :meth:`train_step` on (``routing.resample_every``); same rank grid."""
+    def set_plan(self, plan: RoutePlan | Program) -> None:
+        """Run ``plan`` from the next :meth:`train_step` on (``routing.resample_every``); same rank grid.
+        The main job hands a :class:`Program` (compiled once, by the trainer); a plan is compiled here."""
 
     @abstractmethod
     def train_step(self, step: int, batch_source: BatchSource) -> StepResult:

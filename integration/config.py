@@ -364,12 +364,18 @@ def preflight(cfg: DictConfig) -> Preflight:
     stage_nodes = stage_nodes_for(job)
     plan = _load_plan(job, stage_nodes)
     check_plan(job, plan, stage_nodes)
-    from .runtime.program import compile_plan
-
-    program = compile_plan(plan, job.routing.max_inflight)
+    program = compile_job_plan(job, plan)
     check_data(job)
     return Preflight(job=job, world_size=world_size, rank=rank, stage_nodes=stage_nodes, plan=plan,
                      program=program)
+
+
+def compile_job_plan(job: JobConfig, plan: Any) -> Any:
+    """The main job's one compile of ``plan`` (preflight and every resample): megatron's backend
+    hands every stage the batch, so its programs carry it along the route."""
+    from .runtime.program import compile_plan
+
+    return compile_plan(plan, job.routing.max_inflight, carry_batch=job.backend == "megatron")
 
 
 def validate_config(cfg: DictConfig, world_size: int | None = None) -> Preflight:

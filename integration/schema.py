@@ -247,6 +247,7 @@ class RecoveryConfig:
     checkpoint_every: int = 0
     checkpoint_dir: str = ""
     home_replica: bool = False
+    audit: bool = False  # per-step digests + recovery/final state dumps per rank (integration/recovery/audit.py)
 
     def __post_init__(self) -> None:
         one_of("recovery.name", self.name, RECOVERY_METHODS)
@@ -275,7 +276,7 @@ class RecoveryConfig:
 
     def settings(self) -> dict[str, Any]:
         """The keys of ``integration.recovery.session.RecoverySettings``."""
-        return {k: v for k, v in self.__dict__.items() if k != "name"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("name", "audit")}
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import StepResult, TrainingBackend
-from .config import Preflight, as_config_error, build_plan, model_config
+from .config import Preflight, as_config_error, build_plan, compile_job_plan, model_config
 
 log = logging.getLogger("skipfree.train")
 
@@ -49,13 +49,14 @@ def setup_environment() -> str:
     return "gloo"
 
 
-def build_backend(cfg: Any, plan: Any, model_cfg: Any, rank: int, world_size: int) -> TrainingBackend:
-    """The configured backend (``backend.name``); megatron's modules are imported only for megatron."""
+def build_backend(cfg: Any, program: Any, model_cfg: Any, rank: int, world_size: int) -> TrainingBackend:
+    """The configured backend (``backend.name``) running ``program`` (the preflight's compiled plan);
+    megatron's modules are imported only for megatron."""
     if cfg.backend.name == "megatron":
         from .backends.megatron.backend import build_megatron_backend
-        return build_megatron_backend(cfg, plan, model_cfg, rank, world_size)
+        return build_megatron_backend(cfg, program, model_cfg, rank, world_size)
     from .backends.deepspeed.backend import build_deepspeed_backend
-    return build_deepspeed_backend(cfg, plan, model_cfg, rank, world_size)
+    return build_deepspeed_backend(cfg, program, model_cfg, rank, world_size)
 
 
 def plan_digest(plan: Any) -> str:
@@ -136,7 +137,7 @@ class Trainer:
         if not dist.is_initialized():
             dist.init_process_group(self.dist_backend)
         self.check_same_plan()
-        self.backend = build_backend(self.cfg, self.plan, self.model_cfg, self.rank, self.world_size)
+        self.backend = build_backend(self.cfg, self.checked.program, self.model_cfg, self.rank, self.world_size)
         self.writer = self.tensorboard()
 
     def check_same_plan(self) -> None:
@@ -166,7 +167,7 @@ class Trainer:
         every = self.job.routing.resample_every
         if every and step > 0 and step % every == 0:
             self.plan = build_plan(self.job, self.checked.stage_nodes, step)
-            self.backend.set_plan(self.plan)
+            self.backend.set_plan(compile_job_plan(self.job, self.plan))  # compiled once, here
 
     def train_step(self, step: int) -> StepResult | None:
         """One iteration; ``None`` means it must be replayed (a recovery happened)."""

@@ -1,6 +1,6 @@
 """Per-host agent for fault-tolerant runs: spawns ranks, respawns only a dead one, replaces a lost host.
 
-    python -m launch.agent --nproc 5 -- integration/recovery/worker.py recovery=checkfree train.steps=20
+    python -m launch.agent --nproc 5 -- integration/train.py preset=recovery_test train.steps=20
     python -m launch.store --port 29400 --nnodes 2 &                                 # the job's store
     python -m launch.agent --external-store --store-host H --store-port 29400 --nnodes 2 --node-rank 1 --nproc 2 -- ...
     python -m launch.agent --external-store --store-host H --store-port 29400 --nnodes 2 --spare-host --nproc 2 -- ...
@@ -50,10 +50,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # The store keys shared with the workers; detect.py imports torch, which flag checks and --help
 # should not wait for, so it is imported when an Agent is built.

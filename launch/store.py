@@ -24,11 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from integration.recovery.detect import ABORT_KEY  # noqa: E402
+from integration.recovery.detect import ABORT_KEY
 
 FINISHED_KEY = "agents_finished"
 EXIT_BAD_INPUT = 2

@@ -17,7 +17,8 @@ from integration.runtime.spawn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-WORKER = ("-m", "integration.recovery.worker")
+#: The recovery tests' job: the main job with its small audited preset (hydra_conf/preset/recovery_test.yaml).
+RECOVERY_TEST_JOB = ("integration/train.py", "preset=recovery_test")
 
 
 def run_job(args: list[str], tmp_path: Path, world: int | None = None, env_extra: dict | None = None,
@@ -51,8 +52,9 @@ def run_agent(script: tuple[str, ...] | list[str], *args: str, nproc: int, log_d
 
 def run_agent_job(tmp: Path, *overrides: str, nproc: int = 5, heartbeat_timeout: float = 5.0, max_restarts: int = 4,
                   timeout: int = 300) -> tuple[int, str]:
-    """The recovery test job under the agent, writing to ``tmp/rank<R>``; returns (exit code, the agent's lines)."""
-    p = run_agent(WORKER, f"out={tmp}", *overrides, nproc=nproc, log_dir=tmp / "logs",
+    """The main job with ``preset=recovery_test`` under the agent, writing to ``tmp/rank<R>`` (agent logs
+    under ``tmp/logs``); returns (exit code, the agent's lines)."""
+    p = run_agent(RECOVERY_TEST_JOB, f"output_root={tmp}", *overrides, nproc=nproc, log_dir=tmp / "logs",
                   heartbeat_timeout=heartbeat_timeout, max_restarts=max_restarts, timeout=timeout)
     return p.returncode, "\n".join(x for x in p.stderr.splitlines() if x.startswith("agent: "))
 

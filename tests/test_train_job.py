@@ -98,3 +98,47 @@ def test_megatron_backend_resamples_the_plan(tmp_path):
     assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
     assert all(h["loss"] == h["loss"] and h["loss"] < 20 for h in history)  # finite losses after each resample
     assert all(h["stage_visits"] == [6, 4, 4, 4] for h in history)
+
+
+def _compile_once(rank: int, world: int, backend: str, out: str) -> dict:
+    """One rank of the main job's construction, counting every compile of a plan into a Program."""
+    import integration.runtime.program as program_module
+    from integration.config import compose_and_check
+    from integration.trainer import Trainer, setup_environment
+
+    compiled = []
+    real = program_module.compile_plan
+
+    def counting(plan, max_inflight=None):
+        compiled.append(plan.num_microbatches)
+        return real(plan, max_inflight)
+
+    program_module.compile_plan = counting
+    cfg, checked = compose_and_check([f"backend={backend}", "parallel.stages=2", "routing=full", "train.steps=4",
+                                      "routing.resample_every=2", "train.micro_batch_size=2", "train.microbatches=2",
+                                      "model.d_model=32", "model.n_heads=2", "model.seq_len=16",
+                                      "data.tokenizer=bytes", "data.max_bytes=200000", "tensorboard=false",
+                                      f"output_root={out}"])
+    after_preflight = len(compiled)
+    trainer = Trainer(cfg, checked, __import__("pathlib").Path(out) / f"rank{rank}")
+    trainer.dist_backend = setup_environment()
+    trainer.build_data()
+    trainer.setup()
+    handed = trainer.backend.program is checked.program
+    after_setup = len(compiled)
+    trainer.maybe_resample(2)  # a new plan: compiled once, by the trainer, and run as compiled
+    resampled = trainer.backend.program is not checked.program and trainer.backend.program.plan is trainer.plan
+    loss = trainer.train_step(2).loss
+    return {"after_preflight": after_preflight, "after_setup": after_setup, "handed": handed,
+            "resampled": resampled, "after_resample": len(compiled), "loss": loss}
+
+
+def test_the_preflight_program_is_what_the_backend_runs(tmp_path):
+    """Compile once: the preflight's Program is handed to the backend (DeepSpeed and megatron-core), a
+    resample compiles once in the trainer, and the handed Program trains."""
+    from tests.dist_utils import run_workers
+
+    for backend in ("deepspeed", "megatron"):
+        for r in run_workers(_compile_once, 2, backend, str(tmp_path / backend)):
+            assert (r["after_preflight"], r["after_setup"], r["after_resample"]) == (1, 1, 2), (backend, r)
+            assert r["handed"] and r["resampled"] and 0 < r["loss"] < 20, (backend, r)

@@ -221,7 +221,7 @@ class FaultTolerantMegatronBackend(MegatronBackend):
     def regroup(self) -> None:
         """On the new generation's group: build everything again and load the snapshot."""
         snap, self._snapshot = self._snapshot, None
-        self._build(self.plan)
+        self._build(self.program)  # compiled once: a regroup keeps the rank grid, so the same Program
         self.load_state_bundle(snap)
 
     def state_bundle(self) -> dict:

@@ -4,7 +4,7 @@ What lives here (``shared/spec/checkfree.md`` sections 2, 3 and 6):
 
 * :func:`stage_weight` - the per-stage scalar that weights a neighbour in the average;
 * :func:`checkfree_average` - W_i = (w_prev W_{i-1} + w_next W_{i+1}) / (w_prev + w_next) on every state key;
-* :func:`partner_copy` / :func:`replica_copy` - CheckFree+ edge rule and the exact survivor copy;
+* :func:`partner_copy` - CheckFree+ edge rule (and the copy_neighbour mode);
 * optimizer surgery - :func:`fresh_optimizer_state` and :func:`set_lr_scale` (a per-group multiplier
   applied around ``optimizer.step`` so it never compounds and the LR schedule keeps its position);
 * :func:`plan_rebuild` - which rule rebuilds each lost (stage, replica), with explicit fallbacks;
@@ -41,15 +41,6 @@ class RecoveryError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ statistics
-
-
-def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
-    """L2 norm over the gradients of ``parameters`` (0.0 when none has a gradient), in fp64."""
-    total = 0.0
-    for p in parameters:
-        if p.grad is not None:
-            total += float(p.grad.detach().double().pow(2).sum())
-    return math.sqrt(total)
 
 
 def stage_weight(norm: float, statistic: str = "clipped_l2", clip: float = 1.0, eps: float = 1e-4) -> float:
@@ -110,13 +101,6 @@ def partner_copy(partner_state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return {k: v.detach().clone() for k, v in partner_state.items()}
 
 
-def replica_copy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: Mapping[str, torch.Tensor],
-                 optimizer_state: dict) -> None:
-    """Load a surviving replica's weights and optimizer state exactly (no lr_scale, no reset)."""
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(optimizer_state)
-
-
 # ------------------------------------------------------------------------------ optimizer surgery
 
 
@@ -174,11 +158,6 @@ def reattach_lr_scale(optimizer: torch.optim.Optimizer) -> None:
         set_lr_scale(optimizer, scale)
 
 
-def effective_lr(optimizer: torch.optim.Optimizer) -> list[float]:
-    """The LR each group's next step uses (schedule value x lr_scale)."""
-    return [g["lr"] * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
-
-
 # ------------------------------------------------------------------------------ ladder
 
 
@@ -187,15 +166,16 @@ class RebuildAction:
     """How to rebuild one lost (stage, replica).
 
     ``sources`` are surviving (stage, replica) units whose state is used, in the order the method
-    needs them (CheckFree: previous then next neighbour). ``fresh_optimizer`` and ``lr_scale`` say
-    what the rebuilt unit's optimizer gets; ``degraded`` marks fallbacks that must be announced.
+    needs them (CheckFree: previous then next neighbour). The method decides the optimizer: exact
+    copies (replica, home mirror) load the source's state, the others start fresh at ``lr_scale``
+    (``integration/recovery/session.py:FaultTolerantSession._apply``); ``degraded`` marks fallbacks
+    that must be announced.
     """
 
     stage: int
     replica: int
     method: str
     sources: tuple[tuple[int, int], ...] = ()
-    fresh_optimizer: bool = True
     lr_scale: float = 1.0
     degraded: bool = False
     reason: str = ""
@@ -291,11 +271,10 @@ def plan_rebuild(lost: Iterable[tuple[int, int]], num_stages: int, replicas: int
     for s, r in sorted(layout.lost):
         survivors = layout.survivors(s)
         if survivors:
-            actions.append(RebuildAction(s, r, REPLICA_COPY, ((s, survivors[0]),), fresh_optimizer=False,
-                                         lr_scale=1.0))
+            actions.append(RebuildAction(s, r, REPLICA_COPY, ((s, survivors[0]),), lr_scale=1.0))
             continue
         if s == 0 and mirrors is not None and mirrors.get(r):
-            actions.append(RebuildAction(s, r, HOME_MIRROR, (mirrors[r][0],), fresh_optimizer=False, lr_scale=1.0))
+            actions.append(RebuildAction(s, r, HOME_MIRROR, (mirrors[r][0],), lr_scale=1.0))
             continue
         if 2 <= s <= L - 1 and alive(s - 1) and alive(s + 1):
             actions.append(RebuildAction(s, r, CHECKFREE, (first_alive(s - 1), first_alive(s + 1)),
@@ -323,7 +302,7 @@ def plan_rebuild(lost: Iterable[tuple[int, int]], num_stages: int, replicas: int
             actions.append(RebuildAction(s, r, COPY_NEIGHBOUR, (first_alive(neighbours[0]),), lr_scale=lr_scale,
                                          degraded=True, reason=reason))
         else:
-            actions.append(RebuildAction(s, r, CHECKPOINT, (), lr_scale=1.0, fresh_optimizer=False, degraded=True,
+            actions.append(RebuildAction(s, r, CHECKPOINT, (), lr_scale=1.0, degraded=True,
                                          reason=reason))
     return actions
 

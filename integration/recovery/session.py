@@ -399,7 +399,7 @@ class FaultTolerantSession:
         if resume == 0:
             # No step was applied anywhere yet: a lost unit's own fresh build (weights depend only on
             # train.seed and the layer) is exactly what it lost; neighbours' states would not be.
-            actions = [rb.RebuildAction(s, r, rb.FRESH_START, fresh_optimizer=False) for s, r in sorted(lost)]
+            actions = [rb.RebuildAction(s, r, rb.FRESH_START) for s, r in sorted(lost)]
         else:
             try:
                 actions = rb.plan_rebuild(lost, plan.num_stages, replicas, self.swaps_on, self.settings.fallback,

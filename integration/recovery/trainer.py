@@ -66,12 +66,16 @@ class FaultTolerantTrainer(Trainer):
             os._exit(1)  # as at the normal end: a waiter thread in a dead group's gloo wait would abort shutdown
 
     def setup(self) -> None:
+        import faulthandler
+        import signal
+
         from .checkpoint import Checkpointer
         from .context import RankContext
         from .detect import PeerFailure, all_gather_object
         from .events import EventLog
         from .session import FaultTolerantSession, RecoverySettings
 
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is a stuck rank?
         if "RANK" not in os.environ and "SKIPFREE_SPARE" not in os.environ:
             raise ConfigError("recovery", "run the job under the fault-tolerant agent (it owns the store)",
                               "python -m launch.agent --nproc N [--spares 1] -- integration/train.py recovery=...")
@@ -80,13 +84,14 @@ class FaultTolerantTrainer(Trainer):
         self.out_dir = _retarget_outputs(self.out_dir, ctx.rank)
         self.world_size, self.rank = ctx.world_size, ctx.rank
         cfg, plan, model_cfg, megatron = self.cfg, self.plan, self.model_cfg, self.job.backend.name == "megatron"
+        program = self.checked.program  # the preflight's: every generation's backend runs it, compiled once
 
         def make_backend(guard, joining: bool):
             if megatron:
                 from .megatron_engine import FaultTolerantMegatronBackend
-                return FaultTolerantMegatronBackend(cfg, plan, model_cfg, ctx.rank, ctx.world_size, guard=guard)
+                return FaultTolerantMegatronBackend(cfg, program, model_cfg, ctx.rank, ctx.world_size, guard=guard)
             from .engine import FaultTolerantBackend
-            return FaultTolerantBackend(cfg, plan, model_cfg, ctx.rank, ctx.world_size, guard=guard,
+            return FaultTolerantBackend(cfg, program, model_cfg, ctx.rank, ctx.world_size, guard=guard,
                                         defer_engine=joining)
 
         self.writer = self.tensorboard()
@@ -95,8 +100,13 @@ class FaultTolerantTrainer(Trainer):
             ckpt = Checkpointer(Path(settings.checkpoint_dir or self.out_dir.parent / "checkpoints").resolve(),
                                 settings.checkpoint_every, ctx.connect(), ctx.world_size, ctx.rank)
         started_joining = ctx.joining
+        self.audit = None
+        if self.job.recovery.audit:
+            from .audit import AuditTrail
+            self.audit = AuditTrail(self.out_dir)
         self.session = FaultTolerantSession(ctx, plan, make_backend, settings,
                                             EventLog(self.out_dir / "events.jsonl", ctx.rank, self.writer),
+                                            self.audit.on_recovered if self.audit is not None else None,
                                             checkpoints=ckpt)
         self.seen_recoveries = 0
         if not started_joining and not self.session.restarted:  # the first group: its ranks agree on the plan
@@ -120,7 +130,11 @@ class FaultTolerantTrainer(Trainer):
     def train_step(self, step: int) -> StepResult | None:
         lr = self.session.optimizer.param_groups[0]["lr"]
         loss = self.session.train_step(self.train_batch)
-        return None if loss is None else StepResult(loss=loss, lr=lr)
+        if loss is None:
+            return None
+        if self.audit is not None:
+            self.audit.step(self.session, step, loss)
+        return StepResult(loss=loss, lr=lr)
 
     def record(self, step: int, result: StepResult, dt: float) -> dict:
         return {**super().record(step, result, dt), "generation": self.session.guard.generation}
@@ -191,6 +205,8 @@ class FaultTolerantTrainer(Trainer):
 
         from .detect import all_reduce
 
+        if self.audit is not None:
+            self.audit.final(self.session)
         all_reduce(torch.zeros(1), self.session.monitor, "final barrier")  # nobody leaves while a peer may need it
         self.session.monitor.stop()
         if self.writer is not None:

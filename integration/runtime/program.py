@@ -71,6 +71,7 @@ class Program:
     plan: RoutePlan
     ops: dict[int, list[Op]]
     stage_visits: list[int]
+    carry_batch: bool = False  # compiled for a backend that hands every stage the batch (megatron)
 
     def for_rank(self, rank: int) -> list[Op]:
         return self.ops.get(rank, [])
@@ -236,7 +237,25 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None, carry_batch: 
             stuck = {n: [(c[2], "B" if chains[c[2]][c[3]][2] else "F") for c in v] for n, v in ready.items() if v}
             raise ValueError(f"plan.node_order cannot be followed: nodes {sorted(stuck)} wait for work that "
                              f"never becomes ready (pending: {stuck})")
-    return Program(plan=plan, ops=dict(ops), stage_visits=plan.stage_visits())
+    return Program(plan=plan, ops=dict(ops), stage_visits=plan.stage_visits(), carry_batch=carry_batch)
+
+
+def plan_of(plan: RoutePlan | Program) -> RoutePlan:
+    """The plan itself, or the plan a :class:`Program` was compiled from."""
+    return plan.plan if isinstance(plan, Program) else plan
+
+
+def as_program(plan: RoutePlan | Program, max_inflight: int | None = None, carry_batch: bool = False) -> Program:
+    """A :class:`Program` as given (the main job compiles once, in its preflight or on a resample),
+    or ``plan`` compiled here (user code hands plans). A program compiled for the other kind of
+    backend (``carry_batch`` differs) is an error, not a silent recompile."""
+    if not isinstance(plan, Program):
+        return compile_plan(plan, max_inflight, carry_batch=carry_batch)
+    if plan.carry_batch != carry_batch:
+        raise ValueError(f"this backend runs programs compiled with carry_batch={carry_batch}, got one compiled "
+                         f"with carry_batch={plan.carry_batch}; compile with "
+                         f"integration/config.py:compile_job_plan (or hand the plan itself)")
+    return plan
 
 
 def _is_ordered_step(chain: list[tuple[int, str, bool]], idx: int) -> bool:

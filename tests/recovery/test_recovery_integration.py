@@ -1,6 +1,6 @@
 """Must-show recovery runs: real processes under launch.agent, real SIGKILL/SIGSTOP, gloo, DeepSpeed.
 
-Each run trains the ring model with :mod:`integration.recovery.worker` and checks the files every
+Each run trains the main job (`integration/train.py preset=recovery_test`) and checks the audit files every
 rank writes (events, per-step audit digests of weights + optimizer state, the state right after
 the recovery, final state): the run completes, no checkpoint is read (there is none), the rebuilt
 stage equals the rule applied to its sources' pre-failure weights, survivors' state is bitwise
@@ -82,7 +82,7 @@ def test_kill_middle_stage_in_forward_checkfree(tmp_path):
 
 def test_kill_replica_in_backward_exact_copy(tmp_path):
     steps = 4
-    rc, log = run_job(tmp_path, 6, "stages=3", "replicas=2", f"train.steps={steps}",
+    rc, log = run_job(tmp_path, 6, "parallel.stages=3", "parallel.replicas=2", f"train.steps={steps}",
                       "recovery.inject=\"kill:stage=1,replica=1,step=1,phase=backward\"")
     assert rc == 0, log
     lost_rank = 3  # stage 1 replica 1 (stage-major grid: rank = stage*2 + replica)
@@ -102,7 +102,7 @@ def test_failure_during_recovery_regroups_again_and_rebuilds_both(tmp_path):
     # Stage 2 dies mid-backward; stage 4 dies inside that recovery (new group formed, before the
     # exchange). Everybody regroups once more and both stages are rebuilt from the survivors.
     steps = 4
-    rc, log = run_job(tmp_path, 6, "stages=6", f"train.steps={steps}",
+    rc, log = run_job(tmp_path, 6, "parallel.stages=6", f"train.steps={steps}",
                       "recovery.inject=\"kill:stage=2,step=2,phase=backward;kill:stage=4,step=2,phase=recovery\"")
     assert rc == 0, log
     assert log.count('"reason": "killed by SIGKILL"') == 2

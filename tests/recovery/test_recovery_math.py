@@ -12,10 +12,11 @@ from integration.models.llama import BlockStack, LlamaConfig, build_ring_stages,
 from integration.plan.builders import checkfree_plus, checkfree_plus_order, full_pipeline
 from integration.plan.routeplan import grid_stage_nodes
 from integration.recovery.rebuild import (CHECKFREE, CHECKPOINT, COPY_NEIGHBOUR, HOME_MIRROR, PARTNER_COPY,
-                                          REPLICA_COPY, RecoveryError, checkfree_average, effective_lr,
-                                          fresh_optimizer_state, grad_norm, home_holders, partner_copy,
-                                          per_iteration_probability, plan_rebuild, replica_copy, set_lr_scale,
-                                          stage_weight)
+                                          REPLICA_COPY, RebuildAction, RecoveryError, checkfree_average,
+                                          fresh_optimizer_state, home_holders, partner_copy,
+                                          per_iteration_probability, plan_rebuild, set_lr_scale, stage_weight)
+from integration.recovery.session import FaultTolerantSession
+from integration.recovery.state import stage_state
 
 CFG = LlamaConfig(vocab_size=64, d_model=16, n_heads=2, seq_len=8)
 
@@ -65,9 +66,33 @@ def test_stage_weight_statistics():
     assert stage_weight(0.0) == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="weight_statistic"):
         stage_weight(1.0, "l1")
-    p = torch.nn.Parameter(torch.zeros(2))
-    p.grad = torch.tensor([3.0, 4.0])
-    assert grad_norm([p]) == pytest.approx(5.0)
+
+
+def test_commit_step_records_the_unclipped_stage_gradient_norm():
+    """The CheckFree statistic of the real step (:func:`commit_step`, one rank, real store and gloo): the
+    L2 norm of the stage's gradients before clipping; an unvisited stage keeps its last value."""
+    import torch.distributed as dist
+
+    from integration.recovery.commit import StepCommit
+    from integration.recovery.detect import FailureMonitor
+    from integration.recovery.guard import StepGuard, commit_step
+    from integration.runtime.spawn import free_port
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=True, wait_for_workers=False)
+    mon = FailureMonitor("127.0.0.1", port, 0, 0, poll_s=0.02).start()
+    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=0, world_size=1)
+    try:
+        guard = StepGuard(mon, StepCommit(store, 1, mon), 0)
+        grads = [torch.tensor([3.0, 0.0]), torch.tensor([4.0])]
+        loss = commit_step(guard, 0, grads, True, 1.0, None, 6.0, 3, "test")
+        assert loss == 2.0 and guard.last_grad_norm == pytest.approx(5.0) and guard.applied_steps == [0]
+        assert float(torch.cat(grads).norm()) == pytest.approx(1.0, rel=1e-5)  # clipped in place to grad_clip
+        commit_step(guard, 1, [torch.tensor([0.5])], False, 0.0, None, 1.0, 1, "test")
+        assert guard.last_grad_norm == pytest.approx(5.0) and guard.applied_steps == [0, 1]
+    finally:
+        dist.destroy_process_group()
+        mon.stop()
 
 
 def _trained(model: torch.nn.Module, steps: int = 3, lr: float = 1e-2):
@@ -92,11 +117,13 @@ def test_optimizer_surgery_fresh_state_scaled_lr_no_compounding():
     fresh_optimizer_state(opt)
     set_lr_scale(opt, 1.1)
     assert opt.state_dict()["state"] == {}
-    assert effective_lr(opt)[0] == pytest.approx(1.1 * scheduled)
+    seen = []  # the LR the optimizer's step itself runs at (registered after set_lr_scale's own hook)
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(o.param_groups[0]["lr"]))
     before = {n: p.detach().clone() for n, p in rebuilt.named_parameters()}
     opt.zero_grad()
     rebuilt(x).pow(2).mean().backward()
     opt.step()
+    assert seen == [pytest.approx(1.1 * scheduled)]
     # Own step count restarted at 1, and the first Adam update is ~lr per element (bias-corrected),
     # not ~3x (the trap with zero moments and a kept step count).
     assert all(float(s["step"]) == 1.0 for s in opt.state.values())
@@ -109,7 +136,10 @@ def test_optimizer_surgery_fresh_state_scaled_lr_no_compounding():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / (1 + 4))
     # A second failure does not compound.
     set_lr_scale(opt, 1.1)
-    assert effective_lr(opt)[0] == pytest.approx(1.1 * opt.param_groups[0]["lr"])
+    opt.zero_grad()
+    rebuilt(x).pow(2).mean().backward()
+    opt.step()
+    assert seen[-1] == pytest.approx(1.1 * 1e-2 / (1 + 4)) and opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
     # The neighbour's optimizer is untouched, bitwise.
     after = opt_n.state_dict()
     for pid, st in neighbour_state["state"].items():
@@ -117,19 +147,54 @@ def test_optimizer_surgery_fresh_state_scaled_lr_no_compounding():
             assert torch.equal(v, after["state"][pid][k])
 
 
+def _joiner(module: torch.nn.Module, statistic: str = "clipped_l2"):
+    """What :meth:`FaultTolerantSession._apply` reads of the joining rank's session."""
+    from types import SimpleNamespace
+
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2, foreach=False)
+    return SimpleNamespace(module=module, optimizer=opt, scheduler=None, guard=SimpleNamespace(last_grad_norm=None),
+                           settings=SimpleNamespace(weight_statistic=statistic))
+
+
+def _received(module: torch.nn.Module, opt: torch.optim.Optimizer, norm: float | None) -> dict:
+    return {"model": stage_state(module), "optimizer": copy.deepcopy(opt.state_dict()), "grad_norm": norm}
+
+
 def test_replica_copy_is_exact_and_unscaled():
+    """The real rebuild step (the session's ``_apply``) of a replica copy: weights and Adam state exact,
+    no lr_scale, the schedule's LR from the donor."""
     src, dst = _stack(1), _stack(7)
     opt_src, _, _ = _trained(src)
-    opt_dst = torch.optim.AdamW(dst.parameters(), lr=1e-2, foreach=False)
-    replica_copy(dst, opt_dst, src.state_dict(), copy.deepcopy(opt_src.state_dict()))
+    joiner = _joiner(dst)
+    FaultTolerantSession._apply(joiner, RebuildAction(1, 1, REPLICA_COPY, ((1, 0),)), [_received(src, opt_src, 2.0)],
+                                {"scheduler": None, "lrs": [opt_src.param_groups[0]["lr"]]})
     for k, v in src.state_dict().items():
         assert torch.equal(v, dst.state_dict()[k])
-    a, b = opt_src.state_dict(), opt_dst.state_dict()
+    a, b = opt_src.state_dict(), joiner.optimizer.state_dict()
     assert a["param_groups"] == b["param_groups"]
     for pid in a["state"]:
         for k in a["state"][pid]:
             assert torch.equal(a["state"][pid][k], b["state"][pid][k])
-    assert "lr_scale" not in opt_dst.param_groups[0]
+    assert "lr_scale" not in joiner.optimizer.param_groups[0]
+
+
+def test_checkfree_rebuild_starts_a_fresh_optimizer_at_the_scaled_lr():
+    """The real rebuild step of CheckFree: the weighted average of the neighbours, Adam state dropped,
+    ``lr_scale`` set, the donor's scheduled LR, and the mean of the neighbours' norms as the new statistic."""
+    prev, nxt, lost = _stack(1), _stack(3), _stack(2)
+    opt_p, _, _ = _trained(prev)
+    opt_n, _, _ = _trained(nxt)
+    joiner = _joiner(lost)
+    lost(torch.randn(2, CFG.seq_len, CFG.d_model)).pow(2).mean().backward()
+    joiner.optimizer.step()
+    assert joiner.optimizer.state  # the joiner's own optimizer has state to drop
+    FaultTolerantSession._apply(joiner, RebuildAction(2, 0, CHECKFREE, ((1, 0), (3, 0)), lr_scale=1.1),
+                                [_received(prev, opt_p, 0.5), _received(nxt, opt_n, 3.0)],
+                                {"scheduler": None, "lrs": [2.5e-3]})
+    want = checkfree_average(stage_state(prev), stage_state(nxt), stage_weight(0.5), stage_weight(3.0))
+    assert all(torch.equal(lost.state_dict()[k], want[k]) for k in want)
+    assert not joiner.optimizer.state and joiner.optimizer.param_groups[0]["lr_scale"] == 1.1
+    assert joiner.optimizer.param_groups[0]["lr"] == 2.5e-3 and joiner.guard.last_grad_norm == pytest.approx(1.75)
 
 
 def test_partner_copy_is_bitwise():
@@ -178,8 +243,7 @@ def test_swaps_off_gradients_match_baseline():
 
 def test_ladder_replica_then_checkfree():
     acts = plan_rebuild({(2, 1)}, 5, 2, swaps_on=False)
-    assert [(a.method, a.sources, a.lr_scale, a.fresh_optimizer) for a in acts] == \
-        [(REPLICA_COPY, ((2, 0),), 1.0, False)]
+    assert [(a.method, a.sources, a.lr_scale) for a in acts] == [(REPLICA_COPY, ((2, 0),), 1.0)]
     acts = plan_rebuild({(2, 0), (2, 1)}, 5, 2, swaps_on=False, lr_scale=1.2)
     assert [(a.method, a.sources, a.lr_scale) for a in acts] == [(CHECKFREE, ((1, 0), (3, 0)), 1.2)] * 2
     # A lost replica of a neighbour does not block averaging: the survivor is the source.
@@ -233,8 +297,7 @@ def test_ladder_home_mirror_exact_no_chain():
     assert home_holders([2, 2, 2], 1) == [(1, 1), (2, 1)] and home_holders([1, 1], 0) == [(1, 0)]
     both = {0: [(1, 0), (4, 0)]}
     (a,) = plan_rebuild({(0, 0)}, 5, 1, swaps_on=True, home_mirrors=both)
-    assert (a.method, a.sources, a.fresh_optimizer, a.lr_scale, a.degraded) == \
-        (HOME_MIRROR, ((1, 0),), False, 1.0, False)
+    assert (a.method, a.sources, a.lr_scale, a.degraded) == (HOME_MIRROR, ((1, 0),), 1.0, False)
     # Holder stage 1 lost in the same round: the other holder is the source; stage 1 itself is rebuilt
     # from its partner, never from anything rebuilt in this round.
     acts = plan_rebuild({(0, 0), (1, 0)}, 5, 1, swaps_on=True, home_mirrors=both)

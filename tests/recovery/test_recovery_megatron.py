@@ -1,6 +1,6 @@
 """Checkpoint-free recovery on the megatron-core backend: real processes under launch.agent, real SIGKILL.
 
-The same worker and the same checks as the DeepSpeed runs (:mod:`tests.recovery.test_recovery_integration`),
+The same job (`preset=recovery_test`) and the same checks as the DeepSpeed runs (:mod:`tests.recovery.test_recovery_integration`),
 with ``backend=megatron``: megatron-core stages, megatron DDP and optimizer, rebuilt in-process on the
 new process-group generation from an in-memory snapshot.
 """
@@ -39,7 +39,7 @@ def test_megatron_kill_middle_stage_in_backward_checkfree(tmp_path):
 
 def test_megatron_kill_replica_exact_copy(tmp_path):
     steps = 4
-    rc, log = run_job(tmp_path, 6, "backend=megatron", "stages=3", "replicas=2", f"train.steps={steps}",
+    rc, log = run_job(tmp_path, 6, "backend=megatron", "parallel.stages=3", "parallel.replicas=2", f"train.steps={steps}",
                       "recovery.inject=\"kill:stage=1,replica=1,step=1,phase=forward\"")
     assert rc == 0, log
     lost_rank = 3  # megatron's default order at TP=1: stage s, replica r -> rank s*2 + r

@@ -11,6 +11,7 @@ from ...backend import BatchSource, StepResult, TrainingBackend
 from ...models.llama import BlockStack, DecoderBlock, HomeStage, LlamaConfig, LMHead, TokenEmbedding, lm_loss
 from ...plan.builders import full_pipeline
 from ...plan.routeplan import RoutePlan
+from ...runtime.program import Program, as_program, compile_plan
 from ...config import rules_of
 from .engine import RoutedPipelineEngine, RoutingSettings
 from .module import FactorySpec, initialize_routed, linear_pipeline_module, ring_pipeline_module
@@ -63,12 +64,15 @@ class DeepSpeedBackend(TrainingBackend):
     # Recovery hook: the engine class :meth:`rebuild_engine` builds (a subclass may swap it).
     engine_class: type[RoutedPipelineEngine] = RoutedPipelineEngine
 
-    def __init__(self, cfg: Any, plan: RoutePlan, model_cfg: LlamaConfig, rank: int, world_size: int,
+    def __init__(self, cfg: Any, plan: RoutePlan | Program, model_cfg: LlamaConfig, rank: int, world_size: int,
                  module: Any = None, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None):
-        """``module``/``optimizer``/``scheduler``: reuse existing ones (recovery) instead of building them."""
+        """``plan``: the main job hands its preflight's compiled :class:`Program` (a plan is compiled here).
+        ``module``/``optimizer``/``scheduler``: reuse existing ones (recovery) instead of building them."""
         par, tr = cfg.parallel, cfg.train
         self.cfg = cfg
-        self.plan = plan
+        self.program = as_program(plan, cfg.routing.get("max_inflight"))
+        self.plan = self.program.plan
+        self._full_programs: dict[int, Program] = {}  # validation: the full pipeline, compiled once per size
         self.rank = rank
         self.module = module if module is not None else build_pipeline_module(
             model_cfg, cfg.model.layout, int(par.stages), int(par.replicas), int(cfg.model.layers_per_stage),
@@ -80,7 +84,7 @@ class DeepSpeedBackend(TrainingBackend):
             self.optimizer, warmup_cosine(int(tr.warmup_steps), int(tr.steps), float(tr.min_lr) / float(tr.lr)))
         mbs, seq = int(tr.micro_batch_size), int(model_cfg.seq_len)
         rules = rules_of(cfg)
-        settings = RoutingSettings(plan=plan, act_shape=(mbs, seq, model_cfg.d_model), label_shape=(mbs, seq),
+        settings = RoutingSettings(plan=self.program, act_shape=(mbs, seq, model_cfg.d_model), label_shape=(mbs, seq),
                                    gradient_rule=str(cfg.routing.gradient_rule), rules=rules,
                                    max_inflight=cfg.routing.get("max_inflight"))
         self.ds_config = deepspeed_config(tr, int(par.replicas))
@@ -99,13 +103,13 @@ class DeepSpeedBackend(TrainingBackend):
         if self.engine is not None:
             self.engine = None  # drop the old engine (and its references to dead groups) first
             gc.collect()
-        self.routing.plan = self.plan
+        self.routing.plan = self.program
         self.engine = initialize_routed(self.module, self.ds_config, self.routing, optimizer=self.optimizer,
                                         lr_scheduler=self.scheduler, engine_class=self.engine_class)
 
-    def set_plan(self, plan: RoutePlan) -> None:
-        self.plan = plan
+    def set_plan(self, plan: RoutePlan | Program) -> None:
         self.engine.set_plan(plan)
+        self.plan, self.program = self.engine.plan, self.engine.program
 
     def train_step(self, step: int, batch_source: BatchSource) -> StepResult:
         self.engine.set_batch_source(batch_source)
@@ -114,10 +118,14 @@ class DeepSpeedBackend(TrainingBackend):
         return StepResult(loss=float(loss), lr=float(lr))
 
     def validation_loss(self, batch_source: BatchSource, microbatches_per_home: int) -> float:
-        full = full_pipeline(self.plan.stage_nodes, microbatches_per_home, self.plan.layout)
+        full = self._full_programs.get(microbatches_per_home)
+        if full is None:
+            full = compile_plan(full_pipeline(self.plan.stage_nodes, microbatches_per_home, self.plan.layout),
+                                self.routing.max_inflight)
+            self._full_programs[microbatches_per_home] = full
         return float(self.engine.evaluate(full, batch_source))
 
 
-def build_deepspeed_backend(cfg: Any, plan: RoutePlan, model_cfg: LlamaConfig, rank: int,
+def build_deepspeed_backend(cfg: Any, plan: RoutePlan | Program, model_cfg: LlamaConfig, rank: int,
                             world_size: int) -> DeepSpeedBackend:
     return DeepSpeedBackend(cfg, plan, model_cfg, rank, world_size)

@@ -37,7 +37,7 @@ from ...plan.routeplan import RoutePlan
 from ...plan.rules import Rules, check_fits_grid
 from ...runtime.executor import IterationResult, ProgramExecutor
 from ...runtime.p2p import RoutedP2P, TensorSpec
-from ...runtime.program import PART_EMBED, PART_HEAD, Program, compile_plan
+from ...runtime.program import PART_EMBED, PART_HEAD, Program, as_program, plan_of
 from ...runtime.gradient import check_gradient_rule, gradient_factor, stage_moves
 from . import schedule as rsched
 
@@ -48,7 +48,7 @@ BatchSource = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
 class RoutingSettings:
     """What the routed engine needs beyond DeepSpeed's own config."""
 
-    plan: RoutePlan
+    plan: RoutePlan | Program  # a Program: compiled already (the main job's preflight), else compiled here
     act_shape: tuple[int, ...]  # (micro_batch_size, seq_len, d_model)
     label_shape: tuple[int, ...]  # (micro_batch_size, seq_len)
     gradient_rule: str = "visited"
@@ -73,7 +73,7 @@ class RoutedPipelineEngine(PipelineEngine):
         model = kwargs["model"]
         config_class = kwargs["config_class"]
         # Refuse an invalid plan before DeepSpeed builds anything or any rank computes.
-        check_plan_fits(routing.plan, model, config_class.gradient_accumulation_steps, routing)
+        check_plan_fits(plan_of(routing.plan), model, config_class.gradient_accumulation_steps, routing)
         super().__init__(*args, **kwargs)
         if routing.gradient_rule == "visited" and (self.using_bf16_optimizer or self.zero_optimization()):
             raise ValueError("routing.gradient_rule=visited rescales .grad after the reduction, which the bf16/ZeRO "
@@ -90,11 +90,13 @@ class RoutedPipelineEngine(PipelineEngine):
         self.set_plan(routing.plan)
 
     # ----------------------------------------------------------------- plan
-    def set_plan(self, plan: RoutePlan) -> None:
-        """Switch to another plan (same stage layout); validated and compiled once here."""
-        check_plan_fits(plan, self.module, self.micro_batches, self.routing)
-        self.plan = plan
-        self.program: Program = compile_plan(plan, self.routing.max_inflight)
+    def set_plan(self, plan: RoutePlan | Program) -> None:
+        """Switch to another plan (same stage layout), validated here; a plan is compiled here, a
+        :class:`Program` (already compiled) is run as given."""
+        check_plan_fits(plan_of(plan), self.module, self.micro_batches, self.routing)
+        program = as_program(plan, self.routing.max_inflight)
+        self.plan = plan = program.plan
+        self.program: Program = program
         self.my_ops = self.program.for_rank(self.global_rank)
         self.stage_visits = self.program.stage_visits
         self.total_microbatches = plan.num_microbatches
@@ -123,9 +125,10 @@ class RoutedPipelineEngine(PipelineEngine):
         return self.agg_train_loss
 
     @torch.no_grad()
-    def evaluate(self, plan: RoutePlan, batch_source: BatchSource, step: int = 0) -> torch.Tensor:
+    def evaluate(self, plan: RoutePlan | Program, batch_source: BatchSource, step: int = 0) -> torch.Tensor:
         """Forward-only pass of ``plan`` (e.g. the full pipeline for validation); mean loss on every rank."""
-        program = compile_plan(plan, self.routing.max_inflight)
+        program = as_program(plan, self.routing.max_inflight)
+        plan = program.plan
         saved = self.batch_source, self.mb_address
         self.batch_source = batch_source
         self.mb_address = _microbatch_addresses(plan)

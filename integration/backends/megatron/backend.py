@@ -25,6 +25,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from ...backend import BatchSource, StepResult, TrainingBackend
 from ...plan.builders import full_pipeline
 from ...plan.routeplan import Hop, MicrobatchRoute, RoutePlan, grid_stage_nodes
+from ...runtime.program import Program, plan_of
 from .build import (build_model, build_optimizer, check_parallel_layout, gpt_forward_step, initialize_megatron)
 from .cpu_compat import check_megatron_version
 from .layout import MegatronGrid, check_plan_fits
@@ -46,7 +47,8 @@ def relabel_plan(plan: RoutePlan, stage_nodes: list[list[int]]) -> RoutePlan:
 class MegatronBackend(TrainingBackend):
     """:class:`integration.backend.TrainingBackend` on megatron-core."""
 
-    def __init__(self, cfg: Any, plan: RoutePlan, model_cfg: Any, rank: int, world_size: int):
+    def __init__(self, cfg: Any, plan: RoutePlan | Program, model_cfg: Any, rank: int, world_size: int):
+        """``plan``: the main job hands its preflight's compiled :class:`Program` (a plan is compiled here)."""
         self.cfg = cfg
         self.rank = rank
         tensor, stages = int(cfg.parallel.get("tensor", 1) or 1), int(cfg.parallel.stages)
@@ -60,14 +62,14 @@ class MegatronBackend(TrainingBackend):
         self.micro_batch_size = int(cfg.train.micro_batch_size)
         self.seq_len = int(m.seq_len)
         self.microbatches = int(cfg.train.microbatches)
-        if plan.num_stages != stages:
-            raise ValueError(f"routing plan: it has {plan.num_stages} stages but parallel.stages is {stages}")
+        if plan_of(plan).num_stages != stages:
+            raise ValueError(f"routing plan: it has {plan_of(plan).num_stages} stages but parallel.stages is {stages}")
 
         self.tensor, self.stages = tensor, stages
         self.model_cfg = model_cfg
         self._build(plan)
 
-    def _build(self, plan: RoutePlan) -> None:
+    def _build(self, plan: RoutePlan | Program) -> None:
         """Groups, grid, model (DDP), optimizer, LR schedule and the routed schedule, in an order
         every rank follows (group creation is collective). A fault-tolerant backend calls it again
         on each new process-group generation."""
@@ -75,9 +77,9 @@ class MegatronBackend(TrainingBackend):
         tensor, stages = self.tensor, self.stages
         initialize_megatron(tensor, stages, int(train.seed))
         self.grid = MegatronGrid.from_parallel_state()
-        if tensor > 1 and plan.stage_nodes == grid_stage_nodes(stages, self.replicas):
-            plan = relabel_plan(plan, self.grid.stage_nodes)
-        check_plan_fits(plan, self.grid, self.microbatches)  # before any model is built
+        if tensor > 1 and plan_of(plan).stage_nodes == grid_stage_nodes(stages, self.replicas):
+            plan = relabel_plan(plan_of(plan), self.grid.stage_nodes)
+        check_plan_fits(plan_of(plan), self.grid, self.microbatches)  # before any model is built
         layers = int(m.layers_per_stage)
         num_layers = layers * (stages if self.layout == "linear" else stages - 1)
         self.config = gpt_config(num_layers=num_layers, hidden_size=int(m.d_model), num_attention_heads=int(m.n_heads),
@@ -105,7 +107,7 @@ class MegatronBackend(TrainingBackend):
                                         gradient_rule=str(routing.get("gradient_rule", "visited")),
                                         max_inflight=int(max_inflight) if max_inflight else None, grid=self.grid)
         self.fb.guard_optimizer(self.optimizer)
-        self.plan = self.fb.plan
+        self.plan, self.program = self.fb.plan, self.fb.program
         self._eval_fb: dict[int, RoutedForwardBackward] = {}
         self.stage, self.replica, self.tensor_rank = self.grid.coords(self.rank)
         self.is_home = self.stage == 0
@@ -115,12 +117,12 @@ class MegatronBackend(TrainingBackend):
         return float(self.cfg.train.grad_clip or 0.0)
 
     # ------------------------------------------------------------------ contract
-    def set_plan(self, plan: RoutePlan) -> None:
-        """Run ``plan`` from the next step on (checked against the grid; the schedule recompiles)."""
-        if self.tensor > 1 and plan.stage_nodes == grid_stage_nodes(self.stages, self.replicas):
-            plan = relabel_plan(plan, self.grid.stage_nodes)
+    def set_plan(self, plan: RoutePlan | Program) -> None:
+        """Run ``plan`` from the next step on (checked against the grid; a Program runs as compiled)."""
+        if self.tensor > 1 and plan_of(plan).stage_nodes == grid_stage_nodes(self.stages, self.replicas):
+            plan = relabel_plan(plan_of(plan), self.grid.stage_nodes)
         self.fb.set_plan(plan, self.microbatches)
-        self.plan = self.fb.plan
+        self.plan, self.program = self.fb.plan, self.fb.program
 
     def _batches(self, batch_source: BatchSource, step: int, count: int):
         if not self.is_home:
@@ -174,7 +176,8 @@ class MegatronBackend(TrainingBackend):
         return self._mean_loss(outputs)
 
 
-def build_megatron_backend(cfg: Any, plan: RoutePlan, model_cfg: Any, rank: int, world_size: int) -> MegatronBackend:
+def build_megatron_backend(cfg: Any, plan: RoutePlan | Program, model_cfg: Any, rank: int,
+                           world_size: int) -> MegatronBackend:
     """The ``backend=megatron`` entry point of the main job (``integration/train.py``).
 
     Every check (megatron-core version, TP vs heads, world layout, plan vs rank grid) runs before

@@ -56,7 +56,7 @@ from ...runtime import boundary
 from ...runtime.executor import ProgramExecutor
 from ...runtime.p2p import RoutedP2P, TensorSpec
 from ...runtime.program import (LOAD, LOSS_PARTS, PART_EMBED, PART_FIRST, RECV_ACT, RECV_BATCH, RECV_GRAD,
-                                SEND_ACT, SEND_BATCH, SEND_GRAD, Program, compile_plan)
+                                SEND_ACT, SEND_BATCH, SEND_GRAD, Program, as_program, plan_of)
 from ...runtime.gradient import check_gradient_rule, gradient_factor, stage_moves
 from .cpu_compat import apply_cpu_patches, check_megatron_version
 from .layout import MegatronGrid, check_plan_fits
@@ -75,7 +75,8 @@ class RoutedForwardBackward:
     A plan that leaves a stage unvisited (never trained) is refused unless ``allow_unvisited``.
     """
 
-    def __init__(self, plan: RoutePlan, *, num_microbatches: int | None = None, gradient_rule: str = "visited",
+    def __init__(self, plan: RoutePlan | Program, *, num_microbatches: int | None = None,
+                 gradient_rule: str = "visited",
                  max_inflight: int | None = None, rules: Rules | None = None, grid: MegatronGrid | None = None,
                  p2p_wait: Callable[[object, str], None] | None = None,
                  before_op: Callable[[Any], None] | None = None, allow_unvisited: bool = False):
@@ -123,14 +124,17 @@ class RoutedForwardBackward:
         return cls(plan, num_microbatches=num_microbatches, grid=grid, **kwargs)
 
     # ------------------------------------------------------------------ plan
-    def set_plan(self, plan: RoutePlan, num_microbatches: int | None = None) -> None:
-        """Validate ``plan`` against the megatron grid and compile this rank's program."""
+    def set_plan(self, plan: RoutePlan | Program, num_microbatches: int | None = None) -> None:
+        """Validate ``plan`` against the megatron grid and compile this rank's program (a :class:`Program`,
+        compiled already, e.g. by the main job's preflight, is run as given)."""
+        given, plan = plan, plan_of(plan)
         m = num_microbatches if num_microbatches is not None else len(plan.routes_from(plan.stage_nodes[0][0]))
         check_plan_fits(plan, self.grid, m, self.rules)
         check_every_stage_visited(plan, self.allow_unvisited)
+        program = as_program(given, self.max_inflight, carry_batch=True)
         self.plan = plan
         self.num_microbatches = m
-        self.program: Program = compile_plan(plan, self.max_inflight, carry_batch=True)
+        self.program: Program = program
         self.ops = self.grid.ops_for_rank(self.program.for_rank(self.node), self.rank)
         self.stage_visits = self.program.stage_visits
         self._agreed: tuple | None = None  # (activation spec key, batch key) of the last handshake
