@@ -375,7 +375,7 @@ def compile_job_plan(job: JobConfig, plan: Any) -> Any:
     hands every stage the batch, so its programs carry it along the route."""
     from .runtime.program import compile_plan
 
-    return compile_plan(plan, job.routing.max_inflight, carry_batch=job.backend == "megatron")
+    return compile_plan(plan, job.routing.max_inflight, carry_batch=job.backend.name == "megatron")
 
 
 def validate_config(cfg: DictConfig, world_size: int | None = None) -> Preflight:

@@ -109,9 +109,9 @@ def _compile_once(rank: int, world: int, backend: str, out: str) -> dict:
     compiled = []
     real = program_module.compile_plan
 
-    def counting(plan, max_inflight=None):
+    def counting(plan, max_inflight=None, carry_batch=False):
         compiled.append(plan.num_microbatches)
-        return real(plan, max_inflight)
+        return real(plan, max_inflight, carry_batch)
 
     program_module.compile_plan = counting
     cfg, checked = compose_and_check([f"backend={backend}", "parallel.stages=2", "routing=full", "train.steps=4",
