@@ -135,7 +135,7 @@ def install_from_cluster(rank: int, cluster_file: str, world_size: int, bandwidt
     """The layer for ``rank`` from a planner cluster file (``bandwidth``: also shape in-process, for
     runs without :mod:`wanhosts` namespaces)."""
     from ..plan.cluster import load_cluster
-    c = load_cluster(cluster_file)
+    c = load_cluster(cluster_file, num_nodes=world_size)
     if c.num_nodes != world_size:
         raise ValueError(f"network.emulate: {cluster_file} describes {c.num_nodes} nodes but the job has "
                          f"{world_size} ranks; give one node per rank")
