@@ -207,7 +207,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     raw = predict(plans, probed, None)
-    model = CalibratedModel.fit(traces, plans, probed, res)
+    model = CalibratedModel.fit(traces)
     cal = predict(plans, probed, model)
 
     w = float(statistics.median(res.forward_s))

@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "cluster file (root; integration/runtime/wanhosts.py)")
     p.add_argument("--bytes", type=int, default=1_000_000, help="bandwidth message size (default 1000000)")
     p.add_argument("--pings", type=int, default=5, help="latency round trips per pair (default 5)")
-    p.add_argument("--reps", type=int, default=2, help="bandwidth repetitions per direction, best kept (default 2)")
+    p.add_argument("--reps", type=int, default=3, help="bandwidth repetitions per direction, median kept (default 3)")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--layers-per-stage", type=int, default=1)

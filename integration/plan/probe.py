@@ -5,10 +5,11 @@ tournament (every round pairs each rank with one other, so the pairs of a round 
 run at once): N ranks need N-1 rounds (N even) instead of N(N-1)/2 sequential pair tests.
 Per pair (a, b):
 
-* latency: median over ``pings`` round trips of a tiny message, halved (links are taken as
+* latency: the fastest of ``pings`` round trips of a tiny message, halved (links are taken as
   symmetric in latency; bandwidth is measured per direction);
-* bandwidth a->b: a sends ``nbytes``, b answers with a tiny message; the round trip minus both
-  latencies is the transfer time (no clock shared across hosts is needed), best of ``reps``.
+* bandwidth a->b: a sends ``nbytes`` (grown until the transfer is long against the latency), b
+  answers with a tiny message; the round trip minus both latencies is the transfer time (no clock
+  shared across hosts is needed), median of ``reps``.
 
 Compute: every rank times the forward and backward of one body stage (``layers_per_stage`` decoder
 blocks on one microbatch) at the same time as all other ranks, i.e. under the CPU contention of
@@ -30,6 +31,8 @@ from typing import Any
 
 GIB = 1024 ** 3
 TINY = 8
+MIN_TRANSFER_S = 0.05     # a bandwidth sample lasts at least this long (and 4x the latency)
+MAX_PROBE_BYTES = 64 * 1024 * 1024
 
 
 class ProbeError(RuntimeError):
@@ -42,7 +45,7 @@ class ProbeSettings:
 
     nbytes: int = 1_000_000
     pings: int = 5
-    reps: int = 2
+    reps: int = 3
     d_model: int = 128
     n_heads: int = 4
     layers_per_stage: int = 1
@@ -98,30 +101,45 @@ def _xfer(tensor, peer: int, send: bool) -> None:
 
 
 def _measure_pair(rank: int, peer: int, s: ProbeSettings) -> dict[str, float]:
-    """Both sides call this; the lower rank leads. Returns latency and both directed bandwidths."""
+    """Both sides call this; the lower rank leads. Returns latency and this rank's outgoing bandwidth.
+
+    Latency: the fastest of ``pings`` round trips, halved (scheduling noise on busy hosts only ever
+    adds). Bandwidth: the sender grows the message until the transfer lasts at least
+    ``max(MIN_TRANSFER_S, 4 x latency)``, so latency noise is a small part of it; it tells the
+    receiver each size first (a tiny message; 0 ends the direction).
+    """
     import torch
     lead = rank < peer
     tiny = torch.zeros(TINY // 4)
-    big = torch.zeros(s.nbytes // 4)
     rtts = []
     for _ in range(s.pings + 1):  # the first round trip opens the pair: not timed
         t0 = time.perf_counter()
         _xfer(tiny, peer, send=lead)
         _xfer(tiny, peer, send=not lead)
         rtts.append(time.perf_counter() - t0)
-    lat = statistics.median(rtts[1:]) / 2
+    lat = min(rtts[1:]) / 2
     out = {"latency": lat}
+    target = max(MIN_TRANSFER_S, 4 * lat)
     for direction in (0, 1):  # 0: lead -> other, 1: other -> lead
         sender = lead if direction == 0 else not lead
-        best = float("inf")
-        for _ in range(s.reps):
-            t0 = time.perf_counter()
-            _xfer(big, peer, send=sender)
-            _xfer(tiny, peer, send=not sender)
-            best = min(best, time.perf_counter() - t0)
-        # Only the sender's clock is meaningful; it is sent along with the results at the end.
-        if sender:
-            out[f"bw{direction}"] = s.nbytes / max(best - 2 * lat, 1e-9)
+        size = torch.tensor([s.nbytes], dtype=torch.int64)
+        while True:
+            _xfer(size, peer, send=sender)  # the receiver learns the size (0: done)
+            n = int(size.item())
+            if n == 0:
+                break
+            big = torch.zeros(n // 4)
+            took = []
+            for _ in range(s.reps):
+                t0 = time.perf_counter()
+                _xfer(big, peer, send=sender)
+                _xfer(tiny, peer, send=not sender)
+                took.append(time.perf_counter() - t0)
+            if sender:
+                transfer = max(statistics.median(took) - 2 * lat, 1e-6)
+                out["bw"] = n / transfer
+                grow = transfer < target and n < MAX_PROBE_BYTES
+                size = torch.tensor([min(MAX_PROBE_BYTES, int(n * 1.5 * target / transfer)) if grow else 0])
     return out
 
 
@@ -162,7 +180,7 @@ def probe_rank(rank: int, world: int, s: ProbeSettings) -> ProbeResult | None:
                 peer = b if rank == a else a
                 m = _measure_pair(rank, peer, s)
                 lat_row[peer] = m["latency"]
-                bw_row[peer] = m["bw0"] if rank == a else m["bw1"]
+                bw_row[peer] = m["bw"]
     dist.barrier()
     fwd, bwd = _time_stage(s)
     mine = torch.tensor([*lat_row, *bw_row, fwd, bwd], dtype=torch.float64)
