@@ -32,7 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 S, REPLICAS, L, M = 4, 2, 3, 6  # 8 ranks; CC5: M x (L-1) divisible by S-1
-MODEL = dict(d_model=128, n_heads=4, layers=1, seq=64, mbs=4)
+MODELS = {"small": dict(d_model=256, n_heads=4, layers=1, seq=128, mbs=4),  # activation 512 KiB
+          "tiny": dict(d_model=128, n_heads=4, layers=1, seq=64, mbs=4)}    # activation 128 KiB
+MODEL = dict(MODELS["small"])  # set from --model before any rank starts (workers get it as an argument)
 VARIANTS = ("full", "oblivious", "planned")
 PAPER_W = 0.44  # SkipPipe's forward time of one stage (0.055 s/sample/layer x 2 samples x 4 layers)
 
@@ -82,8 +84,9 @@ def _record_ops(engine, log: list) -> None:
     engine.executor.run_op = timed
 
 
-def bench_worker(rank: int, world: int, net_file: str, plans: dict, iters: int, warmup: int) -> dict:
+def bench_worker(rank: int, world: int, net_file: str, plans: dict, iters: int, warmup: int, model: dict) -> dict:
     import torch
+    MODEL.update(model)
     import torch.distributed as dist
 
     from integration.backends.deepspeed.module import ensure_deepspeed_comm
@@ -135,8 +138,8 @@ def gantt(measured: dict, predicted, plan, path: Path, title: str) -> None:
     ranks = list(range(S * REPLICAS))
     for ax, label in zip(axes, ("measured", "predicted")):
         if label == "measured":
-            bars = [(r, mb, k, a, b) for r, ops in measured.items() for k, mb, part, peer, a, b in ops
-                    if k in ("fwd", "bwd")]
+            bars = [(r, mb, "loss" if part == "head" else k, a, b) for r, ops in measured.items()
+                    for k, mb, part, peer, a, b in ops if k in ("fwd", "bwd")]
         else:
             bars = [(o.node, o.mb, {"F": "fwd", "B": "bwd", "L": "loss"}[o.phase], o.start, o.end)
                     for o in predicted.ops]
@@ -148,7 +151,8 @@ def gantt(measured: dict, predicted, plan, path: Path, title: str) -> None:
         ax.invert_yaxis()
         ax.set_title(f"{title}: {label}", fontsize=9)
         ax.grid(axis="x", linewidth=0.3)
-    axes[-1].set_xlabel("time since iteration start (s); colour = microbatch, hatched = backward")
+    axes[-1].set_xlabel("time since iteration start (s); colour = microbatch, hatched = backward, "
+                        "black = head + loss")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -160,9 +164,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per variant (default 20)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--scale", type=float, default=0.05, help="time scale of the paper's link costs (default 0.05)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="small",
+                    help="small: d256 seq 128 (default); tiny: d128 seq 64")
     ap.add_argument("--quick", action="store_true", help="fewer iterations (10); ends with the one-line summary")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown report here (and the Gantt PNG)")
     args = ap.parse_args()
+    MODEL.update(MODELS[args.model])
     if args.quick:
         args.iters = min(args.iters, 10)
         args.warmup = 2
@@ -185,7 +192,7 @@ def main() -> None:
     emulated = cluster_from_dict(net)
     sn = grid_stage_nodes(S, REPLICAS)
 
-    settings = ProbeSettings(nbytes=200_000, d_model=MODEL["d_model"], n_heads=MODEL["n_heads"],
+    settings = ProbeSettings(nbytes=500_000, d_model=MODEL["d_model"], n_heads=MODEL["n_heads"],
                              layers_per_stage=MODEL["layers"], seq_len=MODEL["seq"], micro_batch_size=MODEL["mbs"])
     t = time.time()
     res = probe_local(world, settings, emulate=str(net_file))
@@ -198,7 +205,7 @@ def main() -> None:
              "oblivious": oblivious_skip(sn, M, L, seed=0, swap_prob=0.3),
              "planned": plan_for_training(str(probed_file), sn, L, 3, M, 0)}
     with WanHosts(world, emulated.bandwidth_matrix()):
-        out = run_workers(bench_worker, world, str(net_file), plans, args.iters, args.warmup, wan=True)
+        out = run_workers(bench_worker, world, str(net_file), plans, args.iters, args.warmup, MODEL, wan=True)
     times = out[0]["times"]
     traces = {name: {r: out[r]["traces"][name] for r in range(world)} for name in plans}
     # The raw record: iteration times and every rank's per-op timestamps of the last timed iteration.
@@ -230,14 +237,15 @@ def main() -> None:
     summary = (f"planned/full {med['planned'] / med['full']:.2f} oblivious/full {med['oblivious'] / med['full']:.2f} "
                f"worst prediction error {100 * max(err_cal.values()):.0f}%")
     cmd = "python benchmarks/wan_bench.py" + (" --quick" if args.quick else f" --iters {args.iters}") + \
-        (f" --scale {args.scale}" if args.scale != 0.05 else "") + (f" --out {args.out}" if args.out else "")
+        (f" --scale {args.scale}" if args.scale != 0.05 else "") + \
+        (f" --model {args.model}" if args.model != "small" else "") + (f" --out {args.out}" if args.out else "")
     text = "\n".join([
         f"Command: `{cmd}` (root; DeepSpeed routed engine, CPU gloo, 8 ranks = S {S} x {REPLICAS} replicas in 8 "
         f"network namespaces, OMP_NUM_THREADS=1, 2 shared cores; {time.time() - t_start:.0f} s in all).",
         "",
         f"Scale: SkipPipe geo-distributed link costs x {args.scale}. One transfer costs a median "
         f"{ratio_here:.1f} forward passes here (probed: median link cost {1e3 * statistics.median(off):.0f} ms, "
-        f"contended stage forward {1e3 * w:.1f} ms) vs {ratio_paper:.1f} in SkipPipe's setting "
+        f"stage forward {1e3 * w:.1f} ms, probed alone) vs {ratio_paper:.1f} in SkipPipe's setting "
         f"(median {statistics.median(poff):.2f} s vs w = {PAPER_W} s).",
         f"Probe: {res.wall_s:.1f} s for {world} ranks; max error vs the emulated table: latency "
         f"{100 * _max_rel(probed.latency_matrix(), emulated.latency_matrix()):.1f}%, bandwidth "

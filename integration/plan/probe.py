@@ -12,8 +12,9 @@ Per pair (a, b):
   shared across hosts is needed), median of ``reps``.
 
 Compute: every rank times the forward and backward of one body stage (``layers_per_stage`` decoder
-blocks on one microbatch) at the same time as all other ranks, i.e. under the CPU contention of
-the running job. The result is a cluster file in the planner's schema (``docs/planner.md``): one
+blocks on one microbatch), once alone (the others wait: ``stage_time_s``, what an op costs in a
+network-bound job) and once with all ranks at once (the contention of a fully busy job; kept in
+``<out>.probe.json``). The result is a cluster file in the planner's schema (``docs/planner.md``): one
 region per rank, a link per pair, ``stage_time_s`` per node, the workload, and a measured ``cost_s``
 matrix (directed latency + activation bytes / bandwidth); ``<out>.probe.json`` beside it keeps the raw
 measurements (directed bandwidths, backward times).
@@ -78,6 +79,8 @@ class ProbeResult:
     backward_s: list[float]
     settings: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
+    forward_contended_s: list[float] = field(default_factory=list)   # every rank computing at once
+    backward_contended_s: list[float] = field(default_factory=list)
 
 
 def round_robin(n: int) -> list[list[tuple[int, int]]]:
@@ -182,8 +185,13 @@ def probe_rank(rank: int, world: int, s: ProbeSettings) -> ProbeResult | None:
                 lat_row[peer] = m["latency"]
                 bw_row[peer] = m["bw"]
     dist.barrier()
-    fwd, bwd = _time_stage(s)
-    mine = torch.tensor([*lat_row, *bw_row, fwd, bwd], dtype=torch.float64)
+    cfwd, cbwd = _time_stage(s)  # all ranks at once: the CPU contention of a fully busy job
+    fwd = bwd = 0.0
+    for r in range(n):  # one rank at a time: what an op costs while the others wait on the network
+        dist.barrier()
+        if r == rank:
+            fwd, bwd = _time_stage(s)
+    mine = torch.tensor([*lat_row, *bw_row, fwd, bwd, cfwd, cbwd], dtype=torch.float64)
     rows = [torch.zeros_like(mine) for _ in range(n)]
     dist.all_gather(rows, mine)
     if rank != 0:
@@ -191,7 +199,8 @@ def probe_rank(rank: int, world: int, s: ProbeSettings) -> ProbeResult | None:
     lat = [[(rows[a][b].item() + rows[b][a].item()) / 2 if a != b else 0.0 for b in range(n)] for a in range(n)]
     bw = [[rows[a][n + b].item() for b in range(n)] for a in range(n)]
     return ProbeResult(lat, bw, [r[2 * n].item() for r in rows], [r[2 * n + 1].item() for r in rows],
-                       asdict(s), time.perf_counter() - t_start)
+                       asdict(s), time.perf_counter() - t_start, [r[2 * n + 2].item() for r in rows],
+                       [r[2 * n + 3].item() for r in rows])
 
 
 def cluster_dict(res: ProbeResult, name: str = "probed", memory: int = 3) -> dict[str, Any]:

@@ -23,6 +23,7 @@ links:
   - {a: b, b: c, latency_ms: 25, bandwidth_GiB_per_s: %r}
 """ % (4 * MB / 2 ** 30, 10 * MB / 2 ** 30, 2 * MB / 2 ** 30)
 NBYTES = 1_000_000
+SLACK_S = 0.02  # on top of 10%: process wake-ups on 2 shared cores
 PAIRS = [(0, 1), (0, 2), (1, 2), (2, 0)]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -74,7 +75,7 @@ def test_transfer_takes_latency_plus_size_over_bandwidth(tmp_path):
         res = run_workers(_worker, 3, str(f), False, wan=True)
     for (a, b), t in _elapsed(res).items():
         want = _expect(a, b)
-        assert abs(t - want) <= 0.10 * want + 0.01, f"{a}->{b}: {t * 1e3:.1f} ms, configured {want * 1e3:.1f} ms"
+        assert abs(t - want) <= 0.10 * want + SLACK_S, f"{a}->{b}: {t * 1e3:.1f} ms, configured {want * 1e3:.1f} ms"
         assert res[a][f"launch {a}{b}"] < 0.005, "the send must not block the sender for the latency"
     assert all(r["hook_before"] is None and r["hook_after"] is None for r in res)
 
@@ -86,6 +87,6 @@ def test_in_process_bandwidth_and_off_leaves_no_trace(tmp_path):
     res = run_workers(_worker, 3, str(f), True)
     for (a, b), t in _elapsed(res).items():
         want = _expect(a, b)
-        assert abs(t - want) <= 0.10 * want + 0.01, f"{a}->{b}: {t * 1e3:.1f} ms, configured {want * 1e3:.1f} ms"
+        assert abs(t - want) <= 0.10 * want + SLACK_S, f"{a}->{b}: {t * 1e3:.1f} ms, configured {want * 1e3:.1f} ms"
     assert all(r["plain_work"] != "DelayedWork" for r in res)
     assert all(r["hook_before"] is None and r["hook_after"] is None for r in res)

@@ -41,6 +41,7 @@ def test_probe_reproduces_the_emulated_links(probed):
     want_cost = LAT + c.workload.activation_bytes / BW
     assert np.all(np.abs(c.cost_matrix()[off] - want_cost[off]) <= 0.10 * want_cost[off])
     assert all(0 < w < 5 for w in c.stage_times()) and all(b > 0 for b in res.backward_s)
+    assert len(res.forward_contended_s) == 3 and all(f > 0 for f in res.forward_contended_s)
     assert res.wall_s < 20, "probing 3 ranks must take seconds"
 
 
