@@ -229,6 +229,27 @@ class ClusterConfig:
 
 
 @dataclass
+class NetworkConfig:
+    """``network.emulate=<cluster file>``: add each link's latency and bandwidth to this job's routed
+    transfers in-process (``integration/runtime/netem.py``; node i = rank i). Off (null) by default."""
+
+    emulate: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.emulate is None:
+            return
+        from .plan.cluster import ClusterConfigError, load_cluster  # read up front: a bad file fails before any rank
+        try:
+            c = load_cluster(self.emulate)
+        except (ClusterConfigError, OSError) as exc:
+            raise ConfigError("network.emulate", f"cannot use {self.emulate!r}: {exc}",
+                              "give a cluster file with nodes and links (schema: docs/planner.md)") from None
+        if not c.has_links:
+            raise ConfigError("network.emulate", f"{self.emulate!r} has no link for every node pair",
+                              "add links or default_link (latency_ms, bandwidth_GiB_per_s) to the file")
+
+
+@dataclass
 class RecoveryConfig:
     """``recovery=none|checkfree|checkfree_plus|degraded`` (fault-tolerant runs under ``launch.agent``)."""
 
@@ -325,6 +346,7 @@ class JobConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run_name: str = MISSING

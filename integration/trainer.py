@@ -136,6 +136,9 @@ class Trainer:
 
         if not dist.is_initialized():
             dist.init_process_group(self.dist_backend)
+        if self.job.network.emulate:  # emulated slow links (off by default: nothing in the transfer path)
+            from .runtime.netem import install_from_cluster
+            install_from_cluster(self.rank, self.job.network.emulate, self.world_size, bandwidth=True)
         self.check_same_plan()
         self.backend = build_backend(self.cfg, self.checked.program, self.model_cfg, self.rank, self.world_size)
         self.writer = self.tensorboard()

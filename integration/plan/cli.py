@@ -1,4 +1,4 @@
-"""Command line: ``python -m integration.plan {plan,simulate,validate,compare}``."""
+"""Command line: ``python -m integration.plan {plan,simulate,validate,compare,probe}``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Sequence
 
 from .cluster import ClusterConfigError, builtin_names, load_cluster
 from .placement import LayoutError
+from .probe import ProbeError
 from .routeplan import PlanFormatError, RoutePlan, grid_stage_nodes
 from .rules import PlanValidationError, Rules, Violation, validate
 from .simulator import SimulationError
@@ -21,6 +22,7 @@ EPILOG = """examples:
   python -m integration.plan plan --cluster synthetic-100 --stages 8 --path-length 6 --out out/s100
   python -m integration.plan simulate out/geo12/plan.json --cluster geo-12 --gantt out/geo12/full.png --mode full
   python -m integration.plan validate out/geo12/plan.json
+  python -m integration.plan probe --ranks 8 --out out/probed.json      # or on every rank of a job (RANK, WORLD_SIZE)
 clusters: built-in """ + ", ".join(builtin_names()) + """, or a YAML/JSON file (schema: docs/planner.md)"""
 
 
@@ -144,6 +146,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    import os
+
+    from .probe import ProbeError, ProbeSettings, join_or_explain, probe_local, probe_rank, write_cluster
+    s = ProbeSettings(nbytes=args.bytes, pings=args.pings, reps=args.reps, d_model=args.d_model,
+                      n_heads=args.n_heads, layers_per_stage=args.layers_per_stage, seq_len=args.seq_len,
+                      micro_batch_size=args.micro_batch_size, timeout_s=args.timeout)
+    if args.ranks is not None:
+        res = probe_local(args.ranks, s, emulate=args.emulate)
+    else:
+        if args.emulate:
+            raise ProbeError("probe --emulate: needs --ranks N (the probe then builds the emulated hosts itself)")
+        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+            raise ProbeError("probe: no RANK/WORLD_SIZE in the environment; run it on every rank of the job (as the "
+                             "training launcher does) or give --ranks N to spawn N ranks here")
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        s.check(world)
+        join_or_explain(rank, world, os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                        int(os.environ.get("MASTER_PORT", "29500")), args.timeout)
+        res = probe_rank(rank, world, s)
+        if rank != 0:
+            return 0
+    path = write_cluster(res, args.out)
+    n = len(res.forward_s)
+    lat = [res.latency_s[a][b] * 1e3 for a in range(n) for b in range(n) if a != b]
+    bw = [res.bandwidth_Bps[a][b] / 1e6 for a in range(n) for b in range(n) if a != b]
+    print(f"probed {n} ranks in {res.wall_s:.1f} s: latency {min(lat):.1f}-{max(lat):.1f} ms, bandwidth "
+          f"{min(bw):.2f}-{max(bw):.2f} MB/s, forward {min(res.forward_s) * 1e3:.1f}-{max(res.forward_s) * 1e3:.1f} ms")
+    print(f"cluster file: {path} (plan from it: routing=planned cluster.path={path})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m integration.plan",
@@ -175,6 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Plan and simulate the four variants on one placement.")
     _add_layout(p)
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("probe", help="measure links and stage compute with the job's processes -> cluster file",
+                       description="Measure each rank pair's latency and bandwidth and each rank's stage forward/"
+                                   "backward time with torch.distributed; write a cluster file the planner reads. "
+                                   "Run it on every rank (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) or give --ranks.")
+    p.add_argument("--out", default="probed_cluster.json", help="cluster file to write (JSON)")
+    p.add_argument("--ranks", type=int, default=None, help="spawn this many local ranks instead of joining a job")
+    p.add_argument("--emulate", default=None, help="with --ranks: run them on emulated hosts shaped like this "
+                                                   "cluster file (root; integration/runtime/wanhosts.py)")
+    p.add_argument("--bytes", type=int, default=1_000_000, help="bandwidth message size (default 1000000)")
+    p.add_argument("--pings", type=int, default=5, help="latency round trips per pair (default 5)")
+    p.add_argument("--reps", type=int, default=3, help="bandwidth repetitions per direction, median kept (default 3)")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--layers-per-stage", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for every rank (default 30)")
+    p.set_defaults(func=cmd_probe)
     return ap
 
 
@@ -182,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ClusterConfigError, LayoutError, PlanFormatError, ValueError, SimulationError, OSError) as exc:
+    except (ClusterConfigError, LayoutError, PlanFormatError, ValueError, SimulationError, OSError,
+            ProbeError) as exc:
         # Every bad input (ValueError covers the rule and config errors) is one line, exit 2.
         print(f"error: {exc}", file=sys.stderr)
         return 2

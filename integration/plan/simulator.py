@@ -96,13 +96,16 @@ def compute_lower_bound(plan: RoutePlan, stage_times: Sequence[float]) -> float:
     return max(load.values()) if load else 0.0
 
 
-def _chains(plan: RoutePlan, w: Sequence[float]) -> dict[int, list[tuple[int, str, float]]]:
+def _chains(plan: RoutePlan, w: Sequence[float],
+            op_seconds: dict[tuple[int, str], float] | None = None) -> dict[int, list[tuple[int, str, float]]]:
     out = {}
     for r in plan.routes:
         h = r.home_node
         hops = [x.node for x in r.hops]
         ch = [(h, "F", HOME_F * w[h])] + [(n, "F", BODY_F * w[n]) for n in hops] + [(h, "L", LOSS * w[h])]
         ch += [(n, "B", BODY_B * w[n]) for n in reversed(hops)] + [(h, "B", HOME_B * w[h])]
+        if op_seconds is not None:  # measured per-node op times replace the w-factor model
+            ch = [(n, ph, op_seconds.get((n, ph), d)) for n, ph, d in ch]
         out[r.mb] = ch
     return out
 
@@ -111,11 +114,16 @@ def simulate(plan: RoutePlan, cluster: Cluster | str | None = None, *, mode: str
              cost: np.ndarray | None = None, stage_times: Sequence[float] | None = None,
              memory: int | Sequence[int] | None = None, gap_s: float = DEFAULT_GAP_S,
              retry_s: float = DEFAULT_RETRY_S, policy: str = "fifo", honour_order: bool = True,
-             record: bool = True, priority: dict[int, float] | None = None) -> SimResult:
+             record: bool = True, priority: dict[int, float] | None = None,
+             op_seconds: dict[tuple[int, str], float] | None = None,
+             allreduce_latency: bool = True) -> SimResult:
     """Simulate one iteration of ``plan``.
 
     ``cost`` (N x N seconds) and ``stage_times`` (w per node) default to the cluster's; ``memory``
     defaults to the plan's, else each node's. ``full`` mode needs the cluster (bandwidths, params).
+    Calibration (``integration/plan/calibration.py``; both off by default): ``op_seconds`` gives
+    measured seconds per (node, phase F/L/B) instead of the w factors; ``allreduce_latency=False``
+    drops the all-reduce's per-step latency term (bandwidth term kept).
     """
     if isinstance(cluster, str):
         cluster = load_cluster(cluster, num_nodes=max(plan.nodes) + 1)
@@ -140,7 +148,7 @@ def simulate(plan: RoutePlan, cluster: Cluster | str | None = None, *, mode: str
         ser = (cluster.workload.activation_bytes / cluster.bandwidth_matrix()).tolist()
     link_free: dict[tuple[int, int], float] = {}
 
-    chains = _chains(plan, w)
+    chains = _chains(plan, w, op_seconds)
     order = plan.node_order if (honour_order and plan.node_order) else None
     ptr = defaultdict(int)
     # Home injection: per home, microbatches in id order; `slots` in flight.
@@ -267,7 +275,7 @@ def simulate(plan: RoutePlan, cluster: Cluster | str | None = None, *, mode: str
                 b = bw[g][~np.eye(k, dtype=bool)].min()
                 l = lat[g].max()
                 nbytes = cluster.workload.stage_param_bytes(s)
-                allreduce[s] = 2 * (k - 1) / k * nbytes / b + 2 * (k - 1) * l
+                allreduce[s] = 2 * (k - 1) / k * nbytes / b + (2 * (k - 1) * l if allreduce_latency else 0.0)
             else:
                 allreduce[s] = 0.0
             total = max(total, max((node_end[n] for n in group), default=0.0) + allreduce[s])

@@ -41,10 +41,16 @@ class FailedWork:
         return True
 
 
+# Emulated wide-area runs only (integration/runtime/netem.py installs its delay layer here); None otherwise.
+_launch_hook: Callable[[Callable[..., object], tuple, dict], object] | None = None
+
+
 def launch(start: Callable[..., object], *args, **kwargs) -> object:
     """``start(*args, **kwargs)`` (``dist.isend``, ``dist.irecv``, an ``async_op`` collective); a
     ``RuntimeError`` raised by the launch itself comes back as a :class:`FailedWork` to wait on."""
     try:
+        if _launch_hook is not None:
+            return _launch_hook(start, args, kwargs)
         return start(*args, **kwargs)
     except RuntimeError as exc:  # gloo: "Connection closed by peer" (DistBackendError is a RuntimeError)
         return FailedWork(exc)

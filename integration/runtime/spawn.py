@@ -23,16 +23,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple,
+            wan: bool = False) -> None:
+    addr = "127.0.0.1"
+    if wan:  # rank i runs on emulated host i (integration/runtime/wanhosts.py), rank 0's host has the store
+        from .wanhosts import IFNAME, enter_host, host_address
+        enter_host(rank)
+        addr = host_address(0)
+        os.environ["GLOO_SOCKET_IFNAME"] = IFNAME
     os.environ.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "MASTER_ADDR": addr, "MASTER_PORT": str(port)})
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
     path = Path(out_dir) / f"rank{rank}.pkl"
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world_size)
         result = ("ok", fn(rank, world_size, *args))
     except BaseException as exc:  # report any failure to the parent, then exit non-zero
         result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -47,11 +54,12 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
         raise SystemExit(1)
 
 
-def run_workers(fn: Callable, world_size: int, *args: Any) -> list[Any]:
-    """Run ``fn`` on ``world_size`` ranks; return per-rank results or raise with every rank's error."""
+def run_workers(fn: Callable, world_size: int, *args: Any, wan: bool = False) -> list[Any]:
+    """Run ``fn`` on ``world_size`` ranks; return per-rank results or raise with every rank's error.
+    ``wan``: rank i runs in the network namespace of emulated host i (a live ``wanhosts.WanHosts``)."""
     with tempfile.TemporaryDirectory() as out:
         port = free_port()
-        ctx = mp.start_processes(_worker, args=(world_size, port, out, fn, args), nprocs=world_size,
+        ctx = mp.start_processes(_worker, args=(world_size, port, out, fn, args, wan), nprocs=world_size,
                                  join=False, start_method="spawn")
         try:
             while not ctx.join():
