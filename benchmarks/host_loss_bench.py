@@ -8,7 +8,8 @@ first loses one rank (rank 3 SIGKILLs itself at step 3 by the failure injector: 
 hot spare on the same host, the single-rank recovery of the same run), then a whole host (every process of h3). "waiting": the
 spare host pre-started its workers; "cold": it starts them when it takes over. Prints a table of the
 recovery events' timings (seconds; first good step is counted from the failure: the rank's death, or
-the lost host's last heartbeat).
+the moment the store saw the lost host's agent connection end; "found by": the agent's waitpid, the
+store connection, or the --host-timeout fallback).
 """
 
 from __future__ import annotations
@@ -73,13 +74,16 @@ def main() -> None:
     for mode in ("waiting", "cold"):
         for e in run_job(out, mode, a.steps, a.backend, env):
             kind = "host" if any("host" in r for r in e["reasons"]) else "rank"
-            rows.append((mode, kind, e["failed_ranks"], e.get("detect_s") or 0.0, e["regroup_s"], e["transfer_s"],
-                         e["first_good_step_s"]))
+            found = ("connection" if any("connection dropped" in r for r in e["reasons"]) else "timeout") \
+                if kind == "host" else "waitpid"
+            rows.append((mode, kind, found, e["failed_ranks"], e.get("detect_s") or 0.0, e["regroup_s"],
+                         e["transfer_s"], e["first_good_step_s"]))
     print(f"\nhost loss vs single-rank loss, backend={a.backend}, 2 hosts x 2 ranks + 1 spare host (seconds)")
-    print(f"{'spare host':<10} {'failure':<8} {'ranks':<8} {'detect':>7} {'regroup':>8} {'transfer':>9} {'first good':>11}")
-    for mode, kind, ranks, d, r, t, f in rows:
-        print(f"{mode:<10} {kind:<8} {str(ranks):<8} {d:7.2f} {r:8.2f} {t:9.2f} {f:11.2f}")
-    single = {m: f for m, k, _, _, _, _, f in rows if k == "rank"}
+    print(f"{'spare host':<10} {'failure':<8} {'found by':<10} {'ranks':<8} {'detect':>7} {'regroup':>8} "
+          f"{'transfer':>9} {'first good':>11}")
+    for mode, kind, found, ranks, d, r, t, f in rows:
+        print(f"{mode:<10} {kind:<8} {found:<10} {str(ranks):<8} {d:7.2f} {r:8.2f} {t:9.2f} {f:11.2f}")
+    single = {m: f for m, k, _, _, _, _, _, f in rows if k == "rank"}
     for mode, kind, *_, f in rows:
         if kind == "host" and mode in single:
             print(f"{mode}: host loss - single-rank loss = {f - single[mode]:+.2f} s (goal: within 1 s)")
