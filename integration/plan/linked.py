@@ -20,7 +20,8 @@ close to it the plan gets. Both are small integer programs:
    solution becomes ``plan.node_order``.
 
 Determinism: one worker, a fixed random seed and CP-SAT's *deterministic* time limit, so every
-rank that plans for itself gets the same plan on any machine. :func:`lower_bound` is the bound
+rank that plans for itself gets the same plan on any machine. :func:`lower_bound` and the
+tighter :func:`tight_lower_bound` (one home scheduled exactly, :func:`home_bound`) are the bounds
 printed beside results: no schedule of any routes on this placement can end earlier.
 """
 
@@ -160,7 +161,9 @@ def home_bound(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[
 
     def solve(sub: list[Candidate]) -> float:
         md = cp_model.CpModel()
-        horizon = ms(r_min * 10 * (sub[-1].round_trip_s + gap_s)) + m * 10 ** 5
+        # Room for every microbatch one after another (a feasible schedule), so the horizon never
+        # cuts off a schedule and the proven bound stays a floor.
+        horizon = m * (ms(sub[-1].round_trip_s) + (2 * len(sub[0].nodes) + 4) * gap) + 1000
         node_iv: dict[int, list] = {}
         firsts, ends = [], []
         for j in range(m):
@@ -199,8 +202,10 @@ def home_bound(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[
         solver = cp_model.CpSolver()
         solver.parameters.num_workers = 1
         solver.parameters.max_deterministic_time = deterministic_time
-        solver.Solve(md)
-        return solver.BestObjectiveBound() * UNIT_S  # proven, whether or not the search finished
+        status = solver.Solve(md)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
+            return 0.0  # cannot happen (a serial schedule fits); never claim a floor from it
+        return max(0.0, solver.BestObjectiveBound() * UNIT_S)  # proven, whether or not the search finished
 
     def longer(k: int) -> float:  # floor of any plan using a route outside the first k
         return math.inf if k >= len(cands) else cands[k].round_trip_s + (r_min - 1) * (rt_min + gap_s)
@@ -602,5 +607,5 @@ def choose_one_route_per_home(stage_nodes: Sequence[Sequence[int]], C: np.ndarra
     return [list(by_home[h].nodes) for h in homes for _ in range(slots)]
 
 
-__all__ = ["Candidate", "round_trip", "candidates", "count_candidates", "lower_bound", "home_bound", "tight_lower_bound", "choose_routes",
-           "schedule_routes", "solve_joint", "choose_one_route_per_home"]
+__all__ = ["Candidate", "round_trip", "candidates", "count_candidates", "lower_bound", "home_bound",
+           "tight_lower_bound", "choose_routes", "schedule_routes", "solve_joint", "choose_one_route_per_home"]
