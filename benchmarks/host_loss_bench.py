@@ -45,6 +45,7 @@ def run_job(out: Path, mode: str, steps: int, backend: str, env: dict) -> list[d
     res = out / mode
     cmd = ["sbatch", "--wait", "-o", str(out / f"{mode}.out"),
            f"--export=ALL,SPARE_HOSTS=1,HOT_SPARES=1,SPARE_HOST_WORKERS={2 if mode == 'waiting' else 0},"
+           f"STORE_PORT={29420 + (mode == 'cold')},"  # a port per job: the last job's may still be in TIME_WAIT
            f"AGENT_ARGS=--host-timeout 5", "--nodes=3", "launch/slurm/train_ft.sbatch", "tensorboard=false",
            "progress=false", "recovery=checkfree", f"backend={backend}", "parallel.stages=2", "parallel.replicas=2",
            f"train.steps={steps}", f"output_root={res}",
@@ -65,13 +66,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=14)
     p.add_argument("--backend", default="deepspeed", choices=("deepspeed", "megatron"))
     p.add_argument("--out", default="/tmp/skipfree-host-loss-bench")
+    p.add_argument("--modes", default="waiting,cold", help="spare-host modes to run, comma-separated")
     a = p.parse_args()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                SLURM_CONF=os.environ.get("SLURM_CONF", "/tmp/skipfree-cluster/slurm.conf"))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for mode in ("waiting", "cold"):
+    for mode in a.modes.split(","):
         for e in run_job(out, mode, a.steps, a.backend, env):
             kind = "host" if any("host" in r for r in e["reasons"]) else "rank"
             found = ("connection" if any("connection dropped" in r for r in e["reasons"]) else "timeout") \
