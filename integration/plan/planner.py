@@ -350,7 +350,7 @@ def _setup(cluster: Cluster, stage_nodes, stage_sizes, num_stages, path_length, 
     return stage_nodes, C, time.perf_counter() - t0
 
 
-RING_TRIES = 5  # ring placements tried where links differ (the first at full length)
+RING_TRIES = 4  # ring placements tried where links differ (the first at full length)
 
 
 def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, budget_s, evals,
@@ -387,8 +387,9 @@ def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, bud
     ring_best = best
     best, best_key = None, None
     for k in range(tries):
+        # Where a ring placement competes, the annealed ones share the budget evenly (planner time).
         pl = anneal_placement(C, stage_sizes, seed=seed + k, time_budget_s=budget_s / tries,
-                              max_evals=max(1, evals // tries) if k else evals)
+                              max_evals=max(1, evals // tries) if k or ring_best is not None else evals)
         sn = relabel_by_tour(pl.stage_nodes, C)
         if count_candidates(sn, path_length, rules) > MAX_LINKED_CANDIDATES:
             return sn  # large clusters: the bound is too costly to compare; keep the first
