@@ -17,8 +17,11 @@ latter restarts all workers (their in-memory weights and optimizer state are los
 * respawns only that rank with ``SKIPFREE_GENERATION``/``SKIPFREE_JOINING=1`` set, or promotes a
   pre-started hot spare (``--hot-spares``: processes that already paid the import cost and wait in
   :func:`integration.recovery.context.RankContext.from_env` for a store assignment);
-* heartbeats itself in the store; a ``--spare-host`` agent waits, and when a training host's
-  agent is silent for ``--host-timeout`` seconds (the host is lost, or only its agent: its ranks
+* heartbeats itself in the store and keeps a liveness connection to the store process
+  (:class:`launch.store.LivenessListener`); a ``--spare-host`` agent waits, and when a training
+  host's agent's liveness connection ended without a goodbye (its process died, or TCP keepalive
+  gave up on its host: recorded by the store at once), or its heartbeat is silent for
+  ``--host-timeout`` seconds (the fallback, e.g. for a store without the listener) (the host is lost, or only its agent: its ranks
   die with it, see below) it claims that host's node rank (first claim wins), records one failure
   per rank of the lost host (naming the host) and starts them as joining ranks, and the ladder
   rebuilds their stages. An agent that finds its node claimed by another stops its ranks;
@@ -172,6 +175,7 @@ class Agent:
         self.done: set[int] = set()
         self.signal: int | None = None
         self._beat_stop = threading.Event()
+        self._liveness: socket.socket | None = None
         self._next_owner_check = 0.0
         self.worker_env = self._network_env()
 
@@ -259,6 +263,40 @@ class Agent:
         except Exception:  # the store went away at the job's end; nothing to report to
             return
 
+    def _connect_liveness(self) -> None:
+        """One TCP connection to the store process's liveness port, held open for this agent's life:
+        if this process dies, the kernel closes it and the store records the loss at once."""
+        from launch.store import LIVENESS_PORT_KEY
+
+        if not self.cfg.external_store:
+            return  # node 0 hosts the store: there is no spare host to tell
+        deadline = time.time() + 2.0
+        while not self.store.check([LIVENESS_PORT_KEY]):  # published right after the store starts
+            if time.time() > deadline:
+                self.log("liveness", connected=False, reason="the store publishes no liveness port; "
+                                                             "host loss is found by --host-timeout only")
+                return
+            time.sleep(0.05)
+        port = int(self.store.get(LIVENESS_PORT_KEY))
+        try:
+            self._liveness = socket.create_connection((self.cfg.store_host, port), timeout=10)
+            self._liveness.sendall(self.agent_id.encode() + b"\n")
+        except OSError as exc:
+            self._liveness = None
+            self.log("liveness", connected=False, reason=f"{self.cfg.store_host}:{port}: {exc}")
+
+    def _say_goodbye(self) -> None:
+        """A clean exit is not a loss: tell the store before the connection closes."""
+        from launch.store import GOODBYE
+
+        if self._liveness is not None:
+            try:
+                self._liveness.sendall(GOODBYE)
+                self._liveness.close()
+            except OSError:
+                pass
+            self._liveness = None
+
     def _claim(self, node: int) -> None:
         self.store.set(owner_key(node), self.agent_id)
         self.store.set(host_key(node), self.host)
@@ -280,8 +318,10 @@ class Agent:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         beat = threading.Thread(target=self._heartbeat, name="agent-heartbeat", daemon=True)
+        clean = True
         try:
             beat.start()
+            self._connect_liveness()
             if self.cfg.spare_host:
                 rc = self._wait_as_spare()
                 if rc is not None:
@@ -292,11 +332,16 @@ class Agent:
             return self._loop()
         except _Stop:
             return self._stopped()
+        except BaseException:
+            clean = False  # an agent that crashed lost its node: let a spare host take it
+            raise
         finally:
             self._beat_stop.set()
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             self._stop_all()
+            if clean:
+                self._say_goodbye()
 
     def _start_ranks(self, generation: int, joining: bool) -> None:
         for rank in self.cfg.ranks_of(self.cfg.node_rank):
@@ -360,26 +405,33 @@ class Agent:
             time.sleep(max(self.cfg.poll_s, 0.1))
 
     def _try_take_over(self, node: int) -> bool:
+        from launch.store import agent_gone_key
+
         if not self.store.check([owner_key(node)]) or self.store.check([done_key(node)]):
             return False
         owner = self.store.get(owner_key(node)).decode()
-        key = agent_heartbeat_key(owner)
+        key, gkey = agent_heartbeat_key(owner), agent_gone_key(owner)
         last = float(self.store.get(key)) if self.store.check([key]) else None
-        if last is None or time.time() - last <= self.cfg.host_timeout:
+        gone = float(self.store.get(gkey)) if self.store.check([gkey]) else None
+        if gone is None and (last is None or time.time() - last <= self.cfg.host_timeout):
             return False  # alive (or not started yet: its start-up is the other agent's business)
         if self.store.compare_set(owner_key(node), owner, self.agent_id).decode() != self.agent_id:
             return False  # another spare host was faster
-        silent = time.time() - last
         lost = self.store.get(host_key(node)).decode()
         self.cfg.node_rank = node
         ranks = self.cfg.ranks_of(node)
-        reason = f"host {lost} lost (its agent silent {silent:.1f} s)"
-        # One record per lost rank, all timed from the host's last sign of life; coalesced by the workers.
-        recs = [self.detect.record_failure(self.store, r, reason, lost, at=last) for r in ranks]
+        if gone is not None:  # the store saw the agent's connection end: the moment of the loss
+            silent, at, how = time.time() - gone, gone, "connection"
+            reason = f"host {lost} lost (its agent's store connection dropped {silent:.1f} s ago)"
+        else:
+            silent, at, how = time.time() - last, last, "timeout"
+            reason = f"host {lost} lost (its agent silent {silent:.1f} s)"
+        # One record per lost rank, all timed from the host's loss; coalesced by the workers.
+        recs = [self.detect.record_failure(self.store, r, reason, lost, at=at) for r in ranks]
         self.failures.append({"host": lost, "ranks": ranks, "reason": reason, "generation": recs[-1].generation})
         self._count_restart(f"host {lost}")
         self.store.set(host_key(node), self.host)
-        self.log("host_lost", node=node, host=lost, ranks=ranks, silent_s=round(silent, 2),
+        self.log("host_lost", node=node, host=lost, ranks=ranks, silent_s=round(silent, 2), detected_by=how,
                  generation=recs[-1].generation, replaced_by=self.host)
         self._start_ranks(recs[-1].generation, joining=True)
         return True

@@ -9,6 +9,14 @@ generation counter, failure records, heartbeats, host ownership, spare assignmen
 ``--nnodes`` training hosts reported their ranks finished, 1 when the job was aborted (key
 ``abort``), 128+N on signal N; it lingers ``--linger`` seconds first so that clients read the end.
 
+Liveness: beside the store it listens on a second port (published under the key
+``liveness/port``); every agent keeps one TCP connection open there. A connection that ends
+without the agent's goodbye (its process died: the kernel closes its sockets; or its host went
+silent: TCP keepalive, a few seconds) is recorded at once as ``agent/<id>/gone`` = the time, so a
+spare host takes over a lost host within a fraction of a second instead of after the agents'
+``--host-timeout`` (which stays the fallback). Kernel-level signals only: a busy or starved
+agent process is not mistaken for a lost one.
+
 The store is the job's remaining single point of failure: losing its host (or this process) loses
 the job's coordination state, and the job stops. Put it on a host that does not train (the
 fault-tolerant batch script uses a spare host), and see docs/slurm.md for what would remove it.
@@ -20,7 +28,9 @@ import argparse
 import datetime
 import json
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +38,74 @@ from integration.recovery.detect import ABORT_KEY
 
 FINISHED_KEY = "agents_finished"
 EXIT_BAD_INPUT = 2
+LIVENESS_PORT_KEY = "liveness/port"
+GOODBYE = b"bye\n"
+KEEPALIVE_S = (1, 1, 3)  # idle, interval, probes: a silent host's connection fails after about 4 s
+
+
+def agent_gone_key(agent_id: str) -> str:
+    """Set (to the time) when the agent's liveness connection ended without its goodbye."""
+    return f"agent/{agent_id}/gone"
+
+
+class LivenessListener:
+    """Accepts one connection per agent (first line: its id) and records ``agent/<id>/gone`` the
+    moment a connection ends without :data:`GOODBYE`. Its own store client (thread-safe use)."""
+
+    def __init__(self, host: str, store_port: int):
+        import torch.distributed as dist
+
+        self.sock = socket.create_server((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.store = dist.TCPStore(host if host != "0.0.0.0" else "127.0.0.1", store_port, world_size=None,
+                                   is_master=False, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+        self.lock = threading.Lock()
+        self.gone: list[str] = []
+
+    def start(self) -> "LivenessListener":
+        threading.Thread(target=self._accept, name="liveness-accept", daemon=True).start()
+        return self
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._watch, args=(conn,), name="liveness-conn", daemon=True).start()
+
+    def _watch(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            for opt, v in zip((socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT), KEEPALIVE_S):
+                conn.setsockopt(socket.IPPROTO_TCP, opt, v)
+        buf = b""
+        try:
+            while b"\n" not in buf:
+                chunk = conn.recv(256)
+                if not chunk:
+                    return
+                buf += chunk
+            agent_id, rest = buf.split(b"\n", 1)
+            while True:
+                if GOODBYE in rest:
+                    return  # a clean exit: not a loss
+                chunk = conn.recv(256)
+                if not chunk:
+                    break
+                rest += chunk
+        except OSError:  # reset, or keepalive gave up on a silent host
+            pass
+        finally:
+            conn.close()
+        if not buf or b"\n" not in buf:
+            return
+        name = agent_id.decode(errors="replace")
+        with self.lock:
+            self.gone.append(name)
+            self.store.set(agent_gone_key(name), repr(time.time()))
+        print("store: " + json.dumps({"event": "agent_gone", "agent": name, "time": round(time.time(), 3)}),
+              file=sys.stderr, flush=True)
 
 
 def serve(host: str, port: int, nnodes: int, linger_s: float = 2.0, poll_s: float = 0.2,
@@ -49,8 +127,11 @@ def serve(host: str, port: int, nnodes: int, linger_s: float = 2.0, poll_s: floa
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    live = LivenessListener(host, store.port).start()
+    store.set(LIVENESS_PORT_KEY, str(live.port))
     print("store: " + json.dumps({"event": "listening", "host": host, "port": store.port, "nnodes": nnodes,
-                                   "time": round(time.time(), 3)}), file=sys.stderr, flush=True)
+                                   "liveness_port": live.port, "time": round(time.time(), 3)}),
+          file=sys.stderr, flush=True)
     if ready_file:
         Path(ready_file).write_text(f"{host}:{store.port}\n")
     rc = 0

@@ -20,7 +20,8 @@ close to it the plan gets. Both are small integer programs:
    solution becomes ``plan.node_order``.
 
 Determinism: one worker, a fixed random seed and CP-SAT's *deterministic* time limit, so every
-rank that plans for itself gets the same plan on any machine. :func:`lower_bound` is the bound
+rank that plans for itself gets the same plan on any machine. :func:`lower_bound` and the
+tighter :func:`tight_lower_bound` (one home scheduled exactly, :func:`home_bound`) are the bounds
 printed beside results: no schedule of any routes on this placement can end earlier.
 """
 
@@ -126,6 +127,112 @@ def lower_bound(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence
     visits = len(stage_nodes[0]) * slots * (path_length - 1)
     if len(body) * memory == visits:
         best = max([best] + [rounds * via[n] + (rounds - 1) * gap_s for n in body if n in via])
+    return best
+
+
+def home_bound(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[float], memory: int, m: int,
+               path_length: int, rules: Rules, gap_s: float, home: int, deterministic_time: float = 2.0,
+               max_routes: int = 64) -> float:
+    """A floor on any plan's iteration from one home alone (paper mode), tighter than
+    :func:`lower_bound` where a home's own microbatches collide on its shortest routes.
+
+    Relaxation: only this home's ``m`` microbatches exist (other homes' ops and body memory only
+    add constraints), each picks any route among the home's ``k`` shortest (all of them when
+    cheaper), and CP-SAT schedules them exactly under the simulator's rules (one op at a time per
+    node plus the gap, link delays, a slot's next microbatch after the previous one's last
+    backward), with every duration and link cost rounded *down* to the millisecond. Its proven
+    bound B is a floor for plans that keep this home on those routes. A plan that puts one of the
+    home's microbatches on a longer route R ends no earlier than ``rt(R) + (r - 1)(rt_min + gap)``
+    (its slot runs at least ``r = m // slots`` microbatches back to back), so the floor is
+    ``min(B, that)``; the candidate set grows until B is below that threshold (or ``max_routes``)."""
+    from ortools.sat.python import cp_model
+
+    slots = min(memory, m)
+    r_min = m // slots
+    cands = candidates(stage_nodes, home, C, w, path_length, rules)
+    if not cands:
+        return 0.0
+    Cl = np.asarray(C).tolist()
+    rt_min = cands[0].round_trip_s
+    gap = int(math.floor(gap_s / UNIT_S + 1e-9))
+
+    def ms(x: float) -> int:
+        return int(math.floor(x / UNIT_S + 1e-9))
+
+    def solve(sub: list[Candidate]) -> float:
+        md = cp_model.CpModel()
+        # Room for every microbatch one after another (a feasible schedule), so the horizon never
+        # cuts off a schedule and the proven bound stays a floor.
+        horizon = m * (ms(sub[-1].round_trip_s) + (2 * len(sub[0].nodes) + 4) * gap) + 1000
+        node_iv: dict[int, list] = {}
+        firsts, ends = [], []
+        for j in range(m):
+            pick = [md.NewBoolVar("") for _ in sub]
+            md.AddExactlyOne(pick)
+            home_st = {}
+            for ph, f in (("F", HOME_F), ("L", LOSS), ("B", HOME_B)):
+                s = md.NewIntVar(0, horizon, "")
+                node_iv.setdefault(home, []).append(md.NewFixedSizeIntervalVar(s, ms(f * w[home]) + gap, ""))
+                home_st[ph] = s
+            for lit, c in zip(pick, sub):
+                body_f, body_b = [], []
+                for n in c.nodes:
+                    for lst, f in ((body_f, BODY_F), (body_b, BODY_B)):
+                        s = md.NewIntVar(0, horizon, "")
+                        node_iv.setdefault(n, []).append(
+                            md.NewOptionalFixedSizeIntervalVar(s, ms(f * w[n]) + gap, lit, ""))
+                        lst.append((n, s, f))
+                chain = [(home, home_st["F"], HOME_F)] + body_f + [(home, home_st["L"], LOSS)] + \
+                    list(reversed(body_b)) + [(home, home_st["B"], HOME_B)]
+                for (a, sa, fa), (b, sb, _) in zip(chain, chain[1:]):
+                    md.Add(sb >= sa + ms(fa * w[a]) + (ms(Cl[a][b]) if a != b else 0)).OnlyEnforceIf(lit)
+            e = md.NewIntVar(0, horizon, "")
+            md.Add(e == home_st["B"] + ms(HOME_B * w[home]))
+            firsts.append(home_st["F"])
+            ends.append(e)
+        for j in range(slots, m):  # the simulator's injection rule
+            md.Add(firsts[j] >= ends[j - slots])
+        for j in range(1, slots):  # the first wave's slots are interchangeable
+            md.Add(firsts[j] >= firsts[j - 1])
+        for ivs in node_iv.values():
+            md.AddNoOverlap(ivs)
+        mk = md.NewIntVar(0, horizon, "")
+        md.AddMaxEquality(mk, ends)
+        md.Minimize(mk)
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = 1
+        solver.parameters.max_deterministic_time = deterministic_time
+        status = solver.Solve(md)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
+            return 0.0  # cannot happen (a serial schedule fits); never claim a floor from it
+        return max(0.0, solver.BestObjectiveBound() * UNIT_S)  # proven, whether or not the search finished
+
+    def longer(k: int) -> float:  # floor of any plan using a route outside the first k
+        return math.inf if k >= len(cands) else cands[k].round_trip_s + (r_min - 1) * (rt_min + gap_s)
+
+    k = sum(1 for c in cands if c.round_trip_s <= rt_min + 1e-9)
+    best = 0.0
+    for _ in range(4):
+        k = min(k, max_routes, len(cands))
+        b = solve(cands[:k])
+        best = min(b, longer(k))
+        if longer(k) >= b or k >= min(max_routes, len(cands)):
+            break
+        k = sum(1 for c in cands if c.round_trip_s + (r_min - 1) * (rt_min + gap_s) < b)
+    return best
+
+
+def tight_lower_bound(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[float], memory: int, m: int,
+                      path_length: int, rules: Rules, gap_s: float, homes: int = 2,
+                      deterministic_time: float = 2.0) -> float:
+    """:func:`lower_bound`, raised by :func:`home_bound` of the ``homes`` homes with the longest
+    shortest round trip (the max over any subset of homes is a floor; the rest rarely bind)."""
+    best = lower_bound(stage_nodes, C, w, memory, m, path_length, rules, gap_s)
+    rt = {h: (cs[0].round_trip_s if cs else 0.0)
+          for h in stage_nodes[0] for cs in [candidates(stage_nodes, h, C, w, path_length, rules)[:1]]}
+    for h in sorted(rt, key=lambda h: -rt[h])[:homes]:
+        best = max(best, home_bound(stage_nodes, C, w, memory, m, path_length, rules, gap_s, h,
+                                    deterministic_time=deterministic_time))
     return best
 
 
@@ -500,5 +607,5 @@ def choose_one_route_per_home(stage_nodes: Sequence[Sequence[int]], C: np.ndarra
     return [list(by_home[h].nodes) for h in homes for _ in range(slots)]
 
 
-__all__ = ["Candidate", "round_trip", "candidates", "count_candidates", "lower_bound", "choose_routes",
-           "schedule_routes", "solve_joint", "choose_one_route_per_home"]
+__all__ = ["Candidate", "round_trip", "candidates", "count_candidates", "lower_bound", "home_bound",
+           "tight_lower_bound", "choose_routes", "schedule_routes", "solve_joint", "choose_one_route_per_home"]

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "launch" / "testing" / "cluster.sh"
-HOSTS = 4  # h1: store + spare host, h2/h3: training hosts, h4: a second spare host
+HOSTS = 5  # h1: store + spare host, h2: a second spare host, h3..h5: training hosts (the tests pick --nodes)
 CLUSTER_DIR = "/tmp/skipfree-cluster-tests"
 
 

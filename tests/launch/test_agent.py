@@ -184,3 +184,47 @@ def test_agent_flags_are_validated():
     h = subprocess.run([sys.executable, "-m", "launch.agent", "--help"], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
     assert h.returncode == 0 and "--max-restarts" in h.stdout and "--restart-window" in h.stdout
+
+
+def test_spare_host_takes_over_at_once_when_an_agent_dies(tmp_path):
+    """External store + one training agent + one spare-host agent, all real processes on loopback.
+    SIGKILL the training agent: the store sees its liveness connection end without a goodbye, and
+    the spare takes the node long before --host-timeout (60 s); its rank died with its agent."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    store = subprocess.Popen([sys.executable, "-m", "launch.store", "--host", "127.0.0.1", "--port", str(port),
+                              "--nnodes", "1", "--linger", "0.2"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    common = ("--nproc", "1", "--external-store", "--store-host", "127.0.0.1", "--host-timeout", "60")
+    train = spare = None
+    try:
+        train = agent(tmp_path, *common, "--host-name", "hA", port=port, env={"MODE": "sleep"})
+        (first,) = _wait_rows(tmp_path, range(1))
+        spare = agent(tmp_path, *common, "--spare-host", "--host-name", "hB", port=port, env={"MODE": "sleep"})
+        seen = []
+        while not any('"event": "waiting"' in x for x in seen):  # the spare is up and polling
+            line = spare.stderr.readline()
+            assert line, "the spare agent ended: " + "".join(seen)
+            seen.append(line)
+        time.sleep(0.5)
+        killed = time.time()
+        train.kill()
+        train.wait(timeout=30)
+        deadline = time.time() + 60
+        while len(rows(tmp_path, 0)) < 2 and time.time() < deadline:  # the joining rank 0 on hB
+            time.sleep(0.1)
+        assert len(rows(tmp_path, 0)) == 2, "the spare host did not take over"
+        assert _gone(first["pid"]), "the rank outlived its SIGKILLed agent"
+        spare.send_signal(signal.SIGTERM)
+        assert spare.wait(timeout=60) == 128 + signal.SIGTERM
+        log = "".join(seen) + spare.stderr.read()
+        assert store.wait(timeout=60) == 1  # the spare's stop stopped the job
+    finally:
+        for p in (train, spare, store):
+            if p is not None and p.poll() is None:
+                p.kill()
+    (ev,) = [json.loads(x[len("agent: "):]) for x in log.splitlines() if '"event": "host_lost"' in x]
+    assert ev["host"] == "hA" and ev["ranks"] == [0] and ev["replaced_by"] == "hB"
+    assert ev["detected_by"] == "connection" and ev["time"] - killed < 3.0, ev
+    joined = rows(tmp_path, 0)[-1]
+    assert joined["joining"] and joined["generation"] == 1
+    assert '"event": "agent_gone"' in store.stderr.read()

@@ -77,10 +77,10 @@ def summary(root: Path, rank: int) -> dict:
 
 
 def test_cluster_is_separate_hosts(slurm_cluster):
-    r = slurm_cluster.run("srun", "-N4", "-n4", "bash", "-c",
+    r = slurm_cluster.run("srun", "-N5", "-n5", "bash", "-c",
                           "echo $SLURMD_NODENAME $(ip -o -4 addr show | grep -o '10\\.77\\.0\\.[0-9]*')")
     seen = dict(line.split() for line in r.stdout.splitlines())
-    assert seen == {f"h{i}": f"10.77.0.1{i}" for i in range(1, 5)}  # each node in its own network namespace
+    assert seen == {f"h{i}": f"10.77.0.1{i}" for i in range(1, 6)}  # each node in its own network namespace
     assert slurm_cluster.up_s < 120
 
 
@@ -176,3 +176,55 @@ def test_ft_sbatch_survives_a_lost_host_and_a_lost_agent(slurm_cluster, tmp_path
     (first,), (second,) = (recs[g] for g in sorted(recs))
     assert first[0] == (1, 3) and all("host h4 lost" in x for x in first[1]) and first[2] == ("replica_copy",)
     assert second[0] == (0, 2) and all("host h3 lost" in x for x in second[1]) and second[2] == ("replica_copy",)
+
+
+def test_ft_sbatch_two_hosts_lost_at_once_fall_back_to_the_checkpoint(slurm_cluster, tmp_path):
+    """megatron backend, 5 hosts: h1 (store + spare host), h2 (spare host), h3..h5 train one rank
+    each (parallel.stages=3: rank 0 home on h3, ranks 1 and 2 on h4 and h5). Kill every process of
+    h4 and h5 at once: adjacent stages lost, so the ladder falls back to the last checkpoint
+    (recovery.checkpoint_every=4: the kill lands after step 4, so the rollback is to step 4 and
+    step 4 runs twice) and every rank rolls back; both spare hosts take a node. The job completes,
+    every step is applied, the replayed step reproduces the first run's loss."""
+    out, res = tmp_path / "two.out", tmp_path / "two"
+    steps = 10
+    job = sbatch(slurm_cluster, "train_ft.sbatch", out, *QUIET, "backend=megatron", "recovery=checkfree",
+                 "parallel.stages=3", "parallel.replicas=1", f"train.steps={steps}", "recovery.fallback=checkpoint",
+                 "recovery.checkpoint_every=4", f"output_root={res}", args=("--nodes=5",),
+                 env={"SPARE_HOSTS": "2", "HOT_SPARES": "0", "RANKS_PER_NODE": "1", "AGENT_ARGS": "--host-timeout 30",
+                      "STORE_PORT": "29411"})  # not the previous job's port (its store may linger)
+    try:
+        log0 = res / "rank0" / "train.log"
+        _wait_for(log0, r"step 4 loss", 600, job)
+        lost = slurm_cluster.host_pids("h4") + slurm_cluster.host_pids("h5")
+        subprocess.run(["kill", "-9", *map(str, lost)], check=True)  # two hosts at once
+        assert job.wait(timeout=900) == 0, out.read_text()[-4000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+        slurm_cluster.heal()
+    text = out.read_text()
+    lost_events = [json.loads(x[len("agent: "):]) for x in text.splitlines()
+                   if x.startswith("agent: ") and '"event": "host_lost"' in x]
+    # Found from the agents' store connections (--host-timeout 30 would be far slower than the job).
+    assert sorted((e["host"], tuple(e["ranks"])) for e in lost_events) == [("h4", (1,)), ("h5", (2,))], lost_events
+    assert {e["replaced_by"] for e in lost_events} == {"h1", "h2"}
+    assert {e["detected_by"] for e in lost_events} == {"connection"}
+    ev0 = [json.loads(x) for x in (res / "rank0" / "events.jsonl").read_text().splitlines()]
+    recs = [e for e in ev0 if e["event"] == "recovery" and e.get("failed_ranks")]
+    assert recs and set().union(*(e["failed_ranks"] for e in recs)) == {1, 2}, recs
+    assert recs[-1]["methods"] == ["checkpoint"], recs[-1]
+    (rb,) = [e for e in ev0 if e["event"] == "recovery_rollback"]
+    resumed = rb["step"]
+    assert resumed == 4 and rb["checkpoint_step"] == 4, rb
+    for r in range(3):
+        st = [(int(a), float(b)) for a, b in re.findall(r"step (\d+) loss ([\d.]+)", (res / f"rank{r}" / "train.log").read_text())]
+        assert [s for s, _ in st][-(steps - resumed):] == list(range(resumed, steps)), (r, st)
+        assert {s for s, _ in st} == set(range(steps)), (r, st)
+    st0 = [(int(a), float(b)) for a, b in re.findall(r"step (\d+) loss ([\d.]+)", log0.read_text())]
+    cut = len(st0) - (steps - resumed)  # the replay: the last steps - resumed lines
+    first, replay = dict(st0[:cut]), dict(st0[cut:])
+    both = sorted(set(first) & set(replay))
+    assert both and both[0] == resumed, (first, replay)  # step 4 ran before the loss and again after
+    for s in both:  # the same batch on the same restored state
+        assert replay[s] == pytest.approx(first[s], rel=1e-6), (s, first, replay)
+    assert sum(replay[s] for s in (steps - 2, steps - 1)) < first[0] + first[1]
