@@ -142,3 +142,22 @@ def test_the_preflight_program_is_what_the_backend_runs(tmp_path):
         for r in run_workers(_compile_once, 2, backend, str(tmp_path / backend)):
             assert (r["after_preflight"], r["after_setup"], r["after_resample"]) == (1, 1, 2), (backend, r)
             assert r["handed"] and r["resampled"] and 0 < r["loss"] < 20, (backend, r)
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_start(tmp_path):
+    """torch's loader waits forever on ``<op>/lock``; a lock nobody releases is removed after the hold
+    time, one that a live loader releases is left to it, and torch's own baton can then be taken."""
+    import threading
+
+    from torch.utils.file_baton import FileBaton
+
+    from integration.trainer import clear_stale_build_locks
+
+    stale, live = tmp_path / "op_a" / "lock", tmp_path / "op_b" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.touch()
+    threading.Timer(0.1, live.unlink).start()  # a loader that finishes within the hold time
+    assert clear_stale_build_locks(tmp_path, hold_s=0.5) == [stale]
+    assert not stale.exists() and FileBaton(str(stale)).try_acquire()
+    assert clear_stale_build_locks(tmp_path / "op_b", hold_s=0.1) == []
