@@ -237,6 +237,9 @@ class FaultTolerantMegatronBackend(MegatronBackend):
             self.torch_optimizer.load_state_dict(bundle["optimizer"])
             rb.reattach_lr_scale(self.torch_optimizer)  # hooks live on the optimizer object, which is new
         if scheduler:
+            # megatron's load_state_dict *adds* the saved step count (it expects a fresh scheduler):
+            # a survivor rolling back would otherwise jump ahead in the LR schedule.
+            self.scheduler.num_steps = 0
             self.scheduler.load_state_dict(bundle["opt_param_scheduler"])
 
     def rebuild_engine(self) -> None:

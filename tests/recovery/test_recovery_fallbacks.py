@@ -71,6 +71,9 @@ def test_adjacent_kill_checkpoint_fallback_rolls_back_every_rank(tmp_path, backe
         assert restored["digest"] == next(row for row in first if row["step"] == 3)["digest"], r
         if r not in (2, 3):
             assert [row["step"] for row in first] == [0, 1, 2, 3, 4]
+            # ...and re-applies step 4 exactly as the first time: the LR schedule is rewound with the state.
+            again = next(row for row in rows if row["generation"] == g and row["step"] == 4)
+            assert again["digest"] == next(row for row in first if row["step"] == 4)["digest"], r
     # The replayed step 4 reproduces the first run's loss (same batch, same restored state).
     losses = [row["loss"] for row in audit(tmp_path, 0) if row["step"] == 4]
     assert len(losses) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-6)
