@@ -44,35 +44,9 @@ def setup_environment() -> str:
     private = Path(sys.prefix) / "torch_extensions"
     if (private / ".skipfree-built").is_file():
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(private))
-        if Path(os.environ["TORCH_EXTENSIONS_DIR"]) == private:
-            clear_stale_build_locks(private)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     return "gloo"
-
-
-def clear_stale_build_locks(ext_dir: Path, hold_s: float = 3.0) -> list[Path]:
-    """Remove the op-build lock files a killed process left in ``ext_dir`` (returns them).
-
-    torch's extension loader takes ``<op>/lock`` on every load, also when nothing is built, and
-    waits forever while the file exists: a rank SIGKILLed inside that millisecond window would hang
-    every later start. After launch/setup.sh's build (the stamp) nothing builds there any more, so
-    a lock still held after ``hold_s`` seconds belongs to nobody.
-    """
-    locks = list(ext_dir.glob("*/lock"))
-    deadline = time.monotonic() + hold_s
-    while locks and time.monotonic() < deadline:
-        time.sleep(0.05)
-        locks = [lock for lock in locks if lock.exists()]
-    removed = []
-    for lock in locks:
-        try:
-            lock.unlink()
-            removed.append(lock)
-            log.warning("removed a stale extension build lock left by a killed process: %s", lock)
-        except FileNotFoundError:
-            pass
-    return removed
 
 
 def build_backend(cfg: Any, program: Any, model_cfg: Any, rank: int, world_size: int) -> TrainingBackend:

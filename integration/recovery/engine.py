@@ -27,6 +27,7 @@ from deepspeed.runtime.pipe import schedule as ds_schedule
 from ..backends.deepspeed import schedule as rsched
 from ..backends.deepspeed.backend import DeepSpeedBackend
 from ..backends.deepspeed.engine import RoutedPipelineEngine
+from ..backends.deepspeed.prebuilt_op import load_prebuilt_shm_op
 from ..runtime.program import BWD, FWD
 from .detect import all_reduce
 from .guard import StepGuard, commit_step
@@ -151,6 +152,7 @@ def _init_deepspeed_comm_alone() -> None:
     from deepspeed import comm as ds_dist
 
     if not ds_dist.is_initialized():
+        load_prebuilt_shm_op()
         deepspeed.init_distributed(dist_backend="gloo")
 
 

@@ -178,6 +178,7 @@ def test_ft_sbatch_survives_a_lost_host_and_a_lost_agent(slurm_cluster, tmp_path
     assert second[0] == (0, 2) and all("host h3 lost" in x for x in second[1]) and second[2] == ("replica_copy",)
 
 
+@pytest.mark.slow  # ~2 min on a 5-host cluster; the default run keeps the single-host-loss scenario
 def test_ft_sbatch_two_hosts_lost_at_once_fall_back_to_the_checkpoint(slurm_cluster, tmp_path):
     """megatron backend, 5 hosts: h1 (store + spare host), h2 (spare host), h3..h5 train one rank
     each (parallel.stages=3: rank 0 home on h3, ranks 1 and 2 on h4 and h5). Kill every process of

@@ -14,6 +14,7 @@ from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
 from .engine import RoutedPipelineEngine, RoutingSettings
+from .prebuilt_op import load_prebuilt_shm_op
 
 
 class FactorySpec(LayerSpec):
@@ -36,6 +37,7 @@ def ensure_deepspeed_comm() -> None:
 
     if not ds_dist.is_initialized():
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+        load_prebuilt_shm_op()
         deepspeed.init_distributed(dist_backend=backend or "gloo")
         _release_cpu_shm_segment()
 
@@ -97,6 +99,7 @@ def initialize_routed(model: PipelineModule, config: dict, routing: RoutingSetti
     if torch.distributed.is_initialized():
         ensure_deepspeed_comm()
     else:
+        load_prebuilt_shm_op()
         ds_dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=None)
         _release_cpu_shm_segment()
     mpu = model.mpu()
