@@ -12,10 +12,12 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from integration.runtime.spawn import free_port
 from launch.slurm_env import AllocationError, Allocation, expand_nodelist, plan_layout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +91,8 @@ def test_plain_sbatch_two_hosts_equals_one_host(slurm_cluster, tmp_path):
     job = [*QUIET, "train.steps=4"]
     multi = sbatch(slurm_cluster, "train.sbatch", tmp_path / "multi.out", *job, f"output_root={tmp_path}/multi")
     ref_env = dict(slurm_cluster.env, PATH=f"{ROOT}/.venv/bin:{os.environ['PATH']}")
-    ref = subprocess.run([f"{ROOT}/.venv/bin/deepspeed", "--no_local_rank", "--num_gpus", "4", "integration/train.py",
+    ref = subprocess.run([f"{ROOT}/.venv/bin/deepspeed", "--no_local_rank", "--num_gpus", "4",
+                          "--master_port", str(free_port()), "integration/train.py",
                           *job, f"output_root={tmp_path}/one"], cwd=ROOT, env=ref_env, capture_output=True, text=True,
                          timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -112,6 +115,17 @@ def test_plain_sbatch_refuses_an_allocation_that_does_not_fit(slurm_cluster, tmp
     assert "Traceback" not in log and not (tmp_path / "bad").exists()  # nothing trained, nothing written
 
 
+@contextmanager
+def _stopped_and_healed(job: subprocess.Popen, cluster):
+    """Whatever the test body does, the job ends and every host the test killed is back afterwards."""
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            job.kill()
+        cluster.heal()
+
+
 def _wait_for(path: Path, pattern: str, timeout: float, job: subprocess.Popen) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -132,7 +146,7 @@ def test_ft_sbatch_survives_a_lost_host_and_a_lost_agent(slurm_cluster, tmp_path
     job = sbatch(slurm_cluster, "train_ft.sbatch", out, *QUIET, "recovery=checkfree", "parallel.stages=2",
                  "parallel.replicas=2", "train.steps=14", f"output_root={res}", args=("--nodes=4",),
                  env={"SPARE_HOSTS": "2", "HOT_SPARES": "0", "AGENT_ARGS": "--host-timeout 6"})
-    try:
+    with _stopped_and_healed(job, slurm_cluster):
         log0 = res / "rank0" / "train.log"
         _wait_for(log0, r"step 2 loss", 400, job)
         lost = slurm_cluster.host_pids("h4")
@@ -145,10 +159,6 @@ def test_ft_sbatch_survives_a_lost_host_and_a_lost_agent(slurm_cluster, tmp_path
                     Path(f"/proc/{p}/cmdline").read_bytes() and b"launch.agent" not in Path(f"/proc/{p}/cmdline").read_bytes()]
         os.kill(agents[0], 9)  # only the agent of rank 0's host
         assert job.wait(timeout=600) == 0, out.read_text()[-4000:]
-    finally:
-        if job.poll() is None:
-            job.kill()
-        slurm_cluster.heal()
     text = out.read_text()
     for p in ranks_h3:  # the agent's ranks died with it (no orphans)
         assert not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]
@@ -193,16 +203,12 @@ def test_ft_sbatch_two_hosts_lost_at_once_fall_back_to_the_checkpoint(slurm_clus
                  "recovery.checkpoint_every=4", f"output_root={res}", args=("--nodes=5",),
                  env={"SPARE_HOSTS": "2", "HOT_SPARES": "0", "RANKS_PER_NODE": "1", "AGENT_ARGS": "--host-timeout 30",
                       "STORE_PORT": "29411"})  # not the previous job's port (its store may linger)
-    try:
+    with _stopped_and_healed(job, slurm_cluster):
         log0 = res / "rank0" / "train.log"
         _wait_for(log0, r"step 4 loss", 600, job)
         lost = slurm_cluster.host_pids("h4") + slurm_cluster.host_pids("h5")
         subprocess.run(["kill", "-9", *map(str, lost)], check=True)  # two hosts at once
         assert job.wait(timeout=900) == 0, out.read_text()[-4000:]
-    finally:
-        if job.poll() is None:
-            job.kill()
-        slurm_cluster.heal()
     text = out.read_text()
     lost_events = [json.loads(x[len("agent: "):]) for x in text.splitlines()
                    if x.startswith("agent: ") and '"event": "host_lost"' in x]
