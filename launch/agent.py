@@ -25,6 +25,10 @@ latter restarts all workers (their in-memory weights and optimizer state are los
   die with it, see below) it claims that host's node rank (first claim wins), records one failure
   per rank of the lost host (naming the host) and starts them as joining ranks, and the ladder
   rebuilds their stages. An agent that finds its node claimed by another stops its ranks;
+* with ``--respawn-delay S`` holds a lost rank's replacement back S seconds (a node that comes back
+  later): the rank is marked absent in the store meanwhile (survivors may re-plan around it,
+  ``docs/replan.md``), then its replacement boots and, once ready, joins under one ``join``
+  generation (several delayed ranks of a host join together);
 * passes everything after ``--`` to the workers unchanged (Hydra overrides included). Workers die
   with their agent (``PR_SET_PDEATHSIG``): an agent killed with SIGKILL leaves no orphan rank.
 

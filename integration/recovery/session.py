@@ -410,10 +410,11 @@ class FaultTolerantSession:
 
     def _agree_plan(self, infos: list[dict], resume: int) -> None:
         """Every member switches to the generation's plan at ``resume``, or the job stops saying why."""
-        if len(self.members) != self.ctx.world_size and any(i["joining"] for i in infos):
-            self._abort_job(f"re-plan: generation {self.guard.generation} has ranks {sorted(set(range(self.ctx.world_size)) - set(self.members))} "
-                            f"absent and a replacement joining at once; the ladder rebuilds only in a full group "
-                            f"(start delayed replacements together, launch.agent --respawn-delay)")
+        absent = sorted(set(range(self.ctx.world_size)) - set(self.members))
+        if absent and any(i["joining"] for i in infos):
+            self._abort_job(f"re-plan: generation {self.guard.generation} has ranks {absent} absent and a replacement "
+                            f"joining at once; the ladder rebuilds only in a full group (start delayed replacements "
+                            f"together, launch.agent --respawn-delay)")
         _, problems = self.replan.agree(self.store, self.guard.generation, self.members, self.monitor,
                                         self.settings.rendezvous_timeout_s, resume)
         if problems:

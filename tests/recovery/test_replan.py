@@ -93,8 +93,8 @@ def test_lost_body_stage_without_replacement_trains_on_and_switches_back(tmp_pat
     re-plan (every route skips stage 2), keep training, then re-form the full group with the
     replacement, which CheckFree rebuilds, and switch back to the job's plan."""
     p = run_agent(RECOVERY_TEST_JOB, f"output_root={tmp_path}", f"train.steps={STEPS}", "routing.replan.enabled=true",
-                  "recovery.inject=kill:stage=2,step=3,phase=backward", nproc=5, log_dir=tmp_path / "logs",
-                  hot_spares=1, heartbeat_timeout=30, max_restarts=4, extra=["--respawn-delay", "6"], timeout=600)
+                  "recovery.rendezvous_timeout_s=300", "recovery.inject=kill:stage=2,step=3,phase=backward", nproc=5,
+                  log_dir=tmp_path / "logs", hot_spares=1, heartbeat_timeout=30, max_restarts=4, extra=["--respawn-delay", "6"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     agent = agent_events(p)
     (fail,) = [a for a in agent if a["event"] == "failure"]
@@ -132,3 +132,30 @@ def test_lost_body_stage_without_replacement_trains_on_and_switches_back(tmp_pat
     finals = {json.loads((tmp_path / f"rank{r}" / "summary.json").read_text())["val_loss_full_model"]
               for r in range(5)}
     assert len(finals) == 1  # the full model again, on every rank
+
+
+@pytest.mark.slow
+def test_a_death_during_the_switch_is_one_more_failure(tmp_path: Path):
+    """Stage 2 SIGKILLed at step 3, stage 3 SIGKILLed inside that recovery, after the survivors' group
+    formed and before the plan was agreed: the interrupted switch is recovered like any failure, the
+    three survivors re-plan around both (a 3-stage pipeline), and both replacements join together
+    (adjacent losses: the named degraded mode rebuilds them, ``fallback=copy_neighbour``)."""
+    steps = 160
+    p = run_agent(RECOVERY_TEST_JOB, f"output_root={tmp_path}", f"train.steps={steps}", "routing.replan.enabled=true",
+                  "recovery.fallback=copy_neighbour", "recovery.rendezvous_timeout_s=300",
+                  "recovery.inject=kill:stage=2,step=3,phase=backward;kill:stage=3,step=3,phase=recovery", nproc=5,
+                  log_dir=tmp_path / "logs", hot_spares=2, heartbeat_timeout=30, max_restarts=4,
+                  extra=["--respawn-delay", "6"], timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    agent = agent_events(p)
+    assert [a["absent"] for a in agent if a["event"] == "failure"] == [[2], [2, 3]]
+    assert sorted(a["rank"] for a in agent if a["event"] == "replaced") == [2, 3]
+    for r in (0, 1, 4):
+        ev = events(tmp_path, r)
+        assert any(e["event"] == "recovery_interrupted" for e in ev)
+        lost, joined = [e for e in ev if e["event"] == "replan"]
+        assert lost["members"] == [0, 1, 4] and lost["stages"] == 3 and lost["dead_stages"] == [2, 3]
+        assert joined["members"] == [0, 1, 2, 3, 4] and joined["stages"] == 5
+        assert [a["step"] for a in audit(tmp_path, r)] == list(range(steps))
+    s0 = json.loads((tmp_path / "rank0" / "summary.json").read_text())
+    assert s0["loss_last3"] < s0["loss_first3"] - 0.5, s0["loss_history"]
