@@ -16,7 +16,7 @@ from integration.config import BAD_INPUT, compose_and_check
 from integration.plan.builders import build_plan, full_pipeline
 from integration.plan.reroute import RerouteError, route_around
 from integration.plan.routeplan import grid_stage_nodes
-from integration.plan.rules import Rules, validate
+from integration.plan.rules import validate
 from tests.conftest import RECOVERY_TEST_JOB, agent_events, audit, events, run_agent
 
 
@@ -94,7 +94,8 @@ def test_lost_body_stage_without_replacement_trains_on_and_switches_back(tmp_pat
     replacement, which CheckFree rebuilds, and switch back to the job's plan."""
     p = run_agent(RECOVERY_TEST_JOB, f"output_root={tmp_path}", f"train.steps={STEPS}", "routing.replan.enabled=true",
                   "recovery.rendezvous_timeout_s=300", "recovery.inject=kill:stage=2,step=3,phase=backward", nproc=5,
-                  log_dir=tmp_path / "logs", hot_spares=1, heartbeat_timeout=30, max_restarts=4, extra=["--respawn-delay", "6"], timeout=600)
+                  log_dir=tmp_path / "logs", hot_spares=1, heartbeat_timeout=30, max_restarts=4,
+                  extra=["--respawn-delay", "6"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     agent = agent_events(p)
     (fail,) = [a for a in agent if a["event"] == "failure"]
