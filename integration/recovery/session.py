@@ -172,17 +172,12 @@ class FaultTolerantSession:
         injector.at(0, "startup")
         # Every process settles, the first ranks too: a rank lost before the first group formed makes
         # generation 0 stale, and the others regroup with its replacement instead of waiting for it.
-        generation = settle_generation(self.store, ctx.world_size, ctx.generation, settings.rendezvous_timeout_s,
-                                       members_of=self._group_size)
+        # Before the first group every rank waits for all (re-planning starts once steps were applied).
+        generation = settle_generation(self.store, ctx.world_size, ctx.generation, settings.rendezvous_timeout_s)
         # An original rank whose first group never formed: a survivor that has applied nothing.
         self.restarted = not ctx.joining and generation > ctx.generation
         self.monitor = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, generation,
                                       heartbeat_s=settings.heartbeat_s, poll_s=settings.poll_s).start()
-        self.members = self._members(generation)
-        if len(self.members) != ctx.world_size:
-            raise RuntimeError(f"rank {ctx.rank}: started into re-planned generation {generation} (members "
-                               f"{self.members}); a rank lost before the first step waits for its replacement "
-                               f"(run without --respawn-delay, docs/replan.md)")
         ctx.init_group(self.store, generation, settings.rendezvous_timeout_s)
         injector.generation = generation
         self.guard = StepGuard(self.monitor, StepCommit(self.store, ctx.world_size, self.monitor), generation,
