@@ -16,7 +16,7 @@ from integration.config import BAD_INPUT, compose_and_check
 from integration.plan.builders import build_plan, full_pipeline
 from integration.plan.reroute import RerouteError, route_around
 from integration.plan.routeplan import grid_stage_nodes
-from integration.plan.rules import validate
+from integration.plan.rules import Rules, validate
 from tests.conftest import RECOVERY_TEST_JOB, agent_events, audit, events, run_agent
 
 
@@ -160,3 +160,31 @@ def test_a_death_during_the_switch_is_one_more_failure(tmp_path: Path):
         assert [a["step"] for a in audit(tmp_path, r)] == list(range(steps))
     s0 = json.loads((tmp_path / "rank0" / "summary.json").read_text())
     assert s0["loss_last3"] < s0["loss_first3"] - 0.5, s0["loss_history"]
+
+
+def test_members_of_a_generation_follow_the_agents_records():
+    """Every rank derives the same group from the store's failure records (a real TCPStore, no ranks):
+    survivors when the plan can be routed around the absent ranks, everyone (waiting) when not."""
+    import torch.distributed as dist
+
+    from integration.recovery.detect import record_failure
+    from integration.recovery.events import EventLog
+    from integration.recovery.replan import Replanner, ReplanSettings
+    from integration.runtime.program import compile_plan
+    from tests.dist_utils import free_port
+
+    store = dist.TCPStore("127.0.0.1", free_port(), world_size=None, is_master=True, wait_for_workers=False)
+    program = compile_plan(full_pipeline(grid_stage_nodes(5, 1), 2))
+    rp = Replanner(program, Rules(), ReplanSettings(enabled=True), 5, 1, None, EventLog(None, 1))
+    record_failure(store, 2, "killed", absent=[2])
+    record_failure(store, 0, "killed", absent=[0, 2])
+    record_failure(store, 2, "replacements join", absent=[0], kind="join")
+    record_failure(store, 0, "replacements join", absent=[], kind="join")
+    assert rp.members_of(store, 0) == [0, 1, 2, 3, 4]
+    assert rp.members_of(store, 1) == [0, 1, 3, 4] and rp.refused(1) is None
+    assert rp.members_of(store, 2) == [0, 1, 2, 3, 4] and "home node(s) [0]" in rp.refused(2)
+    assert rp.members_of(store, 3) == [0, 1, 2, 3, 4] and "home node(s) [0]" in rp.refused(3)
+    assert rp.members_of(store, 4) == [0, 1, 2, 3, 4] and rp.refused(4) is None
+    layout = rp.layout_of([0, 1, 3, 4])
+    assert layout.num_stages == 4 and layout.plan.stage_nodes == [[0], [1], [2], [3]]
+    assert layout.reason == "rank(s) [2] lost, no replacement yet: routes skip stage(s) [2]"
