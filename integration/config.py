@@ -217,7 +217,9 @@ def check_layout(job: JobConfig, world_size: int) -> None:
 
 
 def check_recovery(job: JobConfig) -> None:
-    """The fault-tolerant path's limits (today's coverage, docs/recovery.md)."""
+    """The fault-tolerant path's limits (today's coverage, docs/recovery.md, docs/replan.md)."""
+    if job.routing.replan.enabled:
+        check_replan(job)
     if not job.recovery.enabled:
         return
     if job.routing.resample_every:
@@ -231,6 +233,23 @@ def check_recovery(job: JobConfig) -> None:
         if job.model.layout != "ring":
             raise ConfigError("model.layout", "recovery with backend=megatron needs the ring layout (the rebuild "
                               "ladder numbers stages as the ring does)", "set model.layout=ring")
+
+
+def check_replan(job: JobConfig) -> None:
+    """``routing.replan``'s limits: what the survivors' smaller group can run today (docs/replan.md)."""
+    fix = "set routing.replan.enabled=false"
+    if not job.recovery.enabled:
+        raise ConfigError("routing.replan.enabled", "re-planning around a lost rank runs in the fault-tolerant job",
+                          f"add recovery=checkfree (under python -m launch.agent), or {fix}")
+    if job.backend.name != "deepspeed":
+        raise ConfigError("routing.replan.enabled", f"the survivors' smaller group is built for backend=deepspeed "
+                          f"only (backend={job.backend.name})", f"set backend=deepspeed, or {fix}")
+    if job.recovery.home_replica:
+        raise ConfigError("routing.replan.enabled", "home mirrors are placed by rank and are not re-placed in a "
+                          "smaller group", f"set recovery.home_replica=false, or {fix}")
+    if job.recovery.checkpoint_every:
+        raise ConfigError("routing.replan.enabled", "checkpoints count every rank of the job as a writer, a "
+                          "smaller group would never complete one", f"set recovery.checkpoint_every=0, or {fix}")
 
 
 # ----------------------------------------------------------------------------- plan

@@ -152,6 +152,17 @@ class RulesConfig:
 
 
 @dataclass
+class ReplanConfig:
+    """``routing.replan``: re-plan while training (``docs/replan.md``; off by default)."""
+
+    enabled: bool = False    # a lost rank without a replacement yet: survivors continue on a plan around it
+    measure_steps: int = 3   # steps on each side of a switch for its measured gain (the replan event)
+
+    def __post_init__(self) -> None:
+        at_least("routing.replan.measure_steps", self.measure_steps, 1)
+
+
+@dataclass
 class RoutingConfig:
     """``routing=full|skip|checkfree_plus|planned|file``: how microbatches route through the stages."""
 
@@ -166,6 +177,7 @@ class RoutingConfig:
     max_inflight: Optional[int] = None
     path: Optional[str] = None
     rules: RulesConfig = field(default_factory=RulesConfig)
+    replan: ReplanConfig = field(default_factory=ReplanConfig)
 
     def __post_init__(self) -> None:
         one_of("routing.kind", self.kind, ROUTING_KINDS)

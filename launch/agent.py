@@ -25,6 +25,10 @@ latter restarts all workers (their in-memory weights and optimizer state are los
   die with it, see below) it claims that host's node rank (first claim wins), records one failure
   per rank of the lost host (naming the host) and starts them as joining ranks, and the ladder
   rebuilds their stages. An agent that finds its node claimed by another stops its ranks;
+* with ``--respawn-delay S`` holds a lost rank's replacement back S seconds (a node that comes back
+  later): the rank is marked absent in the store meanwhile (survivors may re-plan around it,
+  ``docs/replan.md``), then its replacement boots and, once ready, joins under one ``join``
+  generation (several delayed ranks of a host join together);
 * passes everything after ``--`` to the workers unchanged (Hydra overrides included). Workers die
   with their agent (``PR_SET_PDEATHSIG``): an agent killed with SIGKILL leaves no orphan rank.
 
@@ -65,6 +69,11 @@ EXIT_OK, EXIT_STOPPED, EXIT_BAD_INPUT = 0, 1, 2
 
 def spare_key(node: int | str, index: int) -> str:
     return f"spare/{node}/{index}"
+
+
+def spare_ready_key(node: int | str, index: int) -> str:
+    """Set by a spare once it waits for its assignment (imports, data and plan done)."""
+    return f"{spare_key(node, index)}/ready"
 
 
 def owner_key(node: int) -> str:
@@ -126,6 +135,7 @@ class AgentConfig:
     env: dict[str, str] = field(default_factory=dict)
 
     rank_order: str = "block"
+    respawn_delay: float = 0.0  # seconds a lost rank stays without a process before its replacement starts
 
     @property
     def world_size(self) -> int:
@@ -173,6 +183,7 @@ class Agent:
         self.failure_times: list[float] = []
         self.failures: list[dict] = []
         self.done: set[int] = set()
+        self.delayed: dict[int, float] = {}  # rank -> when its failure was seen (--respawn-delay)
         self.signal: int | None = None
         self._beat_stop = threading.Event()
         self._liveness: socket.socket | None = None
@@ -239,7 +250,8 @@ class Agent:
                                json.dumps({"rank": rank, "generation": generation,
                                            "local_rank": self.cfg.local_rank(rank)}))
                 self.ranks[rank] = _Rank(rank, proc, time.time(), spare=True)
-                self._start_spare()
+                if len(self.spares) < self.cfg.hot_spares:
+                    self._start_spare()
                 return f"promoted hot spare {idx} (pid {proc.pid})"
         proc = self._popen(self._rank_env(rank, generation, True), f"rank{rank}-g{generation}")
         self.ranks[rank] = _Rank(rank, proc, time.time())
@@ -479,14 +491,26 @@ class Agent:
                     self._write_summary("bad_input", reason)
                     return EXIT_BAD_INPUT
                 reason = r.kill_reason or (f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}")
-                rec = self.detect.record_failure(self.store, rank, reason, self.host)
+                absent = None
+                if self.cfg.respawn_delay > 0:  # no process for this rank until the delay ran out
+                    self.store.set(self.detect.absent_key(rank), "1")
+                    absent = self.detect.absent_ranks(self.store, self.cfg.world_size)
+                rec = self.detect.record_failure(self.store, rank, reason, self.host, absent=absent)
                 self.failures.append({"rank": rank, "reason": reason, "generation": rec.generation})
                 if not self._count_restart(f"rank {rank} ({reason})"):
                     self._write_summary("gave_up", reason)
                     return EXIT_STOPPED
+                if self.cfg.respawn_delay > 0:
+                    self._delay(rank, reason, rec)
+                    continue
                 how = self._respawn(rank, rec.generation)
                 self.log("failure", rank=rank, reason=reason, generation=rec.generation, respawn=how)
-            if len(self.done) == len(self.ranks):
+            if self.delayed and time.time() >= max(self.delayed.values()) + self.cfg.respawn_delay:
+                self._respawn_delayed()
+            if len(self.done) == len(self.ranks) and (self.done or not self.delayed):
+                if self.delayed:
+                    self.log("respawn_cancelled", ranks=sorted(self.delayed), reason="the other ranks finished")
+                    self.delayed.clear()
                 self.log("finished", ranks=sorted(self.done))
                 self.store.set(done_key(self.cfg.node_rank), "1")
                 self.store.add(FINISHED_KEY, 1)
@@ -495,6 +519,36 @@ class Agent:
                     self._wait_other_agents()  # the store lives here: keep it up until every agent is done
                 return EXIT_OK
             time.sleep(self.cfg.poll_s)
+
+    def _delay(self, rank: int, reason: str, rec) -> None:
+        """``--respawn-delay``: the rank has no process for now (survivors may re-plan around it)."""
+        del self.ranks[rank]
+        self.delayed[rank] = time.time()
+        self.log("failure", rank=rank, reason=reason, generation=rec.generation,
+                 respawn=f"delayed {self.cfg.respawn_delay:g} s", absent=list(rec.absent))
+
+    def _respawn_delayed(self) -> None:
+        """Every delayed rank of this host gets its replacement at once, announced as one ``join``
+        generation once the replacements are ready (spares that finished their imports and wait for
+        a rank): the survivors leave their smaller group and re-form the full one with them."""
+        ranks = sorted(self.delayed)
+        self.spares = [(i, p) for i, p in self.spares if p.poll() is None]
+        while len(self.spares) < len(ranks):
+            self._start_spare()  # the replacement "node" boots
+        ready = [(i, p) for i, p in self.spares if self.store.check([spare_ready_key(self._spare_tag, i)])]
+        if len(ready) < len(ranks):
+            return  # still importing: the survivors keep training meanwhile
+        self.spares = ready + [(i, p) for i, p in self.spares if (i, p) not in ready]
+        for rank in ranks:
+            self.store.delete_key(self.detect.absent_key(rank))
+        self.delayed.clear()
+        rec = self.detect.record_failure(self.store, ranks[0], f"replacement(s) for rank(s) {ranks} join after "
+                                         f"--respawn-delay {self.cfg.respawn_delay:g} s", self.host,
+                                         absent=self.detect.absent_ranks(self.store, self.cfg.world_size),
+                                         kind="join")
+        for rank in ranks:
+            how = self._respawn(rank, rec.generation)
+            self.log("replaced", rank=rank, generation=rec.generation, respawn=how, after_delay=True)
 
     def _wait_other_agents(self) -> None:
         while int(self.store.add(FINISHED_KEY, 0)) < self.cfg.nnodes and not self.store.check([ABORT_KEY]):
@@ -563,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-order", choices=("block", "strided"), default="block",
                    help="which ranks a host runs: block (node k: k*nproc ..) or strided (node k: k, k+nnodes, ..: "
                         "the replicas of a stage on different hosts, so a lost host is a replica copy)")
+    p.add_argument("--respawn-delay", type=float, default=0.0,
+                   help="seconds a lost rank stays without a process before its replacement starts (default 0: at "
+                        "once); meanwhile the survivors wait, or re-plan around it with routing.replan.enabled=true")
     p.add_argument("--log-dir", default=None, help="per-process logs and agent<node>.json here")
     return p
 
@@ -592,7 +649,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     for name in ("hot_spares", "max_restarts"):
         if getattr(a, name) < 0:
             p.error(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(a, name)}")
-    for name in ("heartbeat_timeout", "host_timeout", "startup_grace", "restart_window"):
+    for name in ("heartbeat_timeout", "host_timeout", "startup_grace", "restart_window", "respawn_delay"):
         v = getattr(a, name)
         if not v == v or v < 0 or v == float("inf"):
             p.error(f"--{name.replace('_', '-')}: must be a finite number >= 0, got {v}")
@@ -605,7 +662,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                        spare_host=a.spare_host, host_name=a.host_name, hot_spares=a.hot_spares,
                        heartbeat_timeout=a.heartbeat_timeout, host_timeout=a.host_timeout,
                        startup_grace=a.startup_grace, max_restarts=a.max_restarts,
-                       restart_window=a.restart_window, log_dir=a.log_dir, rank_order=a.rank_order)
+                       restart_window=a.restart_window, log_dir=a.log_dir, rank_order=a.rank_order,
+                       respawn_delay=a.respawn_delay)
 
 
 def main(argv: list[str] | None = None) -> int:

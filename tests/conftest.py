@@ -36,8 +36,9 @@ def run_job(args: list[str], tmp_path: Path, world: int | None = None, env_extra
 
 def run_agent(script: tuple[str, ...] | list[str], *args: str, nproc: int, log_dir: Path, hot_spares: int = 1,
               heartbeat_timeout: float | None = None, max_restarts: int | None = None,
-              timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m launch.agent --nproc N --hot-spares K ... -- <script> <args>`` from the repo root."""
+              timeout: int = 300, extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m launch.agent --nproc N --hot-spares K ... -- <script> <args>`` from the repo root
+    (``extra``: more agent flags)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
     for k in ("RANK", "SKIPFREE_DEBUG", "HYDRA_FULL_ERROR"):
         env.pop(k, None)
@@ -46,7 +47,7 @@ def run_agent(script: tuple[str, ...] | list[str], *args: str, nproc: int, log_d
         opts += ["--heartbeat-timeout", str(heartbeat_timeout)]
     if max_restarts is not None:
         opts += ["--max-restarts", str(max_restarts)]
-    cmd = [sys.executable, "-m", "launch.agent", *opts, "--", *script, *args]
+    cmd = [sys.executable, "-m", "launch.agent", *opts, *(extra or []), "--", *script, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

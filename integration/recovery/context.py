@@ -35,6 +35,7 @@ class RankContext:
         spare = os.environ.get("SKIPFREE_SPARE")
         if spare:
             store = connect_store(host, port, spare_timeout_s)
+            store.set(f"{spare}/ready", "1")  # launch.agent's spare_ready_key: a delayed replacement can join now
             store.wait([spare], datetime.timedelta(seconds=spare_timeout_s))
             job = json.loads(store.get(spare))
             per_node = int(os.environ.get("SKIPFREE_LOCAL_SIZE", "1"))
@@ -49,10 +50,16 @@ class RankContext:
     def connect(self) -> dist.TCPStore:
         return connect_store(self.store_host, self.store_port)
 
-    def init_group(self, store: dist.TCPStore, generation: int, timeout_s: float = 60.0) -> None:
-        """(Re)create the default gloo group of ``generation`` under its own store prefix."""
+    def init_group(self, store: dist.TCPStore, generation: int, timeout_s: float = 60.0,
+                   members: list[int] | None = None) -> None:
+        """(Re)create the default gloo group of ``generation`` under its own store prefix.
+
+        ``members``: the ranks in the group when it is smaller than the job (survivors re-planned
+        around ranks with no process); group ranks are their positions in the sorted list."""
         if dist.is_initialized():
             dist.destroy_process_group()
-        dist.init_process_group("gloo", store=dist.PrefixStore(f"gen{generation}/", store), rank=self.rank,
-                                world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        members = sorted(members) if members is not None else list(range(self.world_size))
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"gen{generation}/", store),
+                                rank=members.index(self.rank), world_size=len(members),
+                                timeout=datetime.timedelta(seconds=timeout_s))
         self.generation = generation

@@ -45,6 +45,16 @@ def heartbeat_key(rank: int) -> str:
     return f"heartbeat/{rank}"
 
 
+def absent_key(rank: int) -> str:
+    """Set by an agent while ``rank`` has no process and none is coming yet (``--respawn-delay``)."""
+    return f"absent/{rank}"
+
+
+def absent_ranks(store: dist.TCPStore, world_size: int) -> list[int]:
+    """Ranks without a process right now (every agent's ``absent/<rank>`` marks)."""
+    return [r for r in range(world_size) if store.check([absent_key(r)])]
+
+
 class PeerFailure(RuntimeError):
     """Another rank of the job failed (or this rank lost contact with it) during ``what``."""
 
@@ -71,6 +81,8 @@ class FailureRecord:
     reason: str
     time: float  # when the agent recorded it
     host: str = ""
+    absent: tuple[int, ...] = ()  # ranks with no process when this was recorded (replacement delayed)
+    kind: str = "failure"         # failure | join (delayed replacements start: the full group re-forms)
 
     @property
     def failed_at(self) -> float:
@@ -84,14 +96,18 @@ _HANG_REASON = re.compile(r"no heartbeat for ([0-9.]+) s")  # launch.agent's rea
 
 
 def record_failure(store: dist.TCPStore, rank: int, reason: str, host: str = "",
-                   at: float | None = None) -> FailureRecord:
+                   at: float | None = None, absent: list[int] | None = None, kind: str = "failure") -> FailureRecord:
     """Agent side: bump the generation and describe the failure under ``failure/<generation>``.
 
-    ``at``: when the failure happened, if known better than now (a lost host's last heartbeat)."""
+    ``at``: when the failure happened, if known better than now (a lost host's last heartbeat).
+    ``absent``: ranks that have no process now (their replacement is delayed); ``kind="join"``:
+    not a failure but delayed replacements starting, so the survivors re-form the full group."""
     now = time.time() if at is None else at
+    absent = sorted(absent or [])
     n = int(store.add(FAILURES_KEY, 1))
-    store.set(failure_key(n), json.dumps({"rank": rank, "reason": reason, "time": now, "host": host}))
-    return FailureRecord(n, rank, reason, now, host)
+    store.set(failure_key(n), json.dumps({"rank": rank, "reason": reason, "time": now, "host": host,
+                                          "absent": absent, "kind": kind}))
+    return FailureRecord(n, rank, reason, now, host, tuple(absent), kind)
 
 
 def failures_between(store: dist.TCPStore, old: int, new: int, timeout_s: float = 10.0) -> list[FailureRecord]:
@@ -100,7 +116,8 @@ def failures_between(store: dist.TCPStore, old: int, new: int, timeout_s: float 
     for n in range(old + 1, new + 1):
         store.wait([failure_key(n)], datetime.timedelta(seconds=timeout_s))
         d = json.loads(store.get(failure_key(n)))
-        out.append(FailureRecord(n, int(d["rank"]), d["reason"], float(d["time"]), d.get("host", "")))
+        out.append(FailureRecord(n, int(d["rank"]), d["reason"], float(d["time"]), d.get("host", ""),
+                                 tuple(d.get("absent", ())), d.get("kind", "failure")))
     return out
 
 

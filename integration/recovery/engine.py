@@ -52,6 +52,8 @@ def regroup_module(module) -> None:
     module.world_group = dist.new_group(ranks=range(dist.get_world_size()))
     module.global_rank = dist.get_rank(group=module.world_group)
     module._grid = PipelineParallelGrid(process_group=module.world_group, topology=module._topo)
+    module.num_stages = module._topo.get_dim("pipe")  # a re-planned group may run fewer stages
+    module.stage_id = module._topo.get_coord(module.global_rank).pipe
     module.tied_comms = module._index_tied_modules()
 
 
@@ -184,6 +186,20 @@ class FaultTolerantBackend(DeepSpeedBackend):
     def regroup(self) -> None:
         """Recreate the PipelineModule's groups on the new generation (same order as a fresh module)."""
         regroup_module(self.module)
+
+    def use_layout(self, program, num_stages: int, rules) -> None:
+        """Before :meth:`regroup`: run ``program`` (``num_stages`` stages, checked with ``rules``) from
+        the next engine on: the survivors' compact plan while ranks are missing, the job's own plan
+        again once they joined (:mod:`integration.recovery.replan`). The module keeps its layers;
+        only its topology (which group rank is which pipeline stage) follows the plan."""
+        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+        replicas = self.module._topo.get_dim("data")
+        if self.module._topo.get_dim("pipe") != num_stages:
+            self.module._topo = PipeDataParallelTopology(num_pp=num_stages, num_dp=replicas)
+        self.program, self.plan = program, program.plan
+        self.routing.rules = rules
+        self._full_programs = {}  # validation runs the full pipeline of the stages this group has
 
     def rebuild_engine(self) -> None:
         if self._defer_engine:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -28,14 +28,17 @@ def _key(generation: int) -> str:
 
 
 def settle_generation(store: dist.Store, world_size: int, generation: int, timeout_s: float = 60.0,
-                      poll_s: float = 0.01) -> int:
-    """Block until every rank announced the same generation (>= ``generation``); return it."""
+                      poll_s: float = 0.01, members_of: Callable[[int], int] | None = None) -> int:
+    """Block until every rank announced the same generation (>= ``generation``); return it.
+
+    ``members_of(g)``: how many ranks generation ``g``'s group has (default ``world_size``; fewer
+    while survivors re-plan around ranks that have no process, :mod:`integration.recovery.replan`)."""
     deadline = time.time() + timeout_s
     g = max(generation, read_generation(store))
     store.add(f"{_key(g)}/arrived", 1)
     while True:
         decision_key = f"{_key(g)}/decision"
-        if int(store.add(f"{_key(g)}/arrived", 0)) >= world_size:
+        if int(store.add(f"{_key(g)}/arrived", 0)) >= (members_of(g) if members_of else world_size):
             store.compare_set(decision_key, "", CLOSED)
         elif read_generation(store) > g:
             store.compare_set(decision_key, "", STALE)

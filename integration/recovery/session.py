@@ -51,6 +51,7 @@ from .guard import StepGuard
 from .events import EventLog
 from .home import HomeMirror
 from .inject import FailureInjector, parse_schedule
+from .replan import Replanner
 from .rendezvous import settle_generation, store_all_gather
 from .state import load_stage_state, stage_state
 from .transfer import recv_state, send_state
@@ -156,8 +157,10 @@ class FaultTolerantSession:
 
     def __init__(self, ctx: RankContext, plan, make_backend: BackendFactory, settings: RecoverySettings,
                  events: EventLog | None = None, on_recovered: Callable[[dict], None] | None = None,
-                 checkpoints: Checkpointer | None = None):
+                 checkpoints: Checkpointer | None = None, replan: Replanner | None = None):
         self.ctx, self.settings, self.plan = ctx, settings, plan
+        self.replan = replan  # routing.replan: survivors continue on a smaller group (integration/recovery/replan.py)
+        self.members = list(range(ctx.world_size))  # ranks of the current group
         self.events = events or EventLog(None, ctx.rank)
         self.on_recovered = on_recovered
         self.checkpoints = checkpoints
@@ -169,6 +172,7 @@ class FaultTolerantSession:
         injector.at(0, "startup")
         # Every process settles, the first ranks too: a rank lost before the first group formed makes
         # generation 0 stale, and the others regroup with its replacement instead of waiting for it.
+        # Before the first group every rank waits for all (re-planning starts once steps were applied).
         generation = settle_generation(self.store, ctx.world_size, ctx.generation, settings.rendezvous_timeout_s)
         # An original rank whose first group never formed: a survivor that has applied nothing.
         self.restarted = not ctx.joining and generation > ctx.generation
@@ -240,8 +244,11 @@ class FaultTolerantSession:
         if self.guard.injector is not None:
             self.guard.injector.at(self.engine.global_steps, "boundary")
         self.engine.set_batch_source(batch_source)
+        t0 = time.time()
         try:
             loss = float(self.engine.train_batch())
+            if self.replan is not None:
+                self.replan.observe_step(time.time() - t0)
             if self.checkpoints is not None and self.checkpoints.due(self.engine.global_steps):
                 self.checkpoints.save(self.engine, self.guard.generation)
         except PeerFailure as failure:
@@ -288,16 +295,25 @@ class FaultTolerantSession:
         t_fail = None
         while True:
             self.monitor.wait_for_generation(old, self.settings.confirm_timeout_s)
-            new = settle_generation(self.store, self.ctx.world_size, old + 1, self.settings.rendezvous_timeout_s)
+            new = settle_generation(self.store, self.ctx.world_size, old + 1, self.settings.rendezvous_timeout_s,
+                                    members_of=self._group_size)
             records = failures_between(self.store, first, new)
             t_fail = t_fail or min(r.failed_at for r in records)
             self.backend.release_groups()  # drop every reference to the old groups before tearing them down
             gc.collect()
             detected = self.monitor.detected_at  # set_generation resets it
-            self.ctx.init_group(self.store, new, self.settings.rendezvous_timeout_s)
+            self.members = self._members(new)
+            self.ctx.init_group(self.store, new, self.settings.rendezvous_timeout_s, members=self.members)
             self.monitor.set_generation(new)
             self.guard.generation = new
+            self.guard.commit.world_size = len(self.members)
             t_regroup = time.time()
+            if self.replan is not None:  # the stages this group runs decide the module's topology
+                layout = self.replan.layout_of(self.members)
+                self.backend.use_layout(layout.program, layout.num_stages, layout.rules)
+                why = self.replan.refused(new)
+                if why:
+                    self.events.emit("replan_refused", step=None, generation=new, reason=why)
             self.backend.regroup()
             if self.home is not None:
                 self.home.attach(self.module, self.optimizer)  # a backend may have rebuilt its module
@@ -336,7 +352,7 @@ class FaultTolerantSession:
         key = f"abort_ready/g{self.guard.generation}"
         self.store.add(key, 1)
         deadline = time.time() + 5.0
-        while int(self.store.add(key, 0)) < self.ctx.world_size and time.time() < deadline:
+        while int(self.store.add(key, 0)) < len(self.members) and time.time() < deadline:
             time.sleep(0.02)
         self.store.set(ABORT_KEY, message[:500])
         raise JobStopped(message, self.ctx.rank)
@@ -347,6 +363,8 @@ class FaultTolerantSession:
         infos = self._gather(counters)
         survivors, resume = self._check(infos)
         actions = self._plan(infos, survivors, resume)
+        if self.replan is not None:
+            self._agree_plan(infos, resume)
         if any(a.method == rb.CHECKPOINT for a in actions):
             self._rollback(actions, t0)
             return
@@ -371,8 +389,31 @@ class FaultTolerantSession:
                 "scheduler": None if self.joining or self.scheduler is None else self.scheduler.state_dict(),
                 "lrs": [g["lr"] for g in self.optimizer.param_groups], "loss": self.guard.last_loss,
                 "home_mirrors": self.home.tags() if self.home is not None else {}}
-        return store_all_gather(self.store, f"exchange/g{self.guard.generation}", info, self.ctx.rank,
-                                self.ctx.world_size, self.monitor, self.settings.rendezvous_timeout_s)
+        return store_all_gather(self.store, f"exchange/g{self.guard.generation}", info,
+                                self.members.index(self.ctx.rank), len(self.members), self.monitor,
+                                self.settings.rendezvous_timeout_s)
+
+    # ------------------------------------------------------------------ re-planning (routing.replan)
+    def _members(self, generation: int) -> list[int]:
+        """The ranks of ``generation``'s group: every rank, or the survivors while re-planning."""
+        if self.replan is None:
+            return list(range(self.ctx.world_size))
+        return self.replan.members_of(self.store, generation)
+
+    def _group_size(self, generation: int) -> int:
+        return len(self._members(generation))
+
+    def _agree_plan(self, infos: list[dict], resume: int) -> None:
+        """Every member switches to the generation's plan at ``resume``, or the job stops saying why."""
+        absent = sorted(set(range(self.ctx.world_size)) - set(self.members))
+        if absent and any(i["joining"] for i in infos):
+            self._abort_job(f"re-plan: generation {self.guard.generation} has ranks {absent} absent and a replacement "
+                            f"joining at once; the ladder rebuilds only in a full group (start delayed replacements "
+                            f"together, launch.agent --respawn-delay)")
+        _, problems = self.replan.agree(self.store, self.guard.generation, self.members, self.monitor,
+                                        self.settings.rendezvous_timeout_s, resume)
+        if problems:
+            self._abort_job("re-plan: the members did not accept the published plan: " + "; ".join(problems))
 
     def _check(self, infos: list[dict]) -> tuple[list[dict], int]:
         """The survivors and the one step they all resume at."""

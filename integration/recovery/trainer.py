@@ -104,10 +104,16 @@ class FaultTolerantTrainer(Trainer):
         if self.job.recovery.audit:
             from .audit import AuditTrail
             self.audit = AuditTrail(self.out_dir)
-        self.session = FaultTolerantSession(ctx, plan, make_backend, settings,
-                                            EventLog(self.out_dir / "events.jsonl", ctx.rank, self.writer),
+        events = EventLog(self.out_dir / "events.jsonl", ctx.rank, self.writer)
+        replan = None
+        if self.job.routing.replan.enabled:  # survivors continue on a smaller group (integration/recovery/replan.py)
+            from ..config import rules_of
+            from .replan import Replanner, ReplanSettings
+            replan = Replanner(program, rules_of(cfg), ReplanSettings(**vars(self.job.routing.replan)),
+                               ctx.world_size, ctx.rank, cfg.routing.get("max_inflight"), events)
+        self.session = FaultTolerantSession(ctx, plan, make_backend, settings, events,
                                             self.audit.on_recovered if self.audit is not None else None,
-                                            checkpoints=ckpt)
+                                            checkpoints=ckpt, replan=replan)
         self.seen_recoveries = 0
         if not started_joining and not self.session.restarted:  # the first group: its ranks agree on the plan
             try:
@@ -189,6 +195,7 @@ class FaultTolerantTrainer(Trainer):
                 "rank": self.rank, "generation": self.session.guard.generation, "loss_first3": first,
                 "loss_last3": last, "val_loss_full_model": val, "loss_history": losses,
                 "recoveries": self.session.recoveries, "stage_visits": self.plan.stage_visits(),
+                "replans": self.session.replan.switches if self.session.replan is not None else [],
                 # sha256 of this rank's final weights + Adam state: "replay = no-failure run" audits
                 "state_digest": state_digest(self.session.module, self.session.optimizer)}
 
@@ -207,6 +214,8 @@ class FaultTolerantTrainer(Trainer):
 
         if self.audit is not None:
             self.audit.final(self.session)
+        if self.session.replan is not None:
+            self.session.replan.flush()  # a switch still waiting for its measured steps
         all_reduce(torch.zeros(1), self.session.monitor, "final barrier")  # nobody leaves while a peer may need it
         self.session.monitor.stop()
         if self.writer is not None:

@@ -40,11 +40,12 @@ if mode == "sleep":
     time.sleep(600)
 mon = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, ctx.generation, heartbeat_s=0.2).start()
 victim = int(os.environ.get("VICTIM", "1"))
-if ctx.rank == victim and ctx.generation == 0 and mode in ("kill", "hang"):
+if ctx.rank == victim and ctx.generation == 0 and mode in ("kill", "hang", "kill_delayed"):
     time.sleep(0.6)
-    os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
-if mode in ("kill", "hang") and ctx.rank != victim:
-    while read_generation(store) < 1:  # survivors wait until the failure was recorded
+    os.kill(os.getpid(), signal.SIGKILL if mode != "hang" else signal.SIGSTOP)
+if mode in ("kill", "hang", "kill_delayed") and ctx.rank != victim:
+    # survivors wait until the failure was recorded (kill_delayed: and the delayed replacement joined)
+    while read_generation(store) < (2 if mode == "kill_delayed" else 1):
         time.sleep(0.05)
 mon.stop()
 """
@@ -86,6 +87,20 @@ def test_respawns_only_the_dead_rank(tmp_path):
     first, second = rows(tmp_path, 1)
     assert (first["generation"], first["joining"]) == (0, False)
     assert (second["generation"], second["joining"]) == (1, True) and second["pid"] != first["pid"]
+
+
+def test_respawn_delay_holds_the_replacement_back_then_joins_it(tmp_path):
+    a = agent(tmp_path, "--nproc", "3", "--respawn-delay", "1.5", env={"MODE": "kill_delayed"})
+    assert a.wait(timeout=120) == 0
+    recs = [json.loads(x[len("agent: "):]) for x in a.stderr.read().splitlines() if x.startswith("agent: {")]
+    (fail,) = [r for r in recs if r["event"] == "failure"]
+    (back,) = [r for r in recs if r["event"] == "replaced"]
+    assert fail["rank"] == 1 and fail["respawn"] == "delayed 1.5 s" and fail["absent"] == [1]
+    assert back["rank"] == 1 and back["generation"] == 2 and back["after_delay"]
+    assert back["time"] - fail["time"] >= 1.5  # no process for rank 1 meanwhile
+    assert [len(rows(tmp_path, r)) for r in range(3)] == [1, 2, 1]
+    replacement = rows(tmp_path, 1)[1]  # booted as a spare at the end of the delay, joined once ready
+    assert replacement["spare"] and replacement["joining"] and replacement["generation"] == 2
 
 
 def test_hot_spare_is_promoted(tmp_path):
@@ -176,7 +191,8 @@ def test_agent_flags_are_validated():
                                                          "--store-port", "1"], "--node-rank"),
                         (["--nproc", "1", "--hot-spares", "-1"], "--hot-spares"),
                         (["--nproc", "1", "--spare-host", "--store-port", "5"], "--spare-host"),
-                        (["--nproc", "1", "--heartbeat-timeout", "nan"], "--heartbeat-timeout")):
+                        (["--nproc", "1", "--heartbeat-timeout", "nan"], "--heartbeat-timeout"),
+                        (["--nproc", "1", "--respawn-delay", "-1"], "--respawn-delay")):
         r = subprocess.run([sys.executable, "-m", "launch.agent", *args, "--", "-c", "pass"], cwd=ROOT,
                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, (args, r.stderr)
