@@ -197,6 +197,10 @@ def main() -> None:
     from integration.runtime.spawn import run_workers
     from integration.runtime.wanhosts import WanHosts
 
+    from integration.trainer import setup_environment
+    setup_environment()  # the ranks inherit it: gloo on CPU, and the venv's own op-build cache (the shared
+    # ~/.cache/torch_extensions can hold a build lock another job's killed process left, which hangs every load)
+
     t_start = time.time()
     work = (args.out.parent if args.out else Path("outputs")) / "wan_bench"
     work.mkdir(parents=True, exist_ok=True)
