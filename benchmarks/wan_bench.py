@@ -17,7 +17,9 @@ planned skip (``plan_for_training`` on the probed file); (3) the routed DeepSpee
 three plans alternately in the same 8 processes (warm-up, then ``--iters`` timed iterations each,
 a barrier before every iteration; rank 0's wall time); (4) the simulator (full mode: link
 contention + all-reduce) predicts each from the probed profile, before and after calibration
-(``integration/plan/calibration.py``); a Gantt chart compares measured and predicted ops.
+(``integration/plan/calibration.py``); a Gantt chart compares measured and predicted ops; each
+iteration is split into its compute phase and the all-reduce tail, and the report states the bound
+the tail puts on planned/full.
 """
 
 from __future__ import annotations
