@@ -17,7 +17,9 @@ planned skip (``plan_for_training`` on the probed file); (3) the routed DeepSpee
 three plans alternately in the same 8 processes (warm-up, then ``--iters`` timed iterations each,
 a barrier before every iteration; rank 0's wall time); (4) the simulator (full mode: link
 contention + all-reduce) predicts each from the probed profile, before and after calibration
-(``integration/plan/calibration.py``); a Gantt chart compares measured and predicted ops.
+(``integration/plan/calibration.py``); a Gantt chart compares measured and predicted ops; each
+iteration is split into its compute phase and the all-reduce tail, and the report states the bound
+the tail puts on planned/full.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def bench_worker(rank: int, world: int, net_file: str, plans: dict, iters: int, 
         logs[name] = []
         _record_ops(engines[name], logs[name])
     times = {k: [] for k in engines}
+    spans = {k: [] for k in engines}  # per timed iteration: (start, end of this rank's last op, end); one clock
     traces = {}
     for i in range(warmup + iters):
         for name, eng in engines.items():
@@ -109,13 +112,27 @@ def bench_worker(rank: int, world: int, net_file: str, plans: dict, iters: int, 
             logs[name].clear()
             t0 = time.perf_counter()
             eng.train_batch(data)
-            dt = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            dt = t1 - t0
             if i >= warmup:
                 times[name].append(dt)
+                spans[name].append((t0, logs[name][-1][5] if logs[name] else t0, t1))
             if i == warmup + iters - 1:
                 traces[name] = [(k, mb, part, peer, a - t0, b - t0) for k, mb, part, peer, a, b in logs[name]]
     netem.uninstall()
-    return {"times": times, "traces": traces}
+    return {"times": times, "traces": traces, "spans": spans}
+
+
+def allreduce_tail(spans: dict[int, list[tuple[float, float, float]]]) -> tuple[float, float]:
+    """Median (compute phase, tail) over timed iterations: the compute phase ends with the last
+    program op of any rank, the tail (gradient all-reduce + optimizer step) is rank 0's iteration
+    end after it. ``time.perf_counter`` is CLOCK_MONOTONIC, one clock for all processes of the machine."""
+    compute, tail = [], []
+    for i, (t0, _, t1) in enumerate(spans[0]):
+        last = max(spans[r][i][1] for r in spans)
+        compute.append(last - t0)
+        tail.append(t1 - last)
+    return statistics.median(compute), statistics.median(tail)
 
 
 def predict(plans: dict, cluster, calibrated) -> dict:
@@ -182,6 +199,10 @@ def main() -> None:
     from integration.runtime.spawn import run_workers
     from integration.runtime.wanhosts import WanHosts
 
+    from integration.trainer import setup_environment
+    setup_environment()  # the ranks inherit it: gloo on CPU, and the venv's own op-build cache (the shared
+    # ~/.cache/torch_extensions can hold a build lock another job's killed process left, which hangs every load)
+
     t_start = time.time()
     work = (args.out.parent if args.out else Path("outputs")) / "wan_bench"
     work.mkdir(parents=True, exist_ok=True)
@@ -209,9 +230,11 @@ def main() -> None:
     times = out[0]["times"]
     traces = {name: {r: out[r]["traces"][name] for r in range(world)} for name in plans}
     # The raw record: iteration times and every rank's per-op timestamps of the last timed iteration.
-    (work / "raw.json").write_text(json.dumps({"times": times, "traces": traces,
+    spans = {name: {r: out[r]["spans"][name] for r in range(world)} for name in plans}
+    (work / "raw.json").write_text(json.dumps({"times": times, "traces": traces, "spans": spans,
                                                "plans": {k: p.to_dict() for k, p in plans.items()}}))
     med = {k: statistics.median(v) for k, v in times.items()}
+    phases = {k: allreduce_tail(spans[k]) for k in plans}
 
     raw = predict(plans, probed, None)
     model = CalibratedModel.fit(traces)
@@ -234,6 +257,15 @@ def main() -> None:
                     f"{p_raw:.3f} | {100 * err_raw[name]:.0f}% | {p_cal:.3f} | {100 * err_cal[name]:.0f}% |")
     gantt_path = (args.out.parent if args.out else work) / "wan_gantt.png"
     gantt(traces["planned"], cal["planned"], plans["planned"], gantt_path, "planned skip, last timed iteration")
+    tail_rows = [f"| {name} | {phases[name][0]:.3f} | {phases[name][1]:.3f} | {phases[name][1] / med[name]:.2f} |"
+                 for name in VARIANTS]
+    # With its measured tail, planned skip reaches 0.55 x full only if its compute phase fits the rest.
+    need = 0.55 * med["full"] - phases["planned"][1]
+    bound = (f"Bound from the all-reduce: planned/full <= 0.55 needs planned's compute phase <= 0.55 x "
+             f"{med['full']:.3f} - {phases['planned'][1]:.3f} (its tail) = {need:.3f} s, "
+             f"{need / phases['full'][0]:.2f} of the full pipeline's compute phase ({phases['full'][0]:.3f} s); "
+             f"measured {phases['planned'][0]:.3f} s ({phases['planned'][0] / phases['full'][0]:.2f}). "
+             f"With a compute phase of 0 the ratio would still be {phases['planned'][1] / med['full']:.2f}.")
     summary = (f"planned/full {med['planned'] / med['full']:.2f} oblivious/full {med['oblivious'] / med['full']:.2f} "
                f"worst prediction error {100 * max(err_cal.values()):.0f}%")
     cmd = "python benchmarks/wan_bench.py" + (" --quick" if args.quick else f" --iters {args.iters}") + \
@@ -255,6 +287,15 @@ def main() -> None:
         "predicted (calibrated) | error |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        "Medians over the timed iterations: compute phase (start to the last program op of any rank) and "
+        "tail (gradient all-reduce + optimizer step, to rank 0's iteration end):",
+        "",
+        "| variant | compute phase s | tail s | tail / iteration |",
+        "|---|---|---|---|",
+        *tail_rows,
+        "",
+        bound,
         "",
         f"Calibration (integration/plan/calibration.py): {model.describe()}",
         f"Gantt (planned, measured vs calibrated prediction): {gantt_path.name}",

@@ -5,9 +5,10 @@ The event simulator (``integration/plan/simulator.py``) prices ops as factors of
 emulated links (``benchmarks/wan_bench.py``) shows what that misses:
 
 * program order: each rank executes the program compiled by ``integration/runtime/program.py``
-  strictly in order, and a receive blocks. A send placed after the next microbatch's receive
-  (``recv_act(1), send_act(0)``) waits for that unrelated arrival: on slow links the activation of
-  microbatch 0 leaves up to one transfer late, and the delay compounds down the pipeline;
+  strictly in order, and a receive blocks, so an op waits for every receive ahead of it in its
+  rank's program, not only for its own data. (The trace first showed this for sends queued behind
+  the next microbatch's receive; the compiler now issues a send right after the compute op that
+  made its data, and the replay follows whatever order the compiler gives);
 * compute under contention: ranks share 2 cores, so the real op times are not ``w`` times the
   1.5x / 0.25x factors; measured medians per (rank, op kind, part) replace them;
 * message overhead: building a message (header + copy) and posting a receive cost CPU time on the

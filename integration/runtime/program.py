@@ -6,6 +6,16 @@ route can deadlock: the earliest unfinished op always has both of its participan
 The same argument matches the k-th send A->B with the k-th receive at B, so nothing relies on
 p2p tags (NCCL ignores them).
 
+Sends leave as soon as their data exists: a rank's program is its projection of the global order
+with every send hoisted to directly after the compute op that produced its data (past the
+receives the global order put in between). On a slow link a receive can block for a whole
+transfer; a send queued behind it would wait for that unrelated arrival. Hoisting keeps the
+argument: only receives block, a rank's receives and compute ops keep their global order, and a
+send moves only earlier, so when the earliest blocked receive (in the global order) waits, its
+send, which precedes in the global order whatever its rank is blocked on, has been issued. A
+rank's sends keep their relative order (each follows its own compute op, and compute ops are in
+order), so the k-th send A->B still meets the k-th receive at B.
+
 The global order comes from a small list-scheduling simulation of the iteration with the
 simulator's op costs (integration/plan/costmodel.py: body forward 1, backward 1.5, head + loss
 0.25, in units of a stage forward), backward work first (it frees activations), and at most
@@ -50,7 +60,8 @@ RECV_BATCH = "recv_batch"
 
 @dataclass(frozen=True)
 class Op:
-    """One instruction of a rank's program. ``seq`` is its position in the global order."""
+    """One instruction of a rank's program. ``seq`` is its position in the global order (a rank's
+    sends may run ahead of it, see the module docstring)."""
 
     kind: str
     mb: int
@@ -128,6 +139,8 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None, carry_batch: 
     node_order = plan.node_order
 
     ops: dict[int, list[Op]] = defaultdict(list)
+    # Where a rank's next send goes: right after its last compute op or send (before later receives).
+    send_at: dict[int, int] = defaultdict(int)
     seq = 0
 
     def emit(rank: int, kind: str, mb: int, part: str | None = None, peer: int | None = None) -> None:
@@ -135,6 +148,7 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None, carry_batch: 
         op = Op(kind, mb, seq, part, peer)
         seq += 1
         ops[rank].append(op)
+        send_at[rank] = len(ops[rank])
 
     def emit_transfer(kind_send: str, kind_recv: str, mb: int, src: int, dst: int) -> None:
         # One global position for both sides of the pair keeps the matching order identical.
@@ -142,7 +156,8 @@ def compile_plan(plan: RoutePlan, max_inflight: int | None = None, carry_batch: 
         s_op = Op(kind_send, mb, seq, None, dst)
         r_op = Op(kind_recv, mb, seq, None, src)
         seq += 1
-        ops[src].append(s_op)
+        ops[src].insert(send_at[src], s_op)  # sends are emitted when their compute op ends: hoist
+        send_at[src] += 1
         ops[dst].append(r_op)
 
     # Event simulation. ready[node] holds runnable tasks; busy_until[node] the node clock.

@@ -55,8 +55,29 @@ def check_dependencies(program):
             if op.kind == P.FWD and op.part == P.PART_BODY:
                 assert (P.RECV_ACT, op.mb, None) in seen
             seen.add((op.kind, op.mb, op.part))
-        seqs = [op.seq for op in ops]
-        assert seqs == sorted(seqs)
+    check_sends_hoisted(program)
+
+
+SENDS = (P.SEND_ACT, P.SEND_GRAD, P.SEND_LABELS, P.SEND_BATCH)
+
+
+def check_sends_hoisted(program):
+    """A rank's program is the global order with every send moved up to right after its compute op:
+    receives and compute keep the global order, sends keep theirs, a send only ever moves earlier and
+    no receive sits between a send and the compute op before it."""
+    for r, ops in program.ops.items():
+        for kinds in (SENDS, [k for k in {o.kind for o in ops} if k not in SENDS]):
+            seqs = [op.seq for op in ops if op.kind in kinds]
+            assert seqs == sorted(seqs), (r, kinds)
+        for i, op in enumerate(ops):
+            if op.kind in SENDS:
+                # The nearest op before it that is not a send is the compute op that made its data.
+                j = i - 1
+                while j >= 0 and ops[j].kind in SENDS:
+                    j -= 1
+                made_by = P.BWD if op.kind == P.SEND_GRAD else P.FWD
+                assert j >= 0 and (ops[j].kind, ops[j].mb) == (made_by, op.mb), (r, str(op), str(ops[j]))
+                assert all(later.kind.startswith("recv") for later in ops[i + 1:] if later.seq < op.seq), (r, str(op))
 
 
 def test_full_pipeline_linear_program_shape():
@@ -68,6 +89,20 @@ def test_full_pipeline_linear_program_shape():
     # Each stage runs the backward of microbatches in order 0..3 (same accumulation order as 1F1B).
     for r in range(4):
         assert [op.mb for op in prog.for_rank(r) if op.kind == P.BWD] == [0, 1, 2, 3]
+    execute(prog)
+    check_dependencies(prog)
+
+
+def test_a_send_leaves_before_the_next_receive():
+    """A body node forwards microbatch 0 before it waits for microbatch 1 (the old order,
+    recv_act(1) then send_act(0), held activations back for a whole transfer on slow links)."""
+    prog = P.compile_plan(full_pipeline(grid_stage_nodes(4, 1), 3))
+    body = [(op.kind, op.mb) for op in prog.for_rank(1)]
+    assert body.index((P.SEND_ACT, 0)) == body.index((P.FWD, 0)) + 1 < body.index((P.RECV_ACT, 1))
+    assert body.index((P.SEND_GRAD, 0)) == body.index((P.BWD, 0)) + 1
+    # The global order itself (seq) still has the receive first: only the rank's program moved.
+    ops = {(op.kind, op.mb): op.seq for op in prog.for_rank(1)}
+    assert ops[(P.RECV_ACT, 1)] < ops[(P.SEND_ACT, 0)]
     execute(prog)
     check_dependencies(prog)
 

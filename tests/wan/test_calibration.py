@@ -51,14 +51,25 @@ def test_replay_of_the_compiled_program_hand_computed():
     assert {(1, "F", 0.43), (0, "L", 1.06), (1, "B", 1.49), (0, "B", 2.42)} <= starts
 
 
-def test_a_send_after_a_blocking_receive_leaves_late():
-    """What the w-factor simulator misses: rank order recv(next) before send(previous) on a body node."""
-    sn = grid_stage_nodes(4, 1)
-    plan = full_pipeline(sn, 3)
-    prog = compile_plan(plan)
-    body = [(op.kind, op.mb) for op in prog.for_rank(1)]
-    i_send0, i_recv1 = body.index(("send_act", 0)), body.index(("recv_act", 1))
-    assert i_recv1 < i_send0  # the runtime's order this model replays
+def test_replay_follows_the_runtime_order_a_send_leaves_before_the_next_receive():
+    """The replay runs the compiled programs as the runtime does: a body node's send of microbatch 0
+    leaves right after its forward, not after the (blocking) receive of microbatch 1."""
+    plan = full_pipeline(grid_stage_nodes(4, 1), 3)
+    body = [(op.kind, op.mb) for op in compile_plan(plan).for_rank(1)]
+    assert body.index(("send_act", 0)) < body.index(("recv_act", 1))
+    c = builtin_cluster("geo-12", 4)
+    compute = {(r, k, p): 0.01 for r in range(4) for k, p in (("load", None), ("fwd", "embed"), ("fwd", "body"),
+                                                              ("fwd", "head"), ("bwd", "head"), ("bwd", "body"),
+                                                              ("bwd", "embed"))}
+    compute[(0, "fwd", "embed")] = 0.5  # microbatch 1 reaches stage 1 long after microbatch 0 left it
+    r = CalibratedModel(compute, send_s=0.0, recv_s=0.0, allreduce_latency=False).simulate(plan, c)
+    # Microbatch 0's forward reaches stage 3 after exactly its three transfers and three forwards:
+    # nothing waits for microbatch 1 on the way (the old order added its 0.51 s embed + load per hop).
+    lat, bw = c.latency_matrix(), c.bandwidth_matrix()
+    nbytes = c.workload.activation_bytes
+    hop = lambda a, b: nbytes / bw[a][b] + lat[a][b]  # noqa: E731
+    stage3_f0 = min(o.start for o in r.ops if o.node == 3 and o.mb == 0 and o.phase == "F")
+    assert stage3_f0 == pytest.approx(0.01 + 0.5 + 0.01 + 0.01 + hop(0, 1) + hop(1, 2) + hop(2, 3))
 
 
 def test_fit_takes_medians_and_the_fastest_receive():
