@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import traceback
 import types
 from pathlib import Path
@@ -39,6 +40,8 @@ def _run(kind: str, S: int, D: int, m: int, routed: bool, conf_extra: dict | Non
     conf = _config(m, D, **(conf_extra or {}))
     dp = module._grid.data_parallel_id
     data = data_for(kind, steps * m * D, seed=100)
+    if (conf_extra or {}).get("bf16", {}).get("enabled"):  # a bf16 model takes bf16 inputs, as with stock
+        data = [(x.to(torch.bfloat16), y) for x, y in data]
     dataset = None
     if training_data:  # a map-style dataset of single samples; DeepSpeed's sampler shards it over replicas
         xs = torch.cat([x for x, _ in data])
@@ -209,5 +212,6 @@ def dropin_checks(rank: int, world: int, names: list[str] | None = None) -> dict
             out[name] = fn()
         except Exception:  # noqa: BLE001 - reported by the scenario's own test
             out[name] = {"error": traceback.format_exc(limit=10)}
+            print(f"rank {rank}: scenario {name} raised:\n{out[name]['error']}", file=sys.stderr, flush=True)
         dist.barrier()
     return out

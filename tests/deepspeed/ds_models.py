@@ -83,7 +83,7 @@ def conv_net(stages: int, replicas: int) -> PipelineModule:
     """AlexNet-style: every boundary of a PP4 cut has another shape ([2,4,8,8], [2,8,4,4], [2,32], ...)."""
     layers = [LayerSpec(nn.Conv2d, 1, 4, 3, padding=1), LayerSpec(nn.ReLU),
               LayerSpec(nn.Conv2d, 4, 8, 3, padding=1), LayerSpec(nn.MaxPool2d, 2),
-              LayerSpec(nn.ReLU), LayerSpec(nn.MaxPool2d, 2),
+              LayerSpec(nn.Conv2d, 8, 8, 3, padding=1), LayerSpec(nn.MaxPool2d, 2),
               LayerSpec(Reshape, 32), LayerSpec(nn.Linear, 32, 5)]
     return _module(layers, stages, replicas, nn.CrossEntropyLoss())
 
