@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> list[float]:
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     torch.manual_seed(1234)
-    model = build_model(args.pipeline_parallel_size, depth=args.pipeline_parallel_size * 2)
+    model = build_model(args.pipeline_parallel_size, depth=args.pipeline_parallel_size)
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 4,
         "steps_per_print": 5,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
         "routing": {"plan": args.plan, "skip_ratio": 0.25, "gradient_rule": "visited"},  # skipfree
     }
     engine, _, _, _ = initialize_routed(  # skipfree: was engine, _, _, _ = deepspeed.initialize(

@@ -187,6 +187,11 @@ def dropin_checks(rank: int, world: int, names: list[str] | None = None) -> dict
     from integration.backends.deepspeed.module import ensure_deepspeed_comm
 
     ensure_deepspeed_comm()
+    # DeepSpeed's training_data loader starts DataLoader workers; this rank was spawned, so they would be
+    # spawned too (a fresh interpreter each, and the docs example's dataset class is not importable by name).
+    import multiprocessing
+
+    multiprocessing.set_start_method("fork", force=True)
     scenarios = {
         "linear_stack": lambda: _compare("linear_stack", 2, 2, 2, client_optimizer=False,
                                          conf_extra={"optimizer": {"type": "AdamW",

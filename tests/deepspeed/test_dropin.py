@@ -100,4 +100,4 @@ def test_docs_example_runs_stock_and_routed(results):
     assert res["marked"] <= 5 and not res["stock_mentions_skipfree"]
     assert res["routed"] == res["stock"], "the full plan must train exactly as the stock script"
     assert all(r["routed"] == res["routed"] and r["skip"] == res["skip"] for r in per_rank)
-    assert res["skip"][-1] < res["skip"][0]
+    assert sum(res["skip"][-3:]) < sum(res["skip"][:3]), res["skip"]
