@@ -109,6 +109,36 @@ def _visited_refused(conf: dict) -> str | None:
     return None
 
 
+def _refusals() -> dict:
+    """Settings refused before DeepSpeed builds anything: a ring plan on a user's (linear) module, an
+    unknown routing key, routing given twice, tensor parallelism inside a stage."""
+    from deepspeed.runtime.pipe.module import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from integration.backends.deepspeed.engine import RoutingSettings
+    from integration.backends.deepspeed.module import initialize_routed
+    from integration.plan import full_pipeline, grid_stage_nodes
+
+    def attempt(module, conf, **kw):
+        try:
+            initialize_routed(model=module, optimizer=torch.optim.AdamW(module.parameters(), lr=1e-2), config=conf,
+                              **kw)
+        except (ValueError, TypeError) as exc:
+            return str(exc)
+        return None
+
+    module = MODELS["linear_stack"](4, 1)
+    out = {"ring_plan": attempt(module, _config(2, 1),
+                                routing=RoutingSettings(plan=full_pipeline(grid_stage_nodes(4, 1), 2))),
+           "unknown_key": attempt(module, _config(2, 1, routing={"plan": "skip", "skip_rate": 0.25})),
+           "twice": attempt(module, _config(2, 1, routing={"plan": "full"}), routing={"plan": "full"})}
+    torch.manual_seed(0)
+    tp = PipelineModule(layers=[torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)], loss_fn=torch.nn.MSELoss(),
+                        topology=PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=1))
+    out["tensor_parallel"] = attempt(tp, _config(2, 1))
+    return out
+
+
 def _skip_trains() -> dict:
     """A skip plan from the config's routing block on equal boundaries: it skips, and the loss goes down."""
     from integration.backends.deepspeed.module import initialize_routed
@@ -203,6 +233,7 @@ def dropin_checks(rank: int, world: int, names: list[str] | None = None) -> dict
         "ckpt": lambda: _compare("ckpt", 4, 1, 2),
         "zero1": lambda: _compare("linear_stack", 2, 2, 2, conf_extra={"zero_optimization": {"stage": 1}},
                                   routing={"gradient_rule": "all"}),
+        "refusals": _refusals,
         "zero1_visited": lambda: {"refused": _visited_refused({"zero_optimization": {"stage": 1}})},
         "bf16": _bf16,
         "skip": _skip_trains,

@@ -54,6 +54,14 @@ def test_training_data_and_steps_per_print_as_stock(results):
     assert all(not r["stdout"][1] for r in per_rank[1:]), "only rank 0 logs, as stock"
 
 
+def test_bad_settings_refused_before_build(results):
+    for res in scenario(results, "refusals"):
+        assert "linear PipelineModule but the plan has layout='ring'" in res["ring_plan"]
+        assert "routing.skip_rate is not a routing setting" in res["unknown_key"]
+        assert "give them once" in res["twice"]
+        assert "tensor parallelism inside a stage is not supported" in res["tensor_parallel"]
+
+
 def test_zero1_visited_refused(results):
     for res in scenario(results, "zero1_visited"):
         assert res["refused"] and "gradient_rule=all" in res["refused"]
