@@ -36,7 +36,7 @@ import contextlib
 import itertools
 import pickle
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from deepspeed import comm as ds_dist
