@@ -7,7 +7,7 @@ A line whose comment is just "skipfree" is added; one whose comment is "skipfree
 replaces ``<code>`` of the stock script.
 Run (CPU, 4 processes; ``--plan full`` trains exactly as stock DeepSpeed)::
 
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 4 docs/examples/deepspeed_pipe_routed.py --plan skip
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 torchrun --nproc_per_node 4 docs/examples/deepspeed_pipe_routed.py --plan skip
 """
 
 from __future__ import annotations
