@@ -56,8 +56,9 @@ def _engine(cfg, model: dict, layout: str, S: int, m: int, plan=None, stock: boo
             "steps_per_print": 10 ** 9, "gradient_clipping": 1.0}
     if stock:
         return deepspeed.initialize(model=module, optimizer=opt, config=conf)[0]
-    settings = RoutingSettings(plan, (model["mbs"], model["seq"], cfg.d_model), (model["mbs"], model["seq"]))
-    return initialize_routed(module, conf, settings, optimizer=opt)
+    settings = RoutingSettings(plan, act_shape=(model["mbs"], model["seq"], cfg.d_model),
+                               label_shape=(model["mbs"], model["seq"]))
+    return initialize_routed(model=module, config=conf, optimizer=opt, routing=settings)[0]
 
 
 def _alternate(engines: dict, batch, m: int, iters: int, warmup: int = 3) -> dict:

@@ -47,8 +47,9 @@ def worker(rank: int, world: int, arm: str, steps: int, seed: int) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(10, steps, 0.1))
     conf = {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": M, "steps_per_print": 10 ** 9,
             "gradient_clipping": 1.0}
-    engine = initialize_routed(module, conf, RoutingSettings(plan, (MBS, SEQ, cfg.d_model), (MBS, SEQ)),
-                               optimizer=opt, lr_scheduler=sched)
+    engine, *_ = initialize_routed(model=module, config=conf, optimizer=opt, lr_scheduler=sched,
+                                   routing=RoutingSettings(plan, act_shape=(MBS, SEQ, cfg.d_model),
+                                                           label_shape=(MBS, SEQ)))
     engine.set_batch_source(lambda step, r, i: dataset.microbatch(step, r, i, 1, M, MBS, SEQ))
     losses, t0 = [], time.perf_counter()
     for _ in range(steps):

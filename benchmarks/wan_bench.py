@@ -71,8 +71,9 @@ def _engine(plan):
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3, foreach=False)
     conf = {"train_micro_batch_size_per_gpu": MODEL["mbs"], "gradient_accumulation_steps": M,
             "train_batch_size": MODEL["mbs"] * M * REPLICAS, "steps_per_print": 10 ** 9, "gradient_clipping": 1.0}
-    settings = RoutingSettings(plan, (MODEL["mbs"], MODEL["seq"], cfg.d_model), (MODEL["mbs"], MODEL["seq"]))
-    return initialize_routed(module, conf, settings, optimizer=opt)
+    settings = RoutingSettings(plan, act_shape=(MODEL["mbs"], MODEL["seq"], cfg.d_model),
+                               label_shape=(MODEL["mbs"], MODEL["seq"]))
+    return initialize_routed(model=module, config=conf, optimizer=opt, routing=settings)[0]
 
 
 def _record_ops(engine, log: list) -> None:

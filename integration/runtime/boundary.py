@@ -60,6 +60,12 @@ def single(spec: TensorSpec) -> BoundaryLayout:
     return BoundaryLayout(("T", 0), (spec,))
 
 
+def grad_layout(layout: BoundaryLayout) -> BoundaryLayout:
+    """The layout of the gradients that flow back through ``layout``: a list, one per float tensor."""
+    floats = tuple(s for s in layout.specs if s.dtype.is_floating_point)
+    return BoundaryLayout(("list", tuple(("T", i) for i in range(len(floats)))), floats)
+
+
 def flatten(obj: Any) -> tuple[list[torch.Tensor], BoundaryLayout]:
     """Flatten a nested payload into its tensors (depth first, dict keys in insertion order)."""
     tensors: list[torch.Tensor] = []

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .boundary import BoundaryLayout, recv_payload, send_payload
+from .boundary import BoundaryLayout, BoundaryMismatch, flatten, recv_payload, send_payload, unflatten
 from .p2p import RoutedP2P, TensorSpec
 from .program import (BWD, FWD, LOAD, LOSS_PARTS, PART_EMBED, PART_FIRST, RECV_ACT, RECV_BATCH, RECV_GRAD,
                       RECV_LABELS, SEND_ACT, SEND_BATCH, SEND_GRAD, SEND_LABELS, Op)
@@ -38,7 +38,8 @@ class StageHandler(Protocol):
         """Backward from the loss (with the backend's loss scaling)."""
 
     def backward(self, part: str, mb: int, output: torch.Tensor, grad: torch.Tensor) -> None:
-        """Backward from ``output`` with the gradient received from downstream."""
+        """Backward from ``output`` with the gradient received from downstream (in structured mode:
+        ``output`` is the stage's payload and ``grad`` the list of gradients of its float tensors)."""
 
     # Only for programs compiled with ``carry_batch=True``:
     def batch_tensors(self, mb: int) -> list[torch.Tensor]:
@@ -74,7 +75,13 @@ class ProgramExecutor:
         self.step = 0
         self.forward_only = False
         # carry_batch programs: (home rank, "batch") -> the layout agreed in the boundary handshake.
+        # Structured mode: also (peer, "act" | "grad" | "labels") for every pair, both directions.
         self.recv_layouts: dict[tuple[int, str], BoundaryLayout] = {}
+        self.send_layouts: dict[tuple[int, str], BoundaryLayout] = {}
+        # Structured mode (set with the layouts, after a boundary handshake): activations, gradients
+        # and labels are nested payloads (tuples of tensors of any dtype), one packed message each,
+        # per-boundary layouts; received float tensors become fresh leaves that require grad.
+        self.structured = False
         self._reset()
 
     def _reset(self) -> None:
@@ -146,31 +153,79 @@ class ProgramExecutor:
             self.handler.backward_loss(op.part, op.mb, slot.loss)
         else:
             self.handler.backward(op.part, op.mb, slot.output, self.recv_grad.pop(op.mb))
-        if slot.inputs.is_floating_point():
+        if op.part in (PART_EMBED, PART_FIRST):
+            return  # the route starts here: data, no gradient goes anywhere
+        if self.structured:
+            floats = [t for t in flatten(slot.inputs)[0] if t.is_floating_point()]
+            missing = [i for i, t in enumerate(floats) if t.grad is None]
+            if missing:
+                raise RuntimeError(f"rank {self.rank}: microbatch {op.mb} ({op.part}): float input tensor(s) {missing} "
+                                   f"of this stage got no gradient; every float tensor crossing a boundary must be "
+                                   f"used by the stage that receives it (send masks/ids as integer or bool tensors)")
+            self.send_grad[op.mb] = [t.grad for t in floats]
+        elif slot.inputs.is_floating_point():
             if slot.inputs.grad is None:
                 raise RuntimeError(f"rank {self.rank}: no input gradient for microbatch {op.mb} ({op.part})")
             self.send_grad[op.mb] = slot.inputs.grad
 
     # ------------------------------------------------------------------ communication
     def _op_send_act(self, op: Op) -> None:
-        self.p2p.send(self.last_output.pop(op.mb), op.peer, "act", op.mb, self.step)
+        output = self.last_output.pop(op.mb)
+        if self.structured:
+            self._send_structured(output, op, "act")
+        else:
+            self.p2p.send(output, op.peer, "act", op.mb, self.step)
 
     def _op_recv_act(self, op: Op) -> None:
+        if self.structured:
+            tensors = [t.clone().detach() for t in self._recv_structured(op, "act")]
+            for t in tensors:
+                t.requires_grad_(t.is_floating_point() and not self.forward_only)
+            self.recv_act[op.mb] = unflatten(tensors, self.recv_layouts[(op.peer, "act")])
+            return
         t = self.p2p.recv(self.act_spec, op.peer, "act", op.mb, self.step)
         t.requires_grad_(t.is_floating_point() and not self.forward_only)
         self.recv_act[op.mb] = t
 
     def _op_send_grad(self, op: Op) -> None:
-        self.p2p.send(self.send_grad.pop(op.mb), op.peer, "grad", op.mb, self.step)
+        grad = self.send_grad.pop(op.mb)
+        if self.structured:
+            self._send_structured(grad, op, "grad")
+        else:
+            self.p2p.send(grad, op.peer, "grad", op.mb, self.step)
 
     def _op_recv_grad(self, op: Op) -> None:
-        self.recv_grad[op.mb] = self.p2p.recv(self.act_spec, op.peer, "grad", op.mb, self.step)
+        if self.structured:
+            self.recv_grad[op.mb] = self._recv_structured(op, "grad")
+        else:
+            self.recv_grad[op.mb] = self.p2p.recv(self.act_spec, op.peer, "grad", op.mb, self.step)
 
     def _op_send_labels(self, op: Op) -> None:
-        self.p2p.send(self.labels.pop(op.mb), op.peer, "labels", op.mb, self.step)
+        labels = self.labels.pop(op.mb)
+        if self.structured:
+            self._send_structured(labels, op, "labels")
+        else:
+            self.p2p.send(labels, op.peer, "labels", op.mb, self.step)
 
     def _op_recv_labels(self, op: Op) -> None:
-        self.labels[op.mb] = self.p2p.recv(self.label_spec, op.peer, "labels", op.mb, self.step)
+        if self.structured:
+            self.labels[op.mb] = unflatten(self._recv_structured(op, "labels"), self.recv_layouts[(op.peer, "labels")])
+        else:
+            self.labels[op.mb] = self.p2p.recv(self.label_spec, op.peer, "labels", op.mb, self.step)
+
+    def _send_structured(self, payload, op: Op, kind: str) -> None:
+        tensors, layout = flatten(payload)
+        agreed = self.send_layouts.get((op.peer, kind))
+        if agreed is None or layout.key() != agreed.key():
+            raise BoundaryMismatch(
+                f"rank {self.rank}: microbatch {op.mb}'s {kind} to rank {op.peer} is {layout.describe()}, but the "
+                f"boundary was agreed as {agreed.describe() if agreed else 'nothing'}; shapes must stay fixed "
+                f"between boundary discoveries (after a shape change call engine.reset_activation_shape() on every "
+                f"rank, as with stock DeepSpeed)")
+        send_payload(self.p2p, tensors, op.peer, kind, op.mb, self.step)
+
+    def _recv_structured(self, op: Op, kind: str) -> list[torch.Tensor]:
+        return recv_payload(self.p2p, self.recv_layouts[(op.peer, kind)], op.peer, kind, op.mb, self.step)
 
     def _op_send_batch(self, op: Op) -> None:
         send_payload(self.p2p, self.handler.batch_tensors(op.mb), op.peer, "batch", op.mb, self.step)

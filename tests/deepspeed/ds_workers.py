@@ -44,9 +44,9 @@ def routed_engine(layout: str, plan: RoutePlan, S: int, D: int, m: int, rule: st
 
     module = build_pipeline_module(CFG, layout, S, D, layers_per_stage, SEED)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-2, foreach=False)
-    settings = RoutingSettings(plan, (MBS, SEQ, CFG.d_model), (MBS, SEQ), gradient_rule=rule,
+    settings = RoutingSettings(plan, act_shape=(MBS, SEQ, CFG.d_model), label_shape=(MBS, SEQ), gradient_rule=rule,
                                rules=rules or Rules())
-    engine = initialize_routed(module, ds_config(m, D), settings, optimizer=opt)
+    engine, *_ = initialize_routed(model=module, config=ds_config(m, D), optimizer=opt, routing=settings)
     return engine, module, opt
 
 

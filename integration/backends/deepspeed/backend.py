@@ -104,8 +104,9 @@ class DeepSpeedBackend(TrainingBackend):
             self.engine = None  # drop the old engine (and its references to dead groups) first
             gc.collect()
         self.routing.plan = self.program
-        self.engine = initialize_routed(self.module, self.ds_config, self.routing, optimizer=self.optimizer,
-                                        lr_scheduler=self.scheduler, engine_class=self.engine_class)
+        self.engine, *_ = initialize_routed(model=self.module, config=self.ds_config, optimizer=self.optimizer,
+                                            lr_scheduler=self.scheduler, routing=self.routing,
+                                            engine_class=self.engine_class)
 
     def set_plan(self, plan: RoutePlan | Program) -> None:
         self.engine.set_plan(plan)

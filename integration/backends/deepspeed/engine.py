@@ -18,13 +18,25 @@ Gradient rule (``gradient_rule``):
 
 Both equal stock DeepSpeed for the full pipeline. A stage with no visits skips the reduction and
 the optimizer update; the step counter and the LR schedule still advance with the other stages.
+
+Boundaries (what crosses between stages) are discovered at run time unless declared: before the
+first iteration every stage runs one no-grad forward of the first microbatch along its replica's
+pipeline (DeepSpeed learns the same from its meta messages), so shapes, dtypes and tuple structure
+may differ per boundary; then one handshake (integration/runtime/boundary.py) checks every pair
+of the plan - a skip joining stages whose boundaries differ is refused on every rank, naming them,
+before any training compute. Tensors cross as one packed message per payload; float ones carry
+gradients back, integer/bool ones do not. Compute follows upstream's instructions: inputs cloned
+as stock clones them, forward through ``DeepSpeedEngine.forward`` (its hooks run the bf16/ZeRO
+optimizer's backward prologue per microbatch), tuple outputs backward per float tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+import itertools
+import pickle
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
 
 import torch
 from deepspeed import comm as ds_dist
@@ -33,37 +45,97 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.module import PipelineModule
 
+from ...plan.builders import build_plan
 from ...plan.routeplan import RoutePlan
 from ...plan.rules import Rules, check_fits_grid
+from ...runtime import boundary
 from ...runtime.executor import IterationResult, ProgramExecutor
 from ...runtime.p2p import RoutedP2P, TensorSpec
-from ...runtime.program import PART_EMBED, PART_HEAD, Program, as_program, plan_of
+from ...runtime.program import (PART_EMBED, PART_HEAD, RECV_ACT, RECV_LABELS, SEND_ACT, SEND_LABELS, Program,
+                                as_program, plan_of)
 from ...runtime.gradient import check_gradient_rule, gradient_factor, stage_moves
 from . import schedule as rsched
 
-BatchSource = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
+BatchSource = Callable[[int, int, int], tuple[Any, Any]]
+
+PLAN_KINDS = ("full", "skip", "checkfree_plus")
 
 
 @dataclass
 class RoutingSettings:
-    """What the routed engine needs beyond DeepSpeed's own config."""
+    """What the routed engine needs beyond DeepSpeed's own config (also the config's ``routing`` block).
 
-    plan: RoutePlan | Program  # a Program: compiled already (the main job's preflight), else compiled here
-    act_shape: tuple[int, ...]  # (micro_batch_size, seq_len, d_model)
-    label_shape: tuple[int, ...]  # (micro_batch_size, seq_len)
+    ``plan``: a :class:`RoutePlan`, a compiled :class:`Program` (the main job's preflight), or a
+    ``build_plan`` kind (full | skip | checkfree_plus) built here on the engine's rank grid with the
+    model's layout, ``skip_ratio``/``path_length`` and ``seed``.
+    ``act_shape``/``label_shape``: declared single-tensor boundaries (the main job's own models,
+    ring layout); None (the default): every boundary's shapes, dtypes and tuple structure are
+    discovered at run time, as DeepSpeed's pipe engine does.
+    """
+
+    plan: RoutePlan | Program | str = "full"
     gradient_rule: str = "visited"
     rules: Rules = field(default_factory=Rules)
     max_inflight: int | None = None
+    skip_ratio: float | None = None
+    path_length: int | None = None
+    seed: int = 0
+    act_shape: tuple[int, ...] | None = None
+    label_shape: tuple[int, ...] | None = None
+
+    @staticmethod
+    def from_config(block: Mapping[str, Any]) -> "RoutingSettings":
+        """The ``routing`` block of a DeepSpeed config (a dict), e.g. ``{"plan": "skip", "skip_ratio": 0.25}``."""
+        known = {f.name for f in fields(RoutingSettings)} - {"rules", "act_shape", "label_shape"}
+        unknown = sorted(set(block) - known)
+        if unknown:
+            raise ValueError(f"DeepSpeed config: routing.{unknown[0]} is not a routing setting; use {sorted(known)}")
+        settings = RoutingSettings(**dict(block))
+        if isinstance(settings.plan, str) and settings.plan not in PLAN_KINDS:
+            raise ValueError(f"DeepSpeed config: routing.plan={settings.plan!r}; use one of {PLAN_KINDS} (or hand a "
+                             f"RoutePlan through initialize_routed(routing=RoutingSettings(plan=...)))")
+        return settings
+
+
+def model_layout(model: PipelineModule) -> str:
+    """``ring`` for the home-stage modules of :func:`~integration.backends.deepspeed.module.ring_pipeline_module`,
+    ``linear`` for every other PipelineModule (a user's flat layer list cut into stages)."""
+    return getattr(model, "skipfree_layout", "linear")
+
+
+def rank_grid(model: PipelineModule) -> list[list[int]]:
+    """stage -> replica -> global rank of the model's topology."""
+    topo = model._topo
+    axes = topo.get_axis_names()
+    if set(axes) != {"pipe", "data"}:
+        raise ValueError(f"routed DeepSpeed engine: topology axes {axes} are not supported; build the PipelineModule "
+                         f"with PipeDataParallelTopology (or num_stages=...) - tensor parallelism inside a stage is "
+                         f"not supported by the routed engine")
+    S, D = topo.get_dim("pipe"), topo.get_dim("data")
+    return [[topo.get_rank(pipe=s, data=r) for r in range(D)] for s in range(S)]
+
+
+def resolve_plan(settings: RoutingSettings, model: PipelineModule, micro_batches: int) -> RoutePlan | Program:
+    """The settings' plan, built on the model's grid and layout when it is given as a kind."""
+    if not isinstance(settings.plan, str):
+        return settings.plan
+    if settings.plan not in PLAN_KINDS:
+        raise ValueError(f"routing.plan={settings.plan!r}; use one of {PLAN_KINDS}, a RoutePlan or a Program")
+    return build_plan(settings.plan, rank_grid(model), micro_batches, layout=model_layout(model),
+                      skip_ratio=settings.skip_ratio, path_length=settings.path_length, seed=settings.seed)
 
 
 def check_plan_fits(plan: RoutePlan, model: PipelineModule, micro_batches: int, settings: RoutingSettings) -> None:
-    """Refuse a plan that does not fit the engine's topology, before anything is computed."""
+    """Refuse a plan that does not fit the engine's topology or the model's layout, before anything is computed."""
     check_gradient_rule(settings.gradient_rule)
-    topo = model._topo
-    S, D = topo.get_dim("pipe"), topo.get_dim("data")
-    grid = [[topo.get_rank(pipe=s, data=r) for r in range(D)] for s in range(S)]
-    check_fits_grid(plan, grid, micro_batches, settings.rules, "DeepSpeed", f"stage s, replica r -> rank s*{D}+r",
-                    "the DeepSpeed config has gradient_accumulation_steps")
+    layout = model_layout(model)
+    if plan.layout != layout:
+        raise ValueError(f"routing plan: the model is a {layout} PipelineModule but the plan has "
+                         f"layout={plan.layout!r}; build the plan with layout={layout!r} (or give routing.plan as a kind "
+                         f"- full | skip - and the layout is read from the model)")
+    D = model._topo.get_dim("data")
+    check_fits_grid(plan, rank_grid(model), micro_batches, settings.rules, "DeepSpeed",
+                    f"stage s, replica r -> rank s*{D}+r", "the DeepSpeed config has gradient_accumulation_steps")
 
 
 class RoutedPipelineEngine(PipelineEngine):
@@ -72,27 +144,41 @@ class RoutedPipelineEngine(PipelineEngine):
     def __init__(self, *args, routing: RoutingSettings, **kwargs):
         model = kwargs["model"]
         config_class = kwargs["config_class"]
+        routing.plan = resolve_plan(routing, model, config_class.gradient_accumulation_steps)
         # Refuse an invalid plan before DeepSpeed builds anything or any rank computes.
         check_plan_fits(plan_of(routing.plan), model, config_class.gradient_accumulation_steps, routing)
         super().__init__(*args, **kwargs)
         if routing.gradient_rule == "visited" and (self.using_bf16_optimizer or self.zero_optimization()):
             raise ValueError("routing.gradient_rule=visited rescales .grad after the reduction, which the bf16/ZeRO "
                              "optimizers do not keep; use routing.gradient_rule=all with them")
+        declared = routing.act_shape is not None
+        if model_layout(self.module) == "ring" and (not declared or self.bfloat16_enabled() or self.fp16_enabled()):
+            raise ValueError("routed DeepSpeed engine: the ring layout's home stage runs its embedding and head outside "
+                             "DeepSpeedEngine.forward, so it needs declared boundaries (RoutingSettings.act_shape and "
+                             "label_shape) and fp32; use a linear PipelineModule for discovered boundaries or bf16")
+        if declared != (routing.label_shape is not None):
+            raise ValueError("RoutingSettings: give act_shape and label_shape together (declared boundaries) or neither "
+                             "(discovered at run time)")
         self.routing = routing
         self.batch_source: BatchSource | None = None
         self.p2p_channel = RoutedP2P(self.global_rank, device=self.device)
         act_dtype = torch.bfloat16 if self.bfloat16_enabled() else (torch.float16 if self.fp16_enabled()
                                                                      else torch.float32)
-        self.executor = ProgramExecutor(self.global_rank, _DeepSpeedStageHandler(self), self.p2p_channel,
-                                        TensorSpec(tuple(routing.act_shape), act_dtype),
-                                        TensorSpec(tuple(routing.label_shape), torch.int64))
+        self.executor = ProgramExecutor(
+            self.global_rank, _DeepSpeedStageHandler(self), self.p2p_channel,
+            TensorSpec(tuple(routing.act_shape), act_dtype) if declared else None,
+            TensorSpec(tuple(routing.label_shape), torch.int64) if declared else None)
+        # Discovered boundaries: this stage's (input, output, labels) layouts, and the program they were agreed for.
+        self.stage_layouts: tuple | None = None
+        self._agreed: dict[int, tuple[dict, dict]] = {}  # id(program) -> (send layouts, receive layouts)
         self.last_result: IterationResult | None = None
         self.set_plan(routing.plan)
 
     # ----------------------------------------------------------------- plan
     def set_plan(self, plan: RoutePlan | Program) -> None:
         """Switch to another plan (same stage layout), validated here; a plan is compiled here, a
-        :class:`Program` (already compiled) is run as given."""
+        :class:`Program` (already compiled) is run as given. Discovered boundaries are agreed for it
+        (one handshake, every rank) before its first iteration."""
         check_plan_fits(plan_of(plan), self.module, self.micro_batches, self.routing)
         program = as_program(plan, self.routing.max_inflight)
         self.plan = plan = program.plan
@@ -101,44 +187,65 @@ class RoutedPipelineEngine(PipelineEngine):
         self.stage_visits = self.program.stage_visits
         self.total_microbatches = plan.num_microbatches
         self.mb_address = _microbatch_addresses(plan)
+        self._agreed = {}
 
     @property
     def layout(self) -> str:
         return self.plan.layout
 
+    @property
+    def discovers_boundaries(self) -> bool:
+        return self.routing.act_shape is None
+
     def set_batch_source(self, fn: BatchSource | None) -> None:
         """Data addressed by (step, home replica, index): replayable, no iterator state."""
         self.batch_source = fn
 
+    def reset_activation_shape(self) -> None:
+        """As stock: call on every rank when boundary shapes change; they are discovered again."""
+        super().reset_activation_shape()
+        self.stage_layouts = None
+        self._agreed = {}
+
+    def _backward_prologue_per_tensor(self, grad):
+        # Upstream scales a stage output's gradient by 1/GAS on the last stage, where stock computes the
+        # loss. Here the loss is wherever a route ends (the ring's home) and is always backpropagated by
+        # DeepSpeedEngine.backward, which scales it already; a received gradient is never scaled again.
+        return grad
+
     # ----------------------------------------------------------------- training
-    def train_batch(self, data_iter: Iterator | None = None) -> torch.Tensor:
-        """Run one iteration of the plan; returns the mean loss over all microbatches (every rank)."""
-        if not torch._C.is_grad_enabled():
-            raise RuntimeError("train_batch() requires gradients enabled")
-        if data_iter is not None:
-            self.set_dataiterator(data_iter)
-        self.module.train()
+    # Upstream's train_batch runs as it is (timers, steps_per_print logging, monitor); these two hooks
+    # make it run this rank's routed program and aggregate the routed losses.
+    def _train_schedule(self):
+        self._use_program(self.program)
         self.executor.begin(self.global_steps)
-        sched = RoutedTrainSchedule(self.my_ops, self.micro_batches, self.num_stages, self.stage_id)
-        self._exec_schedule(sched)
-        self.agg_train_loss = self._aggregate_routed_loss(self.last_result)
-        return self.agg_train_loss
+        return RoutedTrainSchedule(self.my_ops, self.micro_batches, self.num_stages, self.stage_id)
+
+    def _aggregate_total_loss(self):
+        self.agg_additional_losses = None
+        return self._aggregate_routed_loss(self.last_result)
 
     @torch.no_grad()
-    def evaluate(self, plan: RoutePlan | Program, batch_source: BatchSource, step: int = 0) -> torch.Tensor:
-        """Forward-only pass of ``plan`` (e.g. the full pipeline for validation); mean loss on every rank."""
+    def evaluate(self, plan: RoutePlan | Program, batch_source: BatchSource | None = None,
+                 step: int = 0) -> torch.Tensor:
+        """Forward-only pass of ``plan`` (e.g. the full pipeline for validation); mean loss on every rank.
+        Data from ``batch_source`` or, without one, the engine's data iterator."""
         program = as_program(plan, self.routing.max_inflight)
         plan = program.plan
         saved = self.batch_source, self.mb_address
-        self.batch_source = batch_source
+        self.batch_source = batch_source if batch_source is not None else self.batch_source
         self.mb_address = _microbatch_addresses(plan)
         was_training = self.module.training
         self.module.eval()
         try:
+            self._use_program(program)
             result = self.executor.run(program.for_rank(self.global_rank), step, forward_only=True)
         finally:
             self.batch_source, self.mb_address = saved
             self.module.train(was_training)
+            if program is not self.program:
+                self._agreed.pop(id(program), None)  # an evaluation program is agreed afresh each call
+            self._use_program(self.program, agree=False)
         return self._aggregate_routed_loss(result)
 
     def _aggregate_routed_loss(self, result: IterationResult) -> torch.Tensor:
@@ -149,6 +256,112 @@ class RoutedPipelineEngine(PipelineEngine):
         stats = torch.stack([total, torch.tensor(float(len(result.losses)), device=self.device)])
         ds_dist.all_reduce(stats)
         return stats[0] / stats[1]
+
+    # ----------------------------------------------------------------- boundaries
+    def _use_program(self, program: Program, agree: bool = True) -> None:
+        """Discovered boundaries: probe the stage layouts (once per shape), agree on ``program``'s pairs
+        (once per program, a collective), and hand the executor the agreed layouts."""
+        if not self.discovers_boundaries:
+            return
+        agreed = self._agreed.get(id(program))
+        if agreed is None:
+            if not agree:
+                return
+            if self.stage_layouts is None:
+                self.stage_layouts = self._probe_stage_layouts()
+            agreed = self._agree(program)
+            self._agreed[id(program)] = agreed
+        self.executor.structured = True
+        self.executor.send_layouts, self.executor.recv_layouts = agreed
+
+    def _probe_stage_layouts(self) -> tuple:
+        """(input, output, labels) layouts of this stage, from a no-grad eval-mode forward of the first
+        microbatch along this replica's pipeline (RNG state restored), as DeepSpeed's meta messages
+        learn them. Home ranks peek their first batch; it stays first in their data."""
+        labels_layout = inputs = None
+        prev = self.grid.stage_to_global(self.stage_id - 1) if self.stage_id > 0 else None
+        nxt = self.grid.stage_to_global(self.stage_id + 1) if self.stage_id < self.num_stages - 1 else None
+        if self.stage_id == 0:
+            batch = self._peek_first_batch()
+            # A copy: an in-place first layer must not change the batch the first iteration trains on.
+            inputs = _map_tensors(lambda t: t.clone().to(self.device), _stock_inputs(batch[0]))
+            labels_layout = boundary.flatten(_to_device(batch[1], self.device))[1]
+        else:
+            inputs = self._probe_recv(prev)
+        in_layout = boundary.flatten(inputs)[1] if self.stage_id > 0 else None
+        was_training = self.module.training
+        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        interval = self.module.activation_checkpoint_interval
+        try:
+            self.module.eval()
+            self.module.activation_checkpoint_interval = 0  # no graph to save: checkpointing would only cost
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                output = self.module(inputs)
+        finally:
+            self.module.activation_checkpoint_interval = interval
+            self.module.train(was_training)
+        out_layout = None
+        if nxt is not None:
+            tensors, out_layout = boundary.flatten(output)
+            self._probe_send(tensors, out_layout, nxt)
+        self.p2p_channel.flush()
+        return in_layout, out_layout, labels_layout
+
+    def _probe_send(self, tensors: list[torch.Tensor], layout: boundary.BoundaryLayout, peer: int) -> None:
+        meta = torch.frombuffer(bytearray(pickle.dumps(layout.key())), dtype=torch.uint8).to(self.device)
+        self.p2p_channel.send(torch.tensor([meta.numel()], dtype=torch.int64), peer, "act", -1, -1)
+        self.p2p_channel.send(meta, peer, "act", -1, -1)
+        boundary.send_payload(self.p2p_channel, tensors, peer, "act", -1, -1)
+
+    def _probe_recv(self, peer: int) -> Any:
+        n = int(self.p2p_channel.recv(TensorSpec((1,), torch.int64), peer, "act", -1, -1).item())
+        meta = self.p2p_channel.recv(TensorSpec((n,), torch.uint8), peer, "act", -1, -1)
+        layout = boundary.BoundaryLayout.from_key(pickle.loads(meta.cpu().numpy().tobytes()))
+        tensors = boundary.recv_payload(self.p2p_channel, layout, peer, "act", -1, -1)
+        return boundary.unflatten([t.clone() for t in tensors], layout)
+
+    def _peek_first_batch(self) -> Any:
+        if self.batch_source is not None:
+            return self.batch_source(self.global_steps, self.grid.data_parallel_id, 0)
+        if self.data_iterator is None:
+            raise RuntimeError(f"rank {self.global_rank} (stage 0): no training data; pass training_data= to "
+                               f"initialize_routed or a data iterator to train_batch(), as with stock DeepSpeed")
+        raw = next(self.data_iterator)
+        self.data_iterator = itertools.chain([raw], self.data_iterator)
+        return self.batch_fn(raw) if self.batch_fn else raw
+
+    def _agree(self, program: Program) -> tuple[dict, dict]:
+        """The boundary handshake for ``program``: every pair's activation and label layouts (a collective)."""
+        in_layout, out_layout, labels_layout = self.stage_layouts
+        sends: boundary.Declarations = {}
+        expects: boundary.Declarations = {}
+        for op in program.for_rank(self.global_rank):
+            if op.kind == SEND_ACT:
+                sends[(op.peer, "act")] = out_layout.key()
+            elif op.kind == RECV_ACT:
+                expects[(op.peer, "act")] = in_layout.key()
+            elif op.kind == SEND_LABELS:
+                sends[(op.peer, "labels")] = labels_layout.key()
+            elif op.kind == RECV_LABELS:
+                expects[(op.peer, "labels")] = None  # the home's labels, as they are
+        hints = {"act": "a route hands a stage's output to the next stage it visits: the stages a skip joins need "
+                        "equal boundaries (shapes, dtypes, tuple structure, discovered from the first microbatch); "
+                        "skip only between stages with equal boundaries, or use the full plan"}
+        recv = boundary.handshake(sends, expects, describe_rank=self._describe_rank, hints=hints,
+                                  wait=self.p2p_channel._wait, device=self.device)
+        send = {key: boundary.BoundaryLayout.from_key(v) for key, v in sends.items()}
+        # Gradients flow back over every activation pair: the float tensors of the agreed layout.
+        for (peer, kind), layout in list(send.items()):
+            if kind == "act":
+                recv[(peer, "grad")] = boundary.grad_layout(layout)
+        for (peer, kind), layout in list(recv.items()):
+            if kind == "act":
+                send[(peer, "grad")] = boundary.grad_layout(layout)
+        return send, recv
+
+    def _describe_rank(self, rank: int) -> str:
+        coord = self.grid._topo.get_coord(rank)
+        return f"stage {coord.pipe} (rank {rank}, replica {coord.data})"
 
     # ----------------------------------------------------------------- instructions
     def _exec_routed_op(self, op) -> None:
@@ -211,43 +424,79 @@ def _optimizer_step_suppressed(optimizer):
         optimizer.step = original
 
 
+def _stock_inputs(inputs: Any) -> Any:
+    """A first stage's inputs as stock DeepSpeed hands them to the module: a list becomes a tuple."""
+    return tuple(inputs) if isinstance(inputs, list) else inputs
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    return _map_tensors(lambda t: t.to(device), obj)
+
+
+def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(fn, x) for x in obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
 class _DeepSpeedStageHandler:
-    """The executor's model callbacks, implemented with the engine's module and backward."""
+    """The executor's model callbacks, implemented as upstream's PipelineEngine instructions do them."""
 
     def __init__(self, engine: RoutedPipelineEngine):
         self.engine = engine
 
-    def load(self, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, mb: int) -> tuple[Any, Any]:
         eng = self.engine
         if eng.batch_source is not None:
             replica, index = eng.mb_address[mb]
-            tokens, labels = eng.batch_source(eng.executor.step, replica, index)
+            batch = eng.batch_source(eng.executor.step, replica, index)
         else:
             batch = eng._next_batch()
-            tokens, labels = batch[0], batch[1]
-        return tokens.to(eng.device), labels.to(eng.device)
+        # As stock's _exec_load_micro_batch: a detached copy; float inputs require grad only under
+        # reentrant activation checkpointing (its first segment would be cut off from autograd).
+        grad_in = eng._reentrant_activation_checkpointing()
 
-    def forward(self, part: str, mb: int, inputs: torch.Tensor) -> torch.Tensor:
+        def leaf(t: torch.Tensor) -> torch.Tensor:
+            mine = t.clone().detach().to(eng.device)
+            mine.requires_grad = grad_in and mine.is_floating_point()
+            return mine
+
+        return _map_tensors(leaf, _stock_inputs(batch[0])), _map_tensors(lambda t: t.to(eng.device), batch[1])
+
+    def forward(self, part: str, mb: int, inputs: Any) -> Any:
         eng = self.engine
         if eng.layout == "ring" and part in (PART_EMBED, PART_HEAD):
             home = eng.module.forward_funcs[0]
             return home.embed_forward(inputs) if part == PART_EMBED else home.head_forward(inputs)
-        return eng.module(inputs)
+        # As stock's _exec_forward_pass: the stage runs on copies (the received leaves keep their
+        # gradients; an in-place first layer is fine), through DeepSpeedEngine.forward, whose output
+        # hooks run the optimizer's backward prologue (BF16_Optimizer, ZeRO) once per microbatch.
+        return DeepSpeedEngine.forward(eng, _map_tensors(torch.clone, inputs))
 
-    def loss(self, part: str, mb: int, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.engine.module.loss_fn(output, labels)
+    def loss(self, part: str, mb: int, output: Any, labels: Any) -> torch.Tensor:
+        loss_fn = self.engine.module.loss_fn
+        return loss_fn(output, labels) if loss_fn is not None else output  # stock: no loss_fn, forward returns it
 
     def backward_loss(self, part: str, mb: int, loss: torch.Tensor) -> None:
         # Upstream's backward: GAS scaling, loss scaling and its gradient hooks, as on a last stage.
         DeepSpeedEngine.backward(self.engine, loss)
 
-    def backward(self, part: str, mb: int, output: torch.Tensor, grad: torch.Tensor) -> None:
+    def backward(self, part: str, mb: int, output: Any, grad: Any) -> None:
         eng = self.engine
         if eng.using_bf16_optimizer:
             eng.optimizer.clear_lp_grads()
         eng._running_engine_backward = True
         try:
-            output.backward(gradient=grad)
+            if isinstance(output, torch.Tensor):
+                output.backward(gradient=grad[0] if isinstance(grad, list) else grad)
+            else:  # as stock: one backward per float output tensor, in order
+                outs = [t for t in boundary.flatten(output)[0] if t.is_floating_point()]
+                for i, (out, g) in enumerate(zip(outs, grad)):
+                    out.backward(gradient=g, retain_graph=i < len(outs) - 1)
         finally:
             eng._running_engine_backward = False
         if eng.using_bf16_optimizer and not eng._config.bfloat16_config.immediate_grad_update:
