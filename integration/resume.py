@@ -90,11 +90,7 @@ def find_checkpoint(spec: str | Path) -> tuple[Path, dict, list[Path]]:
 def find_latest(root: Path) -> tuple[Path, dict, list[Path]] | None:
     """``train.resume=auto``: the newest complete checkpoint under ``root`` (None: there is none)."""
     complete, ignored = scan(root)
-    if not complete:
-        if ignored:
-            log.warning("resume: ignored half-written checkpoints %s", [p.name for p in ignored])
-        return None
-    return (*complete[-1], ignored)
+    return (*complete[-1], ignored) if complete else None
 
 
 def _tokens_digest(dataset: Any) -> str:

@@ -299,13 +299,15 @@ class Trainer:
 
     def restore(self) -> None:
         """``train.resume``: load the checkpoint the preflight chose and continue the data where it stopped."""
-        from .resume import checkpoints_root, data_mismatch
+        from .resume import checkpoints_root, data_mismatch, scan
 
         found = self.checked.resume_from
         if found is None:
             if self.job.train.resume == "auto":
-                log.info("resume: no complete checkpoint under %s, starting at step 0",
-                         checkpoints_root(self.job.output_root))
+                root = checkpoints_root(self.job.output_root)
+                ignored = scan(root)[1]
+                log.info("resume: no complete checkpoint under %s%s, starting at step 0", root,
+                         f" (ignored, half-written: {', '.join(p.name for p in ignored)})" if ignored else "")
             return
         path, meta, ignored = found
         if ignored:
