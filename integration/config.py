@@ -48,6 +48,8 @@ class Preflight:
     stage_nodes: list[list[int]]
     plan: Any               # integration.plan.routeplan.RoutePlan
     program: Any            # integration.runtime.program.Program: what every rank runs
+    #: ``train.resume``: (checkpoint directory, its marker, half-written ones ignored), None = from step 0
+    resume_from: tuple[Path, dict, list[Path]] | None = None
 
 
 # ----------------------------------------------------------------------------- environment
@@ -386,7 +388,39 @@ def preflight(cfg: DictConfig) -> Preflight:
     program = compile_job_plan(job, plan)
     check_data(job)
     return Preflight(job=job, world_size=world_size, rank=rank, stage_nodes=stage_nodes, plan=plan,
-                     program=program)
+                     program=program, resume_from=check_resume(job, world_size))
+
+
+def job_shape(job: JobConfig, world_size: int) -> dict:
+    """What a resume checkpoint must share with the job that continues it (its marker records it)."""
+    p = job.parallel
+    return {"backend": job.backend.name, "stages": p.stages, "replicas": p.replicas, "tensor": p.tensor,
+            "world_size": world_size, "layout": job.model.layout}
+
+
+def check_resume(job: JobConfig, world_size: int) -> tuple[Path, dict, list[Path]] | None:
+    """``train.resume``: the checkpoint to continue from (``auto``: the newest complete one under
+    ``${output_root}/checkpoints``, None when there is none), checked against this job's shape."""
+    from .resume import checkpoints_root, find_checkpoint, find_latest
+
+    spec = job.train.resume
+    if not spec:
+        return None
+    found = find_latest(checkpoints_root(job.output_root)) if spec == "auto" else find_checkpoint(spec)
+    if found is None:
+        return None
+    path, meta, _ = found
+    want = job_shape(job, world_size)
+    diff = [f"{k} {meta.get('job', {}).get(k)!r} (now {v!r})" for k, v in want.items()
+            if meta.get("job", {}).get(k) != v]
+    if diff:
+        raise ConfigError("train.resume", f"{path} was written by another job shape: {', '.join(diff)}",
+                          "resume with the same backend, parallel.* and model.layout (and as many ranks)")
+    replacement = bool(os.environ.get("SKIPFREE_SPARE")) or os.environ.get("SKIPFREE_JOINING") == "1"
+    if int(meta["step"]) >= job.train.steps and not replacement:  # (launch.agent's replacements load nothing)
+        raise ConfigError("train.resume", f"{path} already holds {meta['step']} applied steps, train.steps is "
+                          f"{job.train.steps}", f"set train.steps above {meta['step']} to train further")
+    return found
 
 
 def compile_job_plan(job: JobConfig, plan: Any) -> Any:

@@ -329,11 +329,13 @@ class TrainConfig:
     seed: int = 1234
     eval_every: int = 0
     val_microbatches: int = 4
+    save_every: int = 0   # resume checkpoint every K steps into ${output_root}/checkpoints (0: none)
+    resume: str = ""      # "" | auto (newest complete checkpoint under ${output_root}/checkpoints) | PATH
 
     def __post_init__(self) -> None:
         for key in ("steps", "micro_batch_size", "microbatches", "val_microbatches"):
             at_least(f"train.{key}", getattr(self, key), 1)
-        for key in ("warmup_steps", "eval_every", "seed"):
+        for key in ("warmup_steps", "eval_every", "seed", "save_every"):
             at_least(f"train.{key}", getattr(self, key), 0)
         positive("train.lr", self.lr)
         at_least("train.min_lr", self.min_lr, 0)
@@ -346,6 +348,13 @@ class TrainConfig:
             raise ConfigError("train.betas", f"needs two values, got {list(self.betas)}", "set train.betas=[0.9,0.95]")
         for i, b in enumerate(self.betas):
             in_range(f"train.betas[{i}]", b, 0.0, 1.0, high_open=True)
+        if self.resume not in ("", "auto"):
+            from .resume import find_checkpoint  # a PATH is read up front: a wrong one fails before any rank
+            try:
+                find_checkpoint(self.resume)
+            except FileNotFoundError as exc:
+                raise ConfigError("train.resume", str(exc), "give a checkpoint directory written with "
+                                  "train.save_every (or the directory holding them), or train.resume=auto") from None
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 
 from .backend import StepResult, TrainingBackend
 from .config import Preflight, as_config_error, build_plan, compile_job_plan, model_config
+from .schema import ConfigError
 
 log = logging.getLogger("skipfree.train")
 
@@ -77,6 +78,12 @@ class Trainer:
         self.steps = self.job.train.steps
         self.writer = None
         self.backend: TrainingBackend | None = None
+        self.start_step = 0  # train.resume: the steps the checkpoint already applied
+        self.resume_ckpts = None
+        if self.job.train.save_every:
+            from .resume import ResumeCheckpoints, checkpoints_root
+            self.resume_ckpts = ResumeCheckpoints(checkpoints_root(self.job.output_root), self.job.train.save_every,
+                                                  self.job.backend.name, self.rank)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -142,6 +149,7 @@ class Trainer:
         self.check_same_plan()
         self.backend = build_backend(self.cfg, self.checked.program, self.model_cfg, self.rank, self.world_size)
         self.writer = self.tensorboard()
+        self.restore()
 
     def check_same_plan(self) -> None:
         """Every rank builds the plan itself (deterministically); make sure they really agree."""
@@ -180,9 +188,9 @@ class Trainer:
         from tqdm import tqdm
 
         history: dict[int, dict] = {}  # by step: a rollback's replayed steps overwrite their first run
-        bar = tqdm(total=self.steps, disable=not (self.rank == 0 and self.job.progress), dynamic_ncols=True,
-                   file=sys.stdout)
-        done = 0
+        bar = tqdm(total=self.steps, initial=self.start_step, disable=not (self.rank == 0 and self.job.progress),
+                   dynamic_ncols=True, file=sys.stdout)
+        done = self.start_step
         while (step := self.current_step(done)) < self.steps:
             self.maybe_resample(step)
             t0 = time.perf_counter()
@@ -198,6 +206,8 @@ class Trainer:
             bar.n = done
             bar.refresh()
             self.log_step(rec)
+            if self.resume_ckpts is not None and self.resume_ckpts.due(done):
+                self.save_resume_checkpoint(done)
             every = self.job.train.eval_every
             if every and (step + 1) % every == 0 and step + 1 < self.steps:
                 val = self.validation()
@@ -223,6 +233,79 @@ class Trainer:
             w.add_scalar("routing/skip_ratio", rec["skip_ratio"], step)
             for s, v in enumerate(rec["stage_visits"]):
                 w.add_scalar(f"routing/visits_stage{s}", v, step)
+
+    # ------------------------------------------------------------------ resume (integration/resume.py)
+    def data_position(self, step: int) -> dict:
+        """The data loader's position before ``step`` (it is addressed by step)."""
+        from .resume import data_position
+        return data_position(self.dataset, step, self.homes, self.job.train.microbatches, self.mbs, self.seq)
+
+    def save_resume_checkpoint(self, step: int) -> None:
+        """``train.save_every``: every rank saves its stage after ``step`` applied steps (collective)."""
+        from .config import job_shape
+
+        meta = {"job": job_shape(self.job, self.world_size), "data": self.data_position(step),
+                "train_steps": self.steps}
+        self.resume_ckpts.save(step, lambda root, tag: self.write_checkpoint(root, tag, step), meta)
+
+    def write_checkpoint(self, root: str, tag: str, step: int) -> None:
+        """This rank's part of a checkpoint in the framework's format; returns once every rank's is written."""
+        if self.job.backend.name == "megatron":
+            import torch.distributed as dist
+            self.backend.save_checkpoint(root, tag, iteration=step)
+            dist.barrier()
+        else:
+            self.backend.engine.save_checkpoint(root, tag=tag, save_latest=False)  # ends with a barrier
+
+    def load_checkpoint(self, path: Path) -> int:
+        """Load the checkpoint directory ``path`` into this rank; returns the steps it had applied."""
+        if self.job.backend.name == "megatron":
+            state = self.backend.load_checkpoint(str(path.parent), path.name)
+            if state is None:
+                raise FileNotFoundError(f"rank {self.rank}: {self.backend.checkpoint_file(str(path.parent), path.name)}"
+                                        f" is missing")
+            return int(state["iteration"])
+        loaded, _ = self.backend.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"rank {self.rank}: DeepSpeed found no checkpoint {path.name} under {path.parent}")
+        return int(self.backend.engine.global_steps)
+
+    def restore(self) -> None:
+        """``train.resume``: load the checkpoint the preflight chose and continue the data where it stopped."""
+        from .resume import checkpoints_root, data_mismatch, scan
+
+        found = self.checked.resume_from
+        if found is None:
+            if self.job.train.resume == "auto":
+                root = checkpoints_root(self.job.output_root)
+                ignored = scan(root)[1]
+                log.info("resume: no complete checkpoint under %s%s, starting at step 0", root,
+                         f" (ignored, half-written: {', '.join(p.name for p in ignored)})" if ignored else "")
+            return
+        path, meta, ignored = found
+        if ignored:
+            log.warning("resume: ignored half-written checkpoints (no completion marker, a save was cut short): %s",
+                        ", ".join(p.name for p in ignored))
+        wrong = data_mismatch(meta["data"], self.data_position(int(meta["step"])))
+        if wrong:
+            raise ConfigError("train.resume", f"{path}: the data would not continue where it stopped ("
+                              f"{'; '.join(wrong)})", "resume with the data, train.micro_batch_size, "
+                              "train.microbatches and model.seq_len the checkpoint was written with")
+        step = self.load_checkpoint(path)
+        if step != int(meta["step"]):
+            raise RuntimeError(f"rank {self.rank}: {path} holds {step} applied steps, its marker says {meta['step']}")
+        if meta.get("train_steps") != self.steps:
+            log.warning("resume: train.steps is %d, the checkpoint's job had %s: the LR schedule differs from an "
+                        "uninterrupted run", self.steps, meta.get("train_steps"))
+        self.start_step = step
+        every = self.job.routing.resample_every
+        if every and step % every:  # the plan in force at `step` (maybe_resample redraws only at multiples)
+            self.plan = build_plan(self.job, self.checked.stage_nodes, step - step % every)
+            self.backend.set_plan(compile_job_plan(self.job, self.plan))
+        d = meta["data"]
+        log.info("resume: %s, %d steps applied; data continues at step %d (sample %d, epoch %d)", path, step,
+                 d["next_step"], d["next_sample"], d["epoch"])
 
     # ------------------------------------------------------------------ validation and summary
     def validation(self) -> float | None:
@@ -251,7 +334,17 @@ class Trainer:
                 "loss_last3": last, "val_loss_full_model": val, "loss_history": losses,
                 "median_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
                 "skip_ratio": self.plan.achieved_skip_ratio(), "path_skip_ratio_k": self.plan.skip_ratio,
-                "stage_visits": self.plan.stage_visits()}
+                "stage_visits": self.plan.stage_visits(), "start_step": self.start_step,
+                "state_digest": self.state_digest()}
+
+    def state_digest(self) -> str:
+        """sha256 of this rank's final weights + optimizer state (resume = uninterrupted run, bitwise)."""
+        from .recovery.state import state_digest
+
+        b = self.backend
+        if self.job.backend.name == "megatron":
+            return state_digest(b.model.module, b.torch_optimizer)
+        return state_digest(b.module, b.optimizer)
 
     def done_line(self, summary: dict) -> str:
         return (f"done: loss {summary['loss_first3']:.4f} -> {summary['loss_last3']:.4f} (mean of first/last 3 "

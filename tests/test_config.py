@@ -32,8 +32,8 @@ def _field_cases() -> list[tuple[list[str], str]]:
     ints_ge1 = ["train.steps", "train.micro_batch_size", "train.microbatches", "train.val_microbatches",
                 "model.d_model", "model.n_heads", "model.layers_per_stage", "model.seq_len", "parallel.replicas",
                 "parallel.tensor", "data.max_bytes"]
-    ints_ge0 = ["train.warmup_steps", "train.eval_every", "train.seed", "routing.seed", "routing.resample_every",
-                "data.seed"]
+    ints_ge0 = ["train.warmup_steps", "train.eval_every", "train.save_every", "train.seed", "routing.seed",
+                "routing.resample_every", "data.seed"]
     for key in ints_ge1 + ints_ge0 + ["parallel.stages"]:
         cases.append(([f"{key}=4.7"], key))          # a float is never truncated
         cases.append(([f"{key}=abc"], key))          # not a number

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import gc
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +37,6 @@ from ..runtime.program import BWD, FWD
 from . import rebuild as rb
 from .detect import all_reduce
 from .guard import StepGuard, commit_step
-from .state import load_stage_state, stage_state
 
 
 def check_megatron_recovery(cfg: Any) -> None:
@@ -69,38 +67,22 @@ class MegatronSteps:
         self.batch_source = source
 
     # ------------------------------------------------------------------ checkpoint fallback
-    def _checkpoint_file(self, directory: str, tag: str) -> Path:
-        b = self.backend
-        return Path(directory) / tag / f"mp_rank_{b.tensor_rank:02d}_{b.stage:03d}" / "model_optim_rng.pt"
-
     def save_checkpoint(self, directory: str, tag: str) -> None:
-        """Megatron-LM's per-rank ``torch`` checkpoint layout (``<tag>/mp_rank_TT_PPP/model_optim_rng.pt``
-        with ``model``, ``optimizer``, ``opt_param_scheduler``, ``iteration``); replicas are equal
-        after every step, so data-parallel rank 0 writes, as Megatron-LM does. No collective."""
-        b = self.backend
-        if b.replica != 0:
-            return
-        path = self._checkpoint_file(directory, tag)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"checkpoint_version": 3.0, "iteration": self.global_steps, **b.state_bundle(),
-                 "counters": {k: getattr(self, k) for k in ("global_samples", "micro_steps", "skipped_steps")}}
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # a save cut short never looks complete
+        """Megatron-LM's per-rank layout (:meth:`MegatronBackend.save_checkpoint`) with the counters."""
+        self.backend.save_checkpoint(directory, tag, self.global_steps, extra={
+            "counters": {k: getattr(self, k) for k in ("global_samples", "micro_steps", "skipped_steps")}})
 
     def load_checkpoint(self, directory: str, tag: str, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True) -> tuple[str | None, dict]:
         """Restore weights, optimizer state, LR schedule and counters from :meth:`save_checkpoint`'s file."""
-        b = self.backend
-        path = self._checkpoint_file(directory, tag)
-        if not path.is_file():
+        state = self.backend.load_checkpoint(directory, tag, optimizer=load_optimizer_states,
+                                             scheduler=load_lr_scheduler_states)
+        if state is None:
             return None, {}
-        state = torch.load(path, weights_only=False)
-        b.load_state_bundle(state, optimizer=load_optimizer_states, scheduler=load_lr_scheduler_states)
         self.global_steps = int(state["iteration"])
         for k, v in state["counters"].items():
             setattr(self, k, v)
-        return str(path), {}
+        return str(self.backend.checkpoint_file(directory, tag)), {}
 
     def train_batch(self) -> torch.Tensor:
         """One iteration; raises :class:`PeerFailure` (nothing applied) if the step was aborted."""
@@ -149,14 +131,6 @@ class FaultTolerantMegatronBackend(MegatronBackend):
     def module(self) -> torch.nn.Module:
         """The stage model without its DDP wrapper (its state dict keys are the stage's own)."""
         return self.model.module
-
-    @property
-    def torch_optimizer(self) -> torch.optim.Optimizer:
-        """The torch Adam inside megatron's optimizer: state dict, param groups, lr_scale hooks."""
-        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        if len(opts) != 1:
-            raise RuntimeError(f"recovery with backend=megatron expects one optimizer, megatron built {len(opts)}")
-        return opts[0].optimizer
 
     # ------------------------------------------------------------------ one step
     def _reduce_replica_grads(self, models, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
@@ -224,23 +198,12 @@ class FaultTolerantMegatronBackend(MegatronBackend):
         self._build(self.program)  # compiled once: a regroup keeps the rank grid, so the same Program
         self.load_state_bundle(snap)
 
-    def state_bundle(self) -> dict:
-        """The stage's whole training state, keyed as Megatron-LM's checkpoints key it: ``model``,
-        ``optimizer`` (the torch optimizer's, lr_scale included), ``opt_param_scheduler``."""
-        return {"model": stage_state(self.module), "optimizer": self.torch_optimizer.state_dict(),
-                "opt_param_scheduler": self.scheduler.state_dict()}
-
     def load_state_bundle(self, bundle: dict, optimizer: bool = True, scheduler: bool = True) -> None:
-        """Inverse of :meth:`state_bundle` (into this generation's objects)."""
-        load_stage_state(self.module, bundle["model"])
+        """:meth:`MegatronBackend.load_state_bundle`, then the ``lr_scale`` hooks: they live on the
+        optimizer object, which is new after a regroup."""
+        super().load_state_bundle(bundle, optimizer=optimizer, scheduler=scheduler)
         if optimizer:
-            self.torch_optimizer.load_state_dict(bundle["optimizer"])
-            rb.reattach_lr_scale(self.torch_optimizer)  # hooks live on the optimizer object, which is new
-        if scheduler:
-            # megatron's load_state_dict *adds* the saved step count (it expects a fresh scheduler):
-            # a survivor rolling back would otherwise jump ahead in the LR schedule.
-            self.scheduler.num_steps = 0
-            self.scheduler.load_state_dict(bundle["opt_param_scheduler"])
+            rb.reattach_lr_scale(self.torch_optimizer)
 
     def rebuild_engine(self) -> None:
         """A new step driver; the session restores the counters."""

@@ -125,6 +125,55 @@ class FaultTolerantTrainer(Trainer):
             if len(set(digests)) != 1:
                 raise RuntimeError(f"rank {ctx.rank}: the ranks built different routing plans; give every rank the "
                                    f"same config, or use routing=file")
+        self.restore()
+
+    # ------------------------------------------------------------------ resume (integration/resume.py)
+    def restore(self) -> None:
+        """``train.resume`` on every process that has applied no step yet (the first ranks, and those
+        that joined before the first step); a replacement joining later got its state from the recovery."""
+        from . import rebuild as rb
+
+        if self.checked.resume_from is not None and self.session.global_steps > 0:
+            log.info("resume: this process joined at step %d, its state came from the recovery",
+                     self.session.global_steps)
+            return
+        super().restore()
+        rb.reattach_lr_scale(self.session.optimizer)  # a saved multiplier needs this optimizer's hooks
+
+    def load_checkpoint(self, path: Path) -> int:
+        loaded, _ = self.session.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"rank {self.rank}: no checkpoint {path.name} under {path.parent} for this rank")
+        return int(self.session.global_steps)
+
+    def write_checkpoint(self, root: str, tag: str, step: int) -> None:
+        """The engine's save (DeepSpeed's barriers are plain collectives: a dead peer raises there), then a
+        failure-aware barrier: a failure during the save is a :class:`PeerFailure`."""
+        import torch
+
+        from .detect import PeerFailure, all_reduce
+
+        try:
+            if self.job.backend.name == "megatron":
+                self.session.engine.save_checkpoint(root, tag)
+            else:
+                self.session.engine.save_checkpoint(root, tag=tag, save_latest=False)
+        except RuntimeError as exc:
+            raise PeerFailure(f"rank {self.rank}: checkpoint save {tag} failed: {str(exc).splitlines()[0][:200]}")
+        all_reduce(torch.zeros(1), self.session.monitor, "checkpoint barrier")
+
+    def save_resume_checkpoint(self, step: int) -> None:
+        """A failure during the save is recovered like one in a step; that checkpoint stays half-written
+        (ignored by ``train.resume=auto``) and the next one is saved as planned."""
+        from .detect import PeerFailure
+
+        try:
+            super().save_resume_checkpoint(step)
+        except PeerFailure as failure:
+            log.warning("checkpoint after step %d abandoned, a rank failed during the save: %s", step - 1,
+                        str(failure)[:200])
+            self.session.recover(failure)
 
     # ------------------------------------------------------------------ the loop's overrides
     def current_step(self, done: int) -> int:
@@ -196,6 +245,7 @@ class FaultTolerantTrainer(Trainer):
                 "loss_last3": last, "val_loss_full_model": val, "loss_history": losses,
                 "recoveries": self.session.recoveries, "stage_visits": self.plan.stage_visits(),
                 "replans": self.session.replan.switches if self.session.replan is not None else [],
+                "start_step": self.start_step,
                 # sha256 of this rank's final weights + Adam state: "replay = no-failure run" audits
                 "state_digest": state_digest(self.session.module, self.session.optimizer)}
 

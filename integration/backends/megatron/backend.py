@@ -15,6 +15,7 @@ grid (same routes), any other layout must already use megatron's grid or is refu
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,6 +116,62 @@ class MegatronBackend(TrainingBackend):
     def _optimizer_clip(self) -> float:
         """Gradient clipping inside megatron's optimizer (its norm is a collective over the model-parallel group)."""
         return float(self.cfg.train.grad_clip or 0.0)
+
+    # ------------------------------------------------------------------ state and checkpoints
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch Adam inside megatron's optimizer: state dict, param groups."""
+        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        if len(opts) != 1:
+            raise RuntimeError(f"expected one optimizer inside megatron's, megatron built {len(opts)}")
+        return opts[0].optimizer
+
+    def state_bundle(self) -> dict:
+        """The stage's whole training state, keyed as Megatron-LM's checkpoints key it: ``model``,
+        ``optimizer`` (the torch optimizer's), ``opt_param_scheduler``."""
+        from ...recovery.state import stage_state
+        return {"model": stage_state(self.model.module), "optimizer": self.torch_optimizer.state_dict(),
+                "opt_param_scheduler": self.scheduler.state_dict()}
+
+    def load_state_bundle(self, bundle: dict, optimizer: bool = True, scheduler: bool = True) -> None:
+        """Inverse of :meth:`state_bundle` (into this backend's current objects)."""
+        from ...recovery.state import load_stage_state
+        load_stage_state(self.model.module, bundle["model"])
+        if optimizer:
+            self.torch_optimizer.load_state_dict(bundle["optimizer"])
+        if scheduler:
+            # megatron's load_state_dict *adds* the saved step count (it expects a fresh scheduler):
+            # a rank rolling back would otherwise jump ahead in the LR schedule.
+            self.scheduler.num_steps = 0
+            self.scheduler.load_state_dict(bundle["opt_param_scheduler"])
+
+    def checkpoint_file(self, directory: str, tag: str) -> Path:
+        """Megatron-LM's per-rank file: ``<directory>/<tag>/mp_rank_TT_PPP/model_optim_rng.pt``."""
+        return Path(directory) / tag / f"mp_rank_{self.tensor_rank:02d}_{self.stage:03d}" / "model_optim_rng.pt"
+
+    def save_checkpoint(self, directory: str, tag: str, iteration: int, extra: dict | None = None) -> None:
+        """Megatron-LM's per-rank ``torch`` checkpoint (``model``, ``optimizer``, ``opt_param_scheduler``,
+        ``iteration``; ``extra`` entries added); replicas are equal after every step, so data-parallel
+        rank 0 writes, as Megatron-LM does. No collective."""
+        if self.replica != 0:
+            return
+        path = self.checkpoint_file(directory, tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"checkpoint_version": 3.0, "iteration": int(iteration), **self.state_bundle(), **(extra or {})},
+                   tmp)
+        tmp.replace(path)  # a save cut short never looks complete
+
+    def load_checkpoint(self, directory: str, tag: str, optimizer: bool = True,
+                        scheduler: bool = True) -> dict | None:
+        """Restore :meth:`save_checkpoint`'s file (replica 0's) into this rank; returns its entries
+        other than the state (``iteration``, the extras), None when there is no such file."""
+        path = self.checkpoint_file(directory, tag)
+        if not path.is_file():
+            return None
+        state = torch.load(path, weights_only=False)
+        self.load_state_bundle(state, optimizer=optimizer, scheduler=scheduler)
+        return {k: v for k, v in state.items() if k not in ("model", "optimizer", "opt_param_scheduler")}
 
     # ------------------------------------------------------------------ contract
     def set_plan(self, plan: RoutePlan | Program) -> None:
