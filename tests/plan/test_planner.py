@@ -78,10 +78,24 @@ def test_fixed_grid_for_training_is_deterministic():
     assert c.memory == 3 and validate(c) == []
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), S=st.integers(3, 6), drop=st.integers(0, 2), memory=st.integers(1, 3),
-       rounds=st.integers(1, 2), extra=st.integers(0, 4))
+_RANDOM_CLUSTERS = dict(seed=st.integers(0, 10_000), S=st.integers(3, 6), drop=st.integers(0, 2),
+                        memory=st.integers(1, 3), rounds=st.integers(1, 2), extra=st.integers(0, 4))
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**_RANDOM_CLUSTERS)
 def test_random_clusters_give_valid_collision_free_plans(seed, S, drop, memory, rounds, extra):
+    _check_random_cluster(seed, S, drop, memory, rounds, extra)
+
+
+@pytest.mark.slow
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**_RANDOM_CLUSTERS)
+def test_many_random_clusters_give_valid_collision_free_plans(seed, S, drop, memory, rounds, extra):
+    _check_random_cluster(seed, S, drop, memory, rounds, extra)
+
+
+def _check_random_cluster(seed, S, drop, memory, rounds, extra):
     L = max(2, S - drop)
     m = memory * rounds
     try:
