@@ -7,6 +7,7 @@ import pytest
 
 from integration.runtime.spawn import run_workers
 from tests.deepspeed.ds_workers import cross_replica_checks, four_rank_checks
+from tests.dist_utils import scenario
 
 TOL = 2e-6  # fp32: the reference sums microbatch gradients in another order than the pipeline
 
@@ -14,14 +15,6 @@ TOL = 2e-6  # fp32: the reference sums microbatch gradients in another order tha
 @pytest.fixture(scope="module")
 def four():
     return run_workers(four_rank_checks, 4)
-
-
-def scenario(four: list[dict], name: str) -> list[dict]:
-    """Every rank's result of one scenario; a scenario that raised fails only its own test."""
-    errors = [f"rank {r}: {res[name]['error']}" for r, res in enumerate(four) if "error" in res[name]]
-    if errors:
-        pytest.fail(f"scenario {name} raised:\n" + "\n".join(errors))
-    return [res[name] for res in four]
 
 
 def test_full_plan_equals_stock_deepspeed_bitwise(four):

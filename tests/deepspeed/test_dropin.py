@@ -10,18 +10,12 @@ import pytest
 
 from integration.runtime.spawn import run_workers
 from tests.deepspeed.ds_dropin_workers import STEPS, dropin_checks
+from tests.dist_utils import scenario
 
 
 @pytest.fixture(scope="module")
 def results():
     return run_workers(dropin_checks, 4)
-
-
-def scenario(results: list[dict], name: str) -> list[dict]:
-    errors = [f"rank {r}: {res[name]['error']}" for r, res in enumerate(results) if "error" in res[name]]
-    if errors:
-        pytest.fail(f"scenario {name} raised:\n" + "\n".join(errors))
-    return [res[name] for res in results]
 
 
 @pytest.mark.parametrize("name", ["linear_stack", "conv_net", "tuple_model", "regression", "inplace_first", "ckpt",
