@@ -61,6 +61,7 @@ class FaultTolerantEngine(RoutedPipelineEngine):
     """See the module docstring. ``guard`` must be set right after construction (:func:`attach_guard`)."""
 
     guard: StepGuard
+    supports_tensor_parallel = False  # its failure-aware collectives and re-planning know no model axis
 
     def gradient_clipping(self):
         # Our commit step clips before the vote; upstream's step must not clip (its norm is a collective).

@@ -78,7 +78,9 @@ def _compare(kind: str, S: int, D: int, m: int, **kw: Any) -> dict:
             "weights_max_diff": max((w_s[k] - w_r[k]).abs().max().item() for k in w_s),
             "n_weights": len(w_s), "returned_len": len(ret), "returned_optimizer": ret[1] is ret[0].optimizer,
             "dataloader": ret[2] is not None, "stdout": (stock["stdout"], routed["stdout"]),
-            "stage": routed["engine"].stage_id, "replica": routed["engine"].grid.data_parallel_id}
+            "stage": routed["engine"].stage_id, "replica": routed["engine"].grid.data_parallel_id,
+            "tensor_rank": routed["engine"].grid.get_slice_parallel_rank(),
+            "weights": {k: v.tolist() for k, v in w_r.items()} if kind == "tp_mlp" else None}
 
 
 def _bf16() -> dict:
@@ -111,13 +113,14 @@ def _visited_refused(conf: dict) -> str | None:
 
 def _refusals() -> dict:
     """Settings refused before DeepSpeed builds anything: a ring plan on a user's (linear) module, an
-    unknown routing key, routing given twice, tensor parallelism inside a stage."""
+    unknown routing key, routing given twice, tensor parallelism on the fault-tolerant engine."""
     from deepspeed.runtime.pipe.module import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     from integration.backends.deepspeed.engine import RoutingSettings
     from integration.backends.deepspeed.module import initialize_routed
     from integration.plan import full_pipeline, grid_stage_nodes
+    from integration.recovery.engine import FaultTolerantEngine
 
     def attempt(module, conf, **kw):
         try:
@@ -135,7 +138,7 @@ def _refusals() -> dict:
     torch.manual_seed(0)
     tp = PipelineModule(layers=[torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)], loss_fn=torch.nn.MSELoss(),
                         topology=PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=1))
-    out["tensor_parallel"] = attempt(tp, _config(2, 1))
+    out["tensor_parallel"] = attempt(tp, _config(2, 1), engine_class=FaultTolerantEngine)
     return out
 
 
@@ -231,6 +234,7 @@ def dropin_checks(rank: int, world: int, names: list[str] | None = None) -> dict
         "regression": lambda: _compare("regression", 2, 2, 2, training_data=True, conf_extra={"steps_per_print": 1}),
         "inplace_first": lambda: _compare("inplace_first", 4, 1, 2),
         "ckpt": lambda: _compare("ckpt", 4, 1, 2),
+        "tp2_pp2": lambda: _compare("tp_mlp", 2, 1, 4),
         "zero1": lambda: _compare("linear_stack", 2, 2, 2, conf_extra={"zero_optimization": {"stage": 1}},
                                   routing={"gradient_rule": "all"}),
         "refusals": _refusals,

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule
-from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
 
 MBS = 2
 
@@ -112,12 +112,102 @@ def inplace_first(stages: int, replicas: int) -> PipelineModule:
     return _module(layers, stages, replicas, nn.MSELoss())
 
 
+# ---------------------------------------------------------------- tensor parallelism inside a stage
+class TPGroup:
+    """The model-parallel process group, set once the PipelineModule (whose grid creates it) exists."""
+
+    group: object = None
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Megatron's column-parallel input: identity forward, gradient summed over the TP group."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.tp.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Megatron's row-parallel output: partial products summed over the TP group, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        x = x.contiguous()
+        torch.distributed.all_reduce(x, group=tp.group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _full_linear(d_in: int, d_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d_out, d_in, generator=g) / d_in ** 0.5, torch.randn(d_out, generator=g) * 0.1
+
+
+class ColumnParallel(nn.Module):
+    """Output features split over the TP ranks: this rank's rows of a full (seeded) weight."""
+
+    def __init__(self, d_in: int, d_out: int, seed: int, tp: TPGroup, rank: int, size: int):
+        super().__init__()
+        w, b = _full_linear(d_in, d_out, seed)
+        part = d_out // size
+        self.weight = nn.Parameter(w[rank * part:(rank + 1) * part].clone())
+        self.bias = nn.Parameter(b[rank * part:(rank + 1) * part].clone())
+        self.tp = tp
+
+    def forward(self, x):
+        return nn.functional.linear(_CopyToTP.apply(x, self.tp), self.weight, self.bias)
+
+
+class RowParallel(nn.Module):
+    """Input features split over the TP ranks: this rank's columns, partial outputs all-reduced, full bias."""
+
+    def __init__(self, d_in: int, d_out: int, seed: int, tp: TPGroup, rank: int, size: int):
+        super().__init__()
+        w, b = _full_linear(d_in, d_out, seed)
+        part = d_in // size
+        self.weight = nn.Parameter(w[:, rank * part:(rank + 1) * part].clone())
+        self.bias = nn.Parameter(b.clone())
+        self.tp = tp
+
+    def forward(self, x):
+        return _ReduceFromTP.apply(nn.functional.linear(x, self.weight), self.tp) + self.bias
+
+
+def tp_mlp(stages: int, replicas: int, tensor: int = 2) -> PipelineModule:
+    """Per stage a column-parallel then row-parallel linear pair (Tanh between and after), on a
+    PipeModelDataParallelTopology; each rank holds its TP slice of weights from fixed seeds."""
+    topo = PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=replicas)
+    rank = topo.get_coord(torch.distributed.get_rank()).model
+    tp = TPGroup()
+    layers, d = [], 8
+    for s in range(stages):
+        last = s == stages - 1
+        layers += [LayerSpec(ColumnParallel, d, 32, 10 * s, tp, rank, tensor), LayerSpec(nn.Tanh),
+                   LayerSpec(RowParallel, 32, 5 if last else 16, 10 * s + 1, tp, rank, tensor)]
+        layers += [] if last else [LayerSpec(nn.Tanh)]
+        d = 16
+    module = PipelineModule(layers=layers, topology=topo, loss_fn=nn.CrossEntropyLoss(),
+                            partition_method="type:ColumnParallel")
+    tp.group = module.mpu().get_slice_parallel_group()
+    return module
+
+
 def data_for(kind: str, n: int, seed: int) -> list:
     """``n`` microbatches (inputs, labels) for the model ``kind``."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        if kind in ("linear_stack", "ckpt"):
+        if kind in ("linear_stack", "ckpt", "tp_mlp"):
             out.append((torch.randn(MBS, 8, generator=g), torch.randint(0, 5, (MBS,), generator=g)))
         elif kind == "conv_net":
             out.append((torch.randn(MBS, 1, 8, 8, generator=g), torch.randint(0, 5, (MBS,), generator=g)))
@@ -139,4 +229,5 @@ MODELS: dict[str, Callable[..., PipelineModule]] = {
     "linear_stack": linear_stack, "conv_net": conv_net, "tuple_model": tuple_model, "regression": regression,
     "inplace_first": inplace_first,
     "ckpt": lambda s, d: linear_stack(s, d, activation_checkpoint_interval=1),
+    "tp_mlp": tp_mlp,
 }

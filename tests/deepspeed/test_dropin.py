@@ -37,6 +37,22 @@ def test_full_plan_bitwise_equal_to_stock(results, name):
         else {(s, d) for s in range(2) for d in range(2)})
 
 
+def test_tensor_parallel_in_stage_bitwise_equal_to_stock(results):
+    """TP2 x PP2 (PipeModelDataParallelTopology, column- then row-parallel linears per stage, GAS 4):
+    every rank's per-step losses and final weight shards bitwise equal to stock DeepSpeed."""
+    per_rank = scenario(results, "tp2_pp2")
+    for rank, res in enumerate(per_rank):
+        assert len(res["stock"]) == STEPS and res["stock"] == res["routed"], (rank, res["stock"], res["routed"])
+        assert res["n_weights"] > 0 and res["weights_equal"], f"rank {rank}: weights differ ({res['weights_max_diff']})"
+    assert len(set(per_rank[0]["stock"])) == STEPS, "the model did not train (losses did not change)"
+    by_coord = {(r["stage"], r["tensor_rank"]): r for r in per_rank}
+    assert set(by_coord) == {(s, t) for s in range(2) for t in range(2)} and all(r["replica"] == 0 for r in per_rank)
+    for s in range(2):  # the TP ranks of a stage hold different shards of it, and agree on the loss
+        w0, w1 = by_coord[(s, 0)]["weights"], by_coord[(s, 1)]["weights"]
+        assert w0.keys() == w1.keys() and any(w0[k] != w1[k] for k in w0)
+        assert by_coord[(s, 0)]["routed"] == by_coord[(s, 1)]["routed"]
+
+
 def test_training_data_and_steps_per_print_as_stock(results):
     per_rank = scenario(results, "regression")
     assert all(r["dataloader"] for r in per_rank), "training_data= gives a dataloader, as deepspeed.initialize"
@@ -53,7 +69,7 @@ def test_bad_settings_refused_before_build(results):
         assert "linear PipelineModule but the plan has layout='ring'" in res["ring_plan"]
         assert "routing.skip_rate is not a routing setting" in res["unknown_key"]
         assert "give them once" in res["twice"]
-        assert "tensor parallelism inside a stage is not supported" in res["tensor_parallel"]
+        assert "FaultTolerantEngine: tensor parallelism inside a stage" in res["tensor_parallel"]
 
 
 def test_zero1_visited_refused(results):

@@ -54,6 +54,7 @@ from ...runtime.p2p import RoutedP2P, TensorSpec
 from ...runtime.program import (PART_EMBED, PART_HEAD, RECV_ACT, RECV_LABELS, SEND_ACT, SEND_LABELS, Program,
                                 as_program, plan_of)
 from ...runtime.gradient import check_gradient_rule, gradient_factor, stage_moves
+from ..megatron.layout import MegatronGrid
 from . import schedule as rsched
 
 BatchSource = Callable[[int, int, int], tuple[Any, Any]]
@@ -103,16 +104,28 @@ def model_layout(model: PipelineModule) -> str:
     return getattr(model, "skipfree_layout", "linear")
 
 
-def rank_grid(model: PipelineModule) -> list[list[int]]:
-    """stage -> replica -> global rank of the model's topology."""
+def node_grid(model: PipelineModule) -> MegatronGrid:
+    """(stage, replica, tensor rank) <-> global rank of the model's topology.
+
+    A plan node is a whole tensor-parallel group, as on megatron (integration/backends/megatron/layout.py):
+    plan node id = the global rank of its model-parallel-rank-0 member. Without a ``model`` axis
+    (PipeDataParallelTopology) the tensor size is 1 and a node is its rank.
+    """
     topo = model._topo
-    axes = topo.get_axis_names()
-    if set(axes) != {"pipe", "data"}:
-        raise ValueError(f"routed DeepSpeed engine: topology axes {axes} are not supported; build the PipelineModule "
-                         f"with PipeDataParallelTopology (or num_stages=...) - tensor parallelism inside a stage is "
-                         f"not supported by the routed engine")
+    axes = set(topo.get_axis_names())
+    if axes not in ({"pipe", "data"}, {"pipe", "data", "model"}):
+        raise ValueError(f"routed DeepSpeed engine: topology axes {topo.get_axis_names()} are not supported; build the "
+                         f"PipelineModule with PipeDataParallelTopology or PipeModelDataParallelTopology")
     S, D = topo.get_dim("pipe"), topo.get_dim("data")
-    return [[topo.get_rank(pipe=s, data=r) for r in range(D)] for s in range(S)]
+    T = topo.get_dim("model") if "model" in axes else 1
+    rank_of = {(s, r, t): topo.get_rank(pipe=s, data=r, **({"model": t} if "model" in axes else {}))
+               for s in range(S) for r in range(D) for t in range(T)}
+    return MegatronGrid(rank_of, S, D, T)
+
+
+def rank_grid(model: PipelineModule) -> list[list[int]]:
+    """stage -> replica -> plan node id (global rank of the model-parallel-rank-0 member) of the model's topology."""
+    return node_grid(model).stage_nodes
 
 
 def resolve_plan(settings: RoutingSettings, model: PipelineModule, micro_batches: int) -> RoutePlan | Program:
@@ -133,17 +146,36 @@ def check_plan_fits(plan: RoutePlan, model: PipelineModule, micro_batches: int, 
         raise ValueError(f"routing plan: the model is a {layout} PipelineModule but the plan has "
                          f"layout={plan.layout!r}; build the plan with layout={layout!r} (or give routing.plan as a kind "
                          f"- full | skip - and the layout is read from the model)")
-    D = model._topo.get_dim("data")
-    check_fits_grid(plan, rank_grid(model), micro_batches, settings.rules, "DeepSpeed",
-                    f"stage s, replica r -> rank s*{D}+r", "the DeepSpeed config has gradient_accumulation_steps")
+    grid = node_grid(model)
+    check_fits_grid(plan, grid.stage_nodes, micro_batches, settings.rules, "DeepSpeed",
+                    f"stage s, replica r -> global rank of model-parallel rank 0 (topology.get_rank(pipe=s, data=r"
+                    f"{', model=0' if grid.tensor > 1 else ''})); DP={grid.replicas}, TP={grid.tensor}",
+                    "the DeepSpeed config has gradient_accumulation_steps")
 
 
 class RoutedPipelineEngine(PipelineEngine):
-    """A PipelineEngine whose microbatches follow the routes of a RoutePlan."""
+    """A PipelineEngine whose microbatches follow the routes of a RoutePlan.
+
+    Tensor parallelism (a ``PipeModelDataParallelTopology``): every model-parallel rank of a plan node
+    runs the node's program with each peer translated to the member of the same model-parallel
+    index, as stock DeepSpeed's pipe p2p pairs them; gradients are reduced over the data-parallel
+    group only (stock's reduction), the loss is counted once per node (model-parallel rank 0).
+    """
+
+    #: False for a subclass that cannot run a model axis (refused before anything is built).
+    supports_tensor_parallel: bool = True
 
     def __init__(self, *args, routing: RoutingSettings, **kwargs):
         model = kwargs["model"]
         config_class = kwargs["config_class"]
+        grid = node_grid(model)
+        if grid.tensor > 1 and not type(self).supports_tensor_parallel:
+            raise ValueError(f"{type(self).__name__}: tensor parallelism inside a stage (model axis of size "
+                             f"{grid.tensor}) is not supported by this engine; use RoutedPipelineEngine "
+                             f"(initialize_routed's default engine_class) or a PipeDataParallelTopology")
+        if grid.tensor > 1 and model_layout(model) == "ring":
+            raise ValueError("routed DeepSpeed engine: the ring layout with tensor parallelism inside a stage "
+                             "(a model axis) is not supported; use a linear PipelineModule")
         routing.plan = resolve_plan(routing, model, config_class.gradient_accumulation_steps)
         # Refuse an invalid plan before DeepSpeed builds anything or any rank computes.
         check_plan_fits(plan_of(routing.plan), model, config_class.gradient_accumulation_steps, routing)
@@ -160,6 +192,8 @@ class RoutedPipelineEngine(PipelineEngine):
             raise ValueError("RoutingSettings: give act_shape and label_shape together (declared boundaries) or neither "
                              "(discovered at run time)")
         self.routing = routing
+        self.node_grid = grid
+        self.plan_node = grid.node_of(self.global_rank)  # this rank's TP group's plan node id
         self.batch_source: BatchSource | None = None
         self.p2p_channel = RoutedP2P(self.global_rank, device=self.device)
         act_dtype = torch.bfloat16 if self.bfloat16_enabled() else (torch.float16 if self.fp16_enabled()
@@ -183,11 +217,15 @@ class RoutedPipelineEngine(PipelineEngine):
         program = as_program(plan, self.routing.max_inflight)
         self.plan = plan = program.plan
         self.program: Program = program
-        self.my_ops = self.program.for_rank(self.global_rank)
+        self.my_ops = self._ops_of(self.program)
         self.stage_visits = self.program.stage_visits
         self.total_microbatches = plan.num_microbatches
         self.mb_address = _microbatch_addresses(plan)
         self._agreed = {}
+
+    def _ops_of(self, program: Program) -> list:
+        """This rank's ops: its node's program, peers translated to the same model-parallel index."""
+        return self.node_grid.ops_for_rank(program.for_rank(self.plan_node), self.global_rank)
 
     @property
     def layout(self) -> str:
@@ -239,7 +277,7 @@ class RoutedPipelineEngine(PipelineEngine):
         self.module.eval()
         try:
             self._use_program(program)
-            result = self.executor.run(program.for_rank(self.global_rank), step, forward_only=True)
+            result = self.executor.run(self._ops_of(program), step, forward_only=True)
         finally:
             self.batch_source, self.mb_address = saved
             self.module.train(was_training)
@@ -249,11 +287,14 @@ class RoutedPipelineEngine(PipelineEngine):
         return self._aggregate_routed_loss(result)
 
     def _aggregate_routed_loss(self, result: IterationResult) -> torch.Tensor:
-        # Sum in microbatch order in fp32 (as stock DeepSpeed does), then one all-reduce over the world.
+        # Sum in microbatch order in fp32 (as stock DeepSpeed does), then one all-reduce over the world;
+        # a node's loss is counted once (its model-parallel peers hold the same loss).
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for mb in sorted(result.losses):
-            total += result.losses[mb].float()
-        stats = torch.stack([total, torch.tensor(float(len(result.losses)), device=self.device)])
+        counted = self.plan_node == self.global_rank
+        losses = result.losses if counted else {}
+        for mb in sorted(losses):
+            total += losses[mb].float()
+        stats = torch.stack([total, torch.tensor(float(len(losses)), device=self.device)])
         ds_dist.all_reduce(stats)
         return stats[0] / stats[1]
 
@@ -335,7 +376,7 @@ class RoutedPipelineEngine(PipelineEngine):
         in_layout, out_layout, labels_layout = self.stage_layouts
         sends: boundary.Declarations = {}
         expects: boundary.Declarations = {}
-        for op in program.for_rank(self.global_rank):
+        for op in self._ops_of(program):
             if op.kind == SEND_ACT:
                 sends[(op.peer, "act")] = out_layout.key()
             elif op.kind == RECV_ACT:
@@ -360,8 +401,9 @@ class RoutedPipelineEngine(PipelineEngine):
         return send, recv
 
     def _describe_rank(self, rank: int) -> str:
-        coord = self.grid._topo.get_coord(rank)
-        return f"stage {coord.pipe} (rank {rank}, replica {coord.data})"
+        stage, replica, tensor = self.node_grid.coords(rank)
+        tp = f", model-parallel rank {tensor}" if self.node_grid.tensor > 1 else ""
+        return f"stage {stage} (rank {rank}, replica {replica}{tp})"
 
     # ----------------------------------------------------------------- instructions
     def _exec_routed_op(self, op) -> None:
