@@ -54,7 +54,7 @@ from ...runtime.p2p import RoutedP2P, TensorSpec
 from ...runtime.program import (PART_EMBED, PART_HEAD, RECV_ACT, RECV_LABELS, SEND_ACT, SEND_LABELS, Program,
                                 as_program, plan_of)
 from ...runtime.gradient import check_gradient_rule, gradient_factor, stage_moves
-from ..megatron.layout import MegatronGrid
+from ...runtime.grid import ParallelGrid
 from . import schedule as rsched
 
 BatchSource = Callable[[int, int, int], tuple[Any, Any]]
@@ -104,7 +104,7 @@ def model_layout(model: PipelineModule) -> str:
     return getattr(model, "skipfree_layout", "linear")
 
 
-def node_grid(model: PipelineModule) -> MegatronGrid:
+def node_grid(model: PipelineModule) -> ParallelGrid:
     """(stage, replica, tensor rank) <-> global rank of the model's topology.
 
     A plan node is a whole tensor-parallel group, as on megatron (integration/backends/megatron/layout.py):
@@ -120,7 +120,7 @@ def node_grid(model: PipelineModule) -> MegatronGrid:
     T = topo.get_dim("model") if "model" in axes else 1
     rank_of = {(s, r, t): topo.get_rank(pipe=s, data=r, **({"model": t} if "model" in axes else {}))
                for s in range(S) for r in range(D) for t in range(T)}
-    return MegatronGrid(rank_of, S, D, T)
+    return ParallelGrid(rank_of, S, D, T)
 
 
 def rank_grid(model: PipelineModule) -> list[list[int]]:
