@@ -36,6 +36,9 @@ Restarts: more than ``--max-restarts`` failures within ``--restart-window`` seco
 sets the store key ``abort`` and every agent stops its ranks; a long run that loses a node every
 few minutes keeps going. ``--restart-window 0`` counts over the whole run.
 
+A worker that exits 75 (a peer failed while it was being built, before any step) is started again
+as it was started, without a failure record and not counted: nothing was lost.
+
 Exit codes: 0 the job finished; 1 the job stopped (gave up, aborted, or this agent was replaced);
 2 bad input (a bad agent flag, or a worker exited 2: a config error is never respawned, every
 agent stops); 128+N stopped by signal N (SIGTERM: 143, SIGINT: 130): the agent stops its workers,
@@ -65,6 +68,9 @@ ABORT_KEY = "abort"  # == integration.recovery.detect.ABORT_KEY (checked in Agen
 FINISHED_KEY = "agents_finished"
 ABORT_CODE_KEY = "abort_code"  # exit code every agent reports once the job was aborted (2: bad input)
 EXIT_OK, EXIT_STOPPED, EXIT_BAD_INPUT = 0, 1, 2
+# A worker's "start me again" (== integration.recovery.detect.RESTART_EXIT_CODE): a peer failed while
+# it was being built; that failure is already recorded and counted, the restart is not a failure.
+EXIT_RESTART = 75
 
 
 def spare_key(node: int | str, index: int) -> str:
@@ -111,6 +117,8 @@ class _Rank:
     started: float
     spare: bool = False
     kill_reason: str | None = None
+    generation: int = 0   # the generation it was started with (a restart starts it the same way)
+    joining: bool = False
 
 
 @dataclass
@@ -166,7 +174,7 @@ class Agent:
 
         from integration.recovery import detect
 
-        assert detect.ABORT_KEY == ABORT_KEY
+        assert detect.ABORT_KEY == ABORT_KEY and detect.RESTART_EXIT_CODE == EXIT_RESTART
         self.detect = detect  # failure records, generation, rank heartbeats: the workers' side of the contract
 
         self.cfg = cfg
@@ -249,12 +257,12 @@ class Agent:
                 self.store.set(spare_key(self._spare_tag, idx),
                                json.dumps({"rank": rank, "generation": generation,
                                            "local_rank": self.cfg.local_rank(rank)}))
-                self.ranks[rank] = _Rank(rank, proc, time.time(), spare=True)
+                self.ranks[rank] = _Rank(rank, proc, time.time(), spare=True, generation=generation, joining=True)
                 if len(self.spares) < self.cfg.hot_spares:
                     self._start_spare()
                 return f"promoted hot spare {idx} (pid {proc.pid})"
         proc = self._popen(self._rank_env(rank, generation, True), f"rank{rank}-g{generation}")
-        self.ranks[rank] = _Rank(rank, proc, time.time())
+        self.ranks[rank] = _Rank(rank, proc, time.time(), generation=generation, joining=True)
         return f"spawned pid {proc.pid}"
 
     def log(self, event: str, **fields) -> None:
@@ -361,7 +369,8 @@ class Agent:
                 how = self._respawn(rank, generation)
             else:
                 self.ranks[rank] = _Rank(rank, self._popen(self._rank_env(rank, generation, False),
-                                                           f"rank{rank}-g{generation}"), time.time())
+                                                           f"rank{rank}-g{generation}"), time.time(),
+                                         generation=generation)
                 how = "started"
             if joining:
                 self.log("replaced", rank=rank, generation=generation, respawn=how)
@@ -490,6 +499,9 @@ class Agent:
                     self.log("bad_input", rank=rank, reason=reason)
                     self._write_summary("bad_input", reason)
                     return EXIT_BAD_INPUT
+                if rc == EXIT_RESTART and not r.kill_reason:
+                    self._restart(r)
+                    continue
                 reason = r.kill_reason or (f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}")
                 absent = None
                 if self.cfg.respawn_delay > 0:  # no process for this rank until the delay ran out
@@ -519,6 +531,19 @@ class Agent:
                     self._wait_other_agents()  # the store lives here: keep it up until every agent is done
                 return EXIT_OK
             time.sleep(self.cfg.poll_s)
+
+    def _restart(self, r: _Rank) -> None:
+        """A worker that exited :data:`EXIT_RESTART` (a peer failed during its construction, before any
+        step: nothing is lost) starts again as it was started, and settles on the newer generation.
+        Not a failure: no record, not counted against ``--max-restarts`` (the peer's failure was)."""
+        if r.joining:
+            how = self._respawn(r.rank, r.generation)
+        else:
+            proc = self._popen(self._rank_env(r.rank, r.generation, False), f"rank{r.rank}-g{r.generation}-restart")
+            self.ranks[r.rank] = _Rank(r.rank, proc, time.time(), generation=r.generation)
+            how = f"spawned pid {proc.pid}"
+        self.log("restart", rank=r.rank, reason=f"exit code {EXIT_RESTART}: a peer failed during its construction",
+                 generation=self.detect.read_generation(self.store), respawn=how)
 
     def _delay(self, rank: int, reason: str, rec) -> None:
         """``--respawn-delay``: the rank has no process for now (survivors may re-plan around it)."""

@@ -14,15 +14,22 @@ to the ranks waiting on it. So:
 * a watcher thread with its own store client (a blocking call on a shared client can stall
   gloo's connection set-up) polls the counter and writes this rank's heartbeat;
 * the agent (:mod:`launch.agent`) is the authority that turns an exited or silent rank into a
-  failure record: ``failures`` is bumped (the new generation) and ``failure/<n>`` names the rank.
+  failure record: ``failures`` is bumped (the new generation) and ``failure/<n>`` names the rank;
+* while a process builds its first group and backend (:meth:`FailureMonitor.construction`), a
+  recorded failure ends it at once with :data:`RESTART_EXIT_CODE`: it may sit in a plain
+  collective (DeepSpeed's or megatron's ``new_group``, a parameter broadcast) that nothing can
+  interrupt, and it has applied no step, so the agent simply starts it again (not a failure).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 import queue
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +42,9 @@ from ..runtime.p2p import launch
 
 FAILURES_KEY = "failures"
 ABORT_KEY = "abort"  # set (by an agent or a rank) when the whole job must stop; no respawn after it
+# A rank's exit code for "a peer failed while I was being built, start me again" (EX_TEMPFAIL);
+# == launch.agent.EXIT_RESTART. Not a failure: nothing was applied, nothing is lost.
+RESTART_EXIT_CODE = 75
 
 
 def failure_key(n: int) -> str:
@@ -149,12 +159,14 @@ class FailureMonitor:
     """
 
     def __init__(self, host: str, port: int, rank: int, generation: int, heartbeat_s: float = 0.5,
-                 poll_s: float = 0.05, slice_s: float = 0.02):
+                 poll_s: float = 0.05, slice_s: float = 0.02, confirm_timeout_s: float = 30.0):
         self.host, self.port, self.rank = host, port, rank
+        self.confirm_timeout_s = confirm_timeout_s
         self.generation = generation
         self.heartbeat_s, self.poll_s, self.slice_s = heartbeat_s, poll_s, slice_s
         self.latest = generation
         self.detected_at: float | None = None
+        self._constructing: str | None = None  # what is being built (see :meth:`construction`)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._waiter = _Waiter()
@@ -183,7 +195,38 @@ class FailureMonitor:
                 self.latest = g
                 if self.detected_at is None:
                     self.detected_at = time.time()
+            if self._constructing is not None and self.failed:
+                self.restart_process()
             self._stop.wait(self.poll_s)
+
+    # ------------------------------------------------------------------ construction window
+    @contextlib.contextmanager
+    def construction(self, what: str):
+        """While the block runs (this process's first group and backend are built, no step applied
+        anywhere), a failure recorded past this generation ends the process with
+        :data:`RESTART_EXIT_CODE` (from the watcher thread: the main thread may be blocked in a
+        plain collective with the dead peer); a ``RuntimeError`` the block raises (gloo: a peer's
+        reset connection) is such a failure when the agents record one within
+        ``confirm_timeout_s``, else it is raised as it is."""
+        self._constructing = what
+        try:
+            yield
+        except RuntimeError as exc:
+            try:
+                self.wait_for_generation(self.generation, self.confirm_timeout_s)
+            except PeerFailure:
+                raise exc from None  # not a peer's failure: this process's own error
+            self.restart_process(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        finally:
+            self._constructing = None
+
+    def restart_process(self, error: str = "") -> None:
+        """End this process for the agent to start it again (a peer failed during its construction)."""
+        print(f"rank {self.rank}: a peer failed (generation {self.latest} > {self.generation}) during "
+              f"{self._constructing or 'construction'}{' (' + error + ')' if error else ''}; nothing was applied "
+              f"yet: exiting with code {RESTART_EXIT_CODE} for the agent to start this rank again",
+              file=sys.stderr, flush=True)
+        os._exit(RESTART_EXIT_CODE)
 
     # ------------------------------------------------------------------ state
     @property

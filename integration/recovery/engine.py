@@ -172,6 +172,7 @@ class FaultTolerantBackend(DeepSpeedBackend):
     def __init__(self, *args: Any, guard: StepGuard, defer_engine: bool = False, **kwargs: Any):
         self.guard = guard
         self._defer_engine = defer_engine
+        self._constructing = True  # the first rebuild_engine is the construction's engine build
         if defer_engine:
             _init_deepspeed_comm_alone()
         super().__init__(*args, **kwargs)
@@ -203,6 +204,10 @@ class FaultTolerantBackend(DeepSpeedBackend):
         self._full_programs = {}  # validation runs the full pipeline of the stages this group has
 
     def rebuild_engine(self) -> None:
+        if self._constructing:  # the module's groups exist, the engine's collectives are next
+            self._constructing = False
+            if self.guard.injector is not None:
+                self.guard.injector.at(0, "construction")
         if self._defer_engine:
             self._defer_engine = False
             return

@@ -5,7 +5,9 @@ A :class:`FailureInjector` is called by the training loop and the executor at fi
 between iterations, ``recovery`` on a survivor inside a recovery that resumes at ``step``, after
 the new group formed and before the exchange: a failure during recovery; ``validation`` at the start
 of a validation pass, ``step`` being the number of steps done, so ``train.steps`` is the final one;
-``startup`` before the first group forms, with ``step=0``).
+``startup`` before the first group forms, with ``step=0``; ``construction`` inside the backend's
+construction on the first group, with ``step=0``: DeepSpeed between the PipelineModule's group
+creation and the engine build, megatron-core before its groups are created).
 When a scheduled or
 random failure matches this rank, the process signals
 itself: ``kill`` sends SIGKILL (the process is gone, exactly like a lost node: no cleanup, no
@@ -28,7 +30,7 @@ from typing import Callable
 
 from .rebuild import per_iteration_probability
 
-PHASES = ("forward", "backward", "boundary", "recovery", "validation", "startup")
+PHASES = ("forward", "backward", "boundary", "recovery", "validation", "startup", "construction")
 MODES = ("kill", "hang")
 
 
@@ -67,8 +69,7 @@ def parse_schedule(text: str | None) -> list[ScheduledFailure]:
             key, value = key.strip(), value.strip()
             if not sep or key not in ("stage", "step", "phase", "replica", "after_ops", "gen"):
                 raise ValueError(f"recovery.inject: cannot read {kv!r} in {item!r}; use mode:stage=S,step=T"
-                                 f"[,phase=forward|backward|boundary|recovery|validation|startup][,replica=R]"
-                                 f"[,after_ops=N][,gen=K]")
+                                 f"[,phase={'|'.join(PHASES)}][,replica=R][,after_ops=N][,gen=K]")
             fields[key] = value if key == "phase" else (None if value in ("any", "*") else int(value))
         if "stage" not in fields or "step" not in fields:
             raise ValueError(f"recovery.inject: {item!r} needs stage= and step=")

@@ -111,6 +111,8 @@ class FaultTolerantMegatronBackend(MegatronBackend):
         return 0.0  # clipped by us before the commit vote (megatron's norm would be a blind collective)
 
     def _build(self, plan) -> None:
+        if not hasattr(self, "engine") and self.guard.injector is not None:  # the construction, not a regroup
+            self.guard.injector.at(0, "construction")
         super()._build(plan)
         self.config.finalize_model_grads_func = self._reduce_replica_grads
         self.fb.p2p_wait = self.guard.monitor.wait

@@ -177,15 +177,21 @@ class FaultTolerantSession:
         # An original rank whose first group never formed: a survivor that has applied nothing.
         self.restarted = not ctx.joining and generation > ctx.generation
         self.monitor = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, generation,
-                                      heartbeat_s=settings.heartbeat_s, poll_s=settings.poll_s).start()
-        ctx.init_group(self.store, generation, settings.rendezvous_timeout_s)
+                                      heartbeat_s=settings.heartbeat_s, poll_s=settings.poll_s,
+                                      confirm_timeout_s=settings.confirm_timeout_s).start()
         injector.generation = generation
         self.guard = StepGuard(self.monitor, StepCommit(self.store, ctx.world_size, self.monitor), generation,
                                injector)
         self.joining = ctx.joining
         self.pending: dict | None = None  # the recovery in progress (timings for the event)
         self.recoveries: list[dict] = []
-        self.backend = make_backend(self.guard, self.joining or self.restarted)
+        # The group's formation and the backend's construction hold plain collectives (gloo's
+        # connect, new_group, DeepSpeed's parameter broadcast and count): a peer lost meanwhile ends
+        # this process for the agent to start again (no step applied, nothing lost); the new
+        # process settles on the newer generation like one whose first group never formed.
+        with self.monitor.construction(f"the construction of generation {generation}'s group and backend"):
+            ctx.init_group(self.store, generation, settings.rendezvous_timeout_s)
+            self.backend = make_backend(self.guard, self.joining or self.restarted)
         self.home: HomeMirror | None = None
         if settings.home_replica:
             if plan.num_stages < 2:

@@ -1,6 +1,7 @@
 """launch.agent with real processes: several agents on one store, respawn of only the dead rank,
 hot-spare promotion, hang detection by heartbeat, give-up after max restarts, arguments passed through,
-orderly SIGTERM stop, no orphans after SIGKILL of the agent, exit code 2 never respawned, flags validated."""
+orderly SIGTERM stop, no orphans after SIGKILL of the agent, exit code 2 never respawned, exit code 75
+(a peer failed during a rank's construction) restarted and not counted, flags validated."""
 
 from __future__ import annotations
 
@@ -40,10 +41,17 @@ if mode == "sleep":
     time.sleep(600)
 mon = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, ctx.generation, heartbeat_s=0.2).start()
 victim = int(os.environ.get("VICTIM", "1"))
-if ctx.rank == victim and ctx.generation == 0 and mode in ("kill", "hang", "kill_delayed"):
+if mode == "construction" and ctx.rank != victim and read_generation(store) == 0:
+    # a first start "building its backend" when the victim dies: rank 0 blocked (as in a collective),
+    # the others failing on a peer's reset connection; either way the process ends with exit code 75
+    with mon.construction("a test backend's construction"):
+        if ctx.rank == 0:
+            time.sleep(600)
+        raise RuntimeError("Connection reset by peer")
+if ctx.rank == victim and ctx.generation == 0 and mode in ("kill", "hang", "kill_delayed", "construction"):
     time.sleep(0.6)
     os.kill(os.getpid(), signal.SIGKILL if mode != "hang" else signal.SIGSTOP)
-if mode in ("kill", "hang", "kill_delayed") and ctx.rank != victim:
+if mode in ("kill", "hang", "kill_delayed", "construction") and ctx.rank != victim:
     # survivors wait until the failure was recorded (kill_delayed: and the delayed replacement joined)
     while read_generation(store) < (2 if mode == "kill_delayed" else 1):
         time.sleep(0.05)
@@ -87,6 +95,23 @@ def test_respawns_only_the_dead_rank(tmp_path):
     first, second = rows(tmp_path, 1)
     assert (first["generation"], first["joining"]) == (0, False)
     assert (second["generation"], second["joining"]) == (1, True) and second["pid"] != first["pid"]
+
+
+def test_exit_75_in_construction_restarts_the_rank_as_started_without_counting_it(tmp_path):
+    # --max-restarts 1: the victim's failure is the one failure allowed; the two restarts are not failures
+    a = agent(tmp_path, "--nproc", "3", "--max-restarts", "1", "--log-dir", str(tmp_path / "logs"),
+              env={"MODE": "construction"})
+    assert a.wait(timeout=120) == 0
+    recs = [json.loads(x[len("agent: "):]) for x in a.stderr.read().splitlines() if x.startswith("agent: {")]
+    assert [(r["rank"], r["generation"]) for r in recs if r["event"] == "failure"] == [(1, 1)]
+    assert sorted(r["rank"] for r in recs if r["event"] == "restart") == [0, 2]
+    for r in (0, 2):  # started again exactly as first started: an original rank of generation 0
+        first, again = rows(tmp_path, r)
+        assert [(x["generation"], x["joining"]) for x in (first, again)] == [(0, False)] * 2
+        assert again["pid"] != first["pid"]
+        log = (tmp_path / "logs" / f"rank{r}-g0.log").read_text()
+        assert "during a test backend's construction" in log and "exiting with code 75" in log
+    assert [(x["generation"], x["joining"]) for x in rows(tmp_path, 1)] == [(0, False), (1, True)]
 
 
 def test_respawn_delay_holds_the_replacement_back_then_joins_it(tmp_path):

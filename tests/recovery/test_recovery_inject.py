@@ -18,8 +18,11 @@ def test_parse_schedule():
     assert got == [ScheduledFailure(2, 3, "backward", "kill", 0, 0),
                    ScheduledFailure(1, 5, "forward", "hang", None, 2)]
     assert parse_schedule("") == [] and parse_schedule(None) == []
-    with pytest.raises(ValueError, match="cannot read"):
+    assert parse_schedule("kill:stage=2,step=0,phase=construction") == [ScheduledFailure(2, 0, "construction")]
+    with pytest.raises(ValueError, match=r"cannot read.*phase=forward\|.*\|startup\|construction\]"):
         parse_schedule("kill:stage=2,when=3")
+    with pytest.raises(ValueError, match="phase 'build' is not one of"):
+        parse_schedule("kill:stage=2,step=0,phase=build")
     with pytest.raises(ValueError, match="needs stage"):
         parse_schedule("kill:step=3")
     with pytest.raises(ValueError, match="mode"):
