@@ -204,7 +204,9 @@ class RoutedPipelineEngine(PipelineEngine):
             TensorSpec(tuple(routing.label_shape), torch.int64) if declared else None)
         # Discovered boundaries: this stage's (input, output, labels) layouts, and the program they were agreed for.
         self.stage_layouts: tuple | None = None
-        self._agreed: dict[int, tuple[dict, dict]] = {}  # id(program) -> (send layouts, receive layouts)
+        # id(program) -> (program, (send layouts, receive layouts)); the program is kept so its id is not
+        # reused by a later program (a resample) while the entry exists.
+        self._agreed: dict[int, tuple[Program, tuple[dict, dict]]] = {}
         self.last_result: IterationResult | None = None
         self.set_plan(routing.plan)
 
@@ -304,14 +306,15 @@ class RoutedPipelineEngine(PipelineEngine):
         (once per program, a collective), and hand the executor the agreed layouts."""
         if not self.discovers_boundaries:
             return
-        agreed = self._agreed.get(id(program))
+        entry = self._agreed.get(id(program))
+        agreed = entry[1] if entry is not None and entry[0] is program else None
         if agreed is None:
             if not agree:
                 return
             if self.stage_layouts is None:
                 self.stage_layouts = self._probe_stage_layouts()
             agreed = self._agree(program)
-            self._agreed[id(program)] = agreed
+            self._agreed[id(program)] = (program, agreed)
         self.executor.structured = True
         self.executor.send_layouts, self.executor.recv_layouts = agreed
 
