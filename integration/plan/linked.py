@@ -99,13 +99,18 @@ def candidates(stage_nodes: Sequence[Sequence[int]], home: int, C: np.ndarray, w
 
 
 def lower_bound(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[float], memory: int, m: int,
-                path_length: int, rules: Rules, gap_s: float) -> float:
+                path_length: int, rules: Rules, gap_s: float, every_body_node_carries_slots: bool = False) -> float:
     """No plan on this placement ends before this (paper mode, the simulator's rules).
 
     Per home: its last slot's first microbatch starts after ``slots - 1`` forwards on the home,
     and each slot runs ``rounds`` microbatches back to back, each at least the home's shortest
-    round trip. Also: the busiest home's own compute and gaps, and where memory is tight (every
-    body node must carry ``memory`` slots), the shortest round trip through each body node."""
+    round trip. Also: the busiest home's own compute and gaps.
+
+    ``every_body_node_carries_slots`` adds the shortest round trip through each body node, which
+    holds only for plans in which every body node carries ``memory`` whole slots (the slot-route
+    planner's structure where capacities are tight). It is NOT a floor on every valid plan: TC1
+    counts distinct routes and CC5 visits per stage, so a valid plan may leave a slow body node
+    unvisited, or send single microbatches through it. Use it to rank placements, never to print."""
     slots = min(memory, m)
     rounds = math.ceil(m / slots)
     best = 0.0
@@ -125,7 +130,7 @@ def lower_bound(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence
     # each take at least the shortest round trip through that node.
     body = [n for g in stage_nodes[1:] for n in g]
     visits = len(stage_nodes[0]) * slots * (path_length - 1)
-    if len(body) * memory == visits:
+    if every_body_node_carries_slots and len(body) * memory == visits:
         best = max([best] + [rounds * via[n] + (rounds - 1) * gap_s for n in body if n in via])
     return best
 
@@ -388,6 +393,24 @@ def schedule_routes(stage_nodes: Sequence[Sequence[int]], slot_routes: Sequence[
             md.Add(starts[hr * m + j, 0] >= starts[hr * m + j - 1, 0])
     for ivs in per_node.values():
         md.AddNoOverlap(ivs)
+    # Body memory: a node that several homes visit holds at most `memory` live activations (from
+    # its forward's start to its backward's end). One home alone never exceeds its slots.
+    visit_iv: dict[int, list] = {}
+    for mb, ch in chains.items():
+        k_l = next(k for k, (_, ph, _) in enumerate(ch) if ph == "L")
+        for k in range(1, k_l):
+            kb = 2 * k_l - k
+            n = ch[k][0]
+            size = md.NewIntVar(0, horizon, "")
+            visit_iv.setdefault(n, []).append(
+                md.NewIntervalVar(starts[mb, k], size, starts[mb, kb] + ch[kb][2], ""))
+    homes_at: dict[int, set] = {}
+    for mb, ch in chains.items():
+        for n, _, _ in ch[1:]:
+            homes_at.setdefault(n, set()).add(ch[0][0])
+    for n, ivs in visit_iv.items():
+        if len(homes_at[n]) > 1 and len(ivs) > memory:
+            md.AddCumulative(ivs, [1] * len(ivs), memory)
     mk = md.NewIntVar(0, horizon, "")
     for e in ends.values():
         md.Add(mk >= e)
@@ -543,17 +566,25 @@ def solve_joint(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence
 
 def choose_one_route_per_home(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequence[float], memory: int,
                               m: int, path_length: int, cap: dict[int, int], gap_s: float, rules: Rules,
-                              max_nodes: int = 400_000) -> list[list[int]] | None:
+                              max_nodes: int = 400_000, shared: int = 0) -> list[list[int]] | None:
     """Every slot of a home on one route (SkipPipe's own structure): a home's microbatches then
     arrive at its body nodes spaced by the home itself, and with tight capacities no two homes
     share a body node. Depth-first branch and bound over homes (hardest first), minimising the
     collision-free makespan bound, then the sum of the homes' bounds; ``max_nodes`` counts
-    candidates tried (deterministic). Slot routes home-major, or None when no such plan exists."""
+    candidates tried (deterministic). Slot routes home-major, or None when no such plan exists.
+
+    ``shared``: how many (body node, home) pairs may go beyond ``cap // slots`` homes per node. TC1
+    counts distinct routes, so a node with memory 3 may carry up to 3 homes' one route each; the
+    schedule must then keep its live activations within memory (:func:`schedule_routes` does).
+    Sharing lets a plan leave a slow body node unvisited (CC5 counts visits per stage, not per
+    node), at the price of collisions between the homes that share."""
     homes, S, hops, slots, rounds, stage_of = _shape(stage_nodes, memory, m, path_length)
     per_stage = len(homes) * slots * hops // (S - 1)
     if per_stage % slots:
         return None
     uses = {n: cap[n] // slots for g in stage_nodes[1:] for n in g}  # homes a body node can carry
+    routes_left = {n: cap[n] for n in uses}  # TC1: distinct routes (one per home here)
+    extra = [shared]
 
     def bound(h: int, rt: float) -> float:
         return (slots - 1) * (w[h] * HOME_F + gap_s) + (rounds - 1) * gap_s + rounds * rt
@@ -588,16 +619,23 @@ def choose_one_route_per_home(stage_nodes: Sequence[Sequence[int]], C: np.ndarra
                 if b >= state["key"][0]:
                     break  # sorted: every later candidate is at least as long
                 continue
-            if any(uses[n] == 0 for n in c.nodes) or any(need[stage_of[n]] == 0 for n in c.nodes):
+            if any(routes_left[n] == 0 for n in c.nodes) or any(need[stage_of[n]] == 0 for n in c.nodes):
                 continue
+            over = [n for n in c.nodes if uses[n] <= 0]
+            if len(over) > extra[0]:
+                continue
+            extra[0] -= len(over)
             for n in c.nodes:
                 uses[n] -= 1
+                routes_left[n] -= 1
                 need[stage_of[n]] -= 1
             chosen.append(c)
             dfs(k + 1, nmx, total + b)
             chosen.pop()
+            extra[0] += len(over)
             for n in c.nodes:
                 uses[n] += 1
+                routes_left[n] += 1
                 need[stage_of[n]] += 1
 
     dfs(0, 0.0, 0.0)
