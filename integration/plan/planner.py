@@ -350,6 +350,7 @@ def _setup(cluster: Cluster, stage_nodes, stage_sizes, num_stages, path_length, 
     return stage_nodes, C, time.perf_counter() - t0
 
 
+NEAR_FLOOR = 0.01  # a linked plan this close to linked.lower_bound skips the simulated search
 RING_TRIES = 4  # ring placements tried where links differ (the first at full length)
 
 
@@ -412,7 +413,7 @@ def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, bud
     return chosen
 
 
-SPARE_EVALS = 4  # spare-node placements planned quickly (the best by the collision-free bound)
+SPARE_EVALS = 3  # spare-node placements planned quickly (the best by the collision-free bound)
 
 
 def _spare_placement(stage_nodes, C, w, memory, m, path_length, rules) -> tuple[list[list[int]] | None, float]:
@@ -436,7 +437,7 @@ def _spare_placement(stage_nodes, C, w, memory, m, path_length, rules) -> tuple[
             sn[0][sn[0].index(slow)], sn[s][i] = b, slow
             cap = {n: memory for x in sn[1:] for n in x}
             routes = linked.choose_one_route_per_home(sn, C, w, memory, m, path_length, cap, DEFAULT_GAP_S, rules,
-                                                      max_nodes=100_000, shared=1)
+                                                      max_nodes=20_000, shared=1)
             if routes is None:
                 continue
             rts = [linked.round_trip(sn[0][k // slots], r, Cl, w) for k, r in enumerate(routes)]
@@ -620,6 +621,16 @@ def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = No
         # Links differ: one route per home (branch and bound) + a CP-SAT schedule, compared below
         # with the simulated search; the faster replay wins.
         linked_plan = _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort, dict(meta), seed)
+    if linked_plan is not None:
+        # Within NEAR_FLOOR of the (sound) route bound: the simulated search cannot gain more.
+        # Or below the floor of plans whose every body node carries whole slots, which is all the
+        # simulated search builds where capacities are tight (a shared node left one unvisited).
+        from .linked import lower_bound, tight_lower_bound
+        t_linked = simulate(linked_plan, cost=C, stage_times=w, memory=memory, record=False).iteration_s
+        if t_linked < lower_bound(stage_nodes, C, w, memory, m, path_length, rules, DEFAULT_GAP_S, True) or \
+                t_linked <= (1 + NEAR_FLOOR) * tight_lower_bound(stage_nodes, C, w, memory, m, path_length, rules,
+                                                            DEFAULT_GAP_S, homes=1, deterministic_time=1.0):
+            exact_plan = linked_plan
     if collision_aware and exact_plan is None:
         deadline = t0 + 0.97 * cap
         ev, evals, prio = _sim_search(state, rng, deadline, (m, path_length), C, w, memory, effort.sim_evals)
