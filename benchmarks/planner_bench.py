@@ -55,38 +55,39 @@ def skippipe20(out) -> None:
         "microbatches, 3 columns x 9, two homes idle). Lower bound = no plan on that placement can end "
         "earlier (linked.tight_lower_bound; FIFO = served first-come first-served, node_order ignored).")
     out()
-    out("| plan | published s | our simulator s | FIFO s | x their baseline | lower bound s | planner s |")
-    out("|---|---:|---:|---:|---:|---:|---:|")
+    out("| plan | published s | our simulator s | FIFO s | x their baseline | lower bound s | planner s | CPU s |")
+    out("|---|---:|---:|---:|---:|---:|---:|---:|")
     fp27 = simulate(full_pipeline_27(), c).iteration_s
-    out(f"| their full pipeline (27 mb, 3 columns x 9) | {base:.2f} | {fp27:.2f} | - | {fp27 / base:.3f} | - | - |")
+    out(f"| their full pipeline (27 mb, 3 columns x 9) | {base:.2f} | {fp27:.2f} | - | {fp27 / base:.3f} | - | - | - |")
     fp30 = simulate(full_pipeline_30(), c).iteration_s
-    out(f"| our full pipeline (30 mb, 5 homes x 6, columns shared) | - | {fp30:.2f} | - | {fp30 / base:.3f} | - | - |")
+    out(f"| our full pipeline (30 mb, 5 homes x 6, columns shared) | - | {fp30:.2f} | - | {fp30 / base:.3f} | - | - | - |")
     for name in PUBLISHED:
         t = simulate(published_plan(name), c).iteration_s
-        out(f"| SkipPipe {name} | {pub[name]:.2f} | {t:.2f} | {t:.2f} | {t / base:.3f} | {lb:.2f} | - |")
+        out(f"| SkipPipe {name} | {pub[name]:.2f} | {t:.2f} | {t:.2f} | {t / base:.3f} | {lb:.2f} | - | - |")
     for label, given in (("their partition", True), ("our placement search", False)):
         ratios = []
         for seed in SEEDS:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = plan_routes(c, stage_nodes=sn if given else None, stage_sizes=None if given else [5, 3, 3, 3, 3, 3],
                               seed=seed)
-            secs = time.perf_counter() - t0
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
             t = simulate(res.plan, c).iteration_s
             fifo = simulate(res.plan, c, honour_order=False).iteration_s
             bound = lb if given else tight_lower_bound(res.stage_nodes, C, w, 3, 6, 4, Rules(), 0.1)
             ok = "" if not validate(res.plan, Rules(memory=3)) else " (INVALID)"
             out(f"| ours, {label}, seed {seed}{ok} | - | {t:.2f} | {fifo:.2f} | {t / base:.3f} | {bound:.2f} | "
-                f"{secs:.2f} |")
+                f"{secs:.2f} | {cpu:.2f} |")
             ratios.append(t / base)
         out(f"| ours, {label}: median / worst over {len(ratios)} seeds | - | - | - | "
-            f"{statistics.median(ratios):.3f} / {max(ratios):.3f} | - | - |")
+            f"{statistics.median(ratios):.3f} / {max(ratios):.3f} | - | - | - |")
     out()
     # The floor on their partition, in numbers (proof in docs/planner.md, "Lower bound").
     h = max(sn[0], key=lambda h: home_bound(sn, C, w, 3, 6, 4, Rules(), 0.1, h))
     out(f"Floor on their partition: the simple bound (shortest round trips, slot offsets) is {lb_simple:.2f} s "
         f"= {lb_simple / base:.3f}x; home {h} alone, scheduled exactly by CP-SAT over its routes (other homes "
         f"removed, times rounded down), cannot end before {home_bound(sn, C, w, 3, 6, 4, Rules(), 0.1, h):.3f} s "
-        f"= {lb / base:.4f}x. Goals 0.38x = {0.38 * base:.2f} s and 0.40x = {0.40 * base:.2f} s lie below it.")
+        f"= {lb / base:.4f}x. Goals 0.38x = {0.38 * base:.2f} s and 0.40x = {0.40 * base:.2f} s lie below it. "
+        f"Load average at the end: {open('/proc/loadavg').read().split()[0]}.")
     out()
 
 

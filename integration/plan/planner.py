@@ -37,7 +37,7 @@ import numpy as np
 
 from .builders import full_pipeline
 from .cluster import Cluster, load_cluster
-from .costmodel import BODY_TOTAL, HOME_TOTAL
+from .costmodel import BODY_TOTAL, HOME_F, HOME_TOTAL
 from .placement import (LayoutError, anneal_placement, check_layout, derive_stage_sizes, placement_score,
                         relabel_by_tour, ring_placement)
 from .orders import valid_orders
@@ -413,6 +413,7 @@ def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, bud
     return chosen
 
 
+SPARE_DTIME = 0.5  # CP-SAT deterministic budget of each
 SPARE_EVALS = 3  # spare-node placements planned quickly (the best by the collision-free bound)
 
 
@@ -445,13 +446,14 @@ def _spare_placement(stage_nodes, C, w, memory, m, path_length, rules) -> tuple[
     ranked.sort(key=lambda x: x[0])
     best, best_t = None, math.inf
     for _, sn in ranked[:SPARE_EVALS]:
-        t = _quick_linked_time(sn, C, w, memory, m, path_length, rules, shared=1)
+        t = _quick_linked_time(sn, C, w, memory, m, path_length, rules, shared=1, dtime=SPARE_DTIME)
         if t < best_t - 1e-9:
             best, best_t = sn, t
     return best, best_t
 
 
-def _quick_linked_time(stage_nodes, C, w, memory, m, path_length, rules, shared: int = 0) -> float:
+def _quick_linked_time(stage_nodes, C, w, memory, m, path_length, rules, shared: int = 0,
+                       dtime: float = 1.0) -> float:
     """Paper-mode time of one route per home with a short CP-SAT schedule; inf where none exists.
     ``shared``: body nodes that may carry a second home (:func:`linked.choose_one_route_per_home`)."""
     from . import exact, linked
@@ -464,7 +466,7 @@ def _quick_linked_time(stage_nodes, C, w, memory, m, path_length, rules, shared:
     if routes is None:
         return math.inf
     res = linked.schedule_routes(stage_nodes, routes, C, w, memory, m, path_length, DEFAULT_GAP_S,
-                                 deterministic_time=1.0)
+                                 deterministic_time=dtime)
     return math.inf if res is None else simulate(res[0], cost=C, stage_times=w, memory=memory,
                                                  record=False).iteration_s
 
@@ -531,7 +533,10 @@ def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort
         if alt is not None and not validate(alt[0], rules):
             t_alt = simulate(alt[0], cost=C, stage_times=w, memory=memory, record=False).iteration_s
             base = None
-            if routes is not None:
+            # The unshared routes cannot end before their worst home's collision-free bound.
+            if routes is not None and t_alt > max(
+                    (slots - 1) * (w[h] * HOME_F + DEFAULT_GAP_S) + (m // slots) * linked.round_trip(h, r, Cl, w) +
+                    (m // slots - 1) * DEFAULT_GAP_S for h, r in zip(stage_nodes[0], routes[::slots])):
                 base = linked.schedule_routes(stage_nodes, routes, C, w, memory, m, path_length, DEFAULT_GAP_S,
                                               deterministic_time=max(1.0, effort.linked_dtime / 4), seed=seed,
                                               meta={**meta, "method": "one route per home + cp-sat schedule"})
