@@ -431,18 +431,26 @@ def _spare_placement(stage_nodes, C, w, memory, m, path_length, rules) -> tuple[
     if any(not c for c in rt0.values()):
         return None, math.inf
     slow = max(stage_nodes[0], key=lambda h: (rt0[h][0].round_trip_s, -h))
+
+    def key(sn):  # (longest, total) isolated round trip of one route per home, one shared node
+        cap = {n: memory for x in sn[1:] for n in x}
+        routes = linked.choose_one_route_per_home(sn, C, w, memory, m, path_length, cap, DEFAULT_GAP_S, rules,
+                                                  max_nodes=20_000, shared=1)
+        if routes is None:
+            return None
+        rts = [linked.round_trip(sn[0][k // slots], r, Cl, w) for k, r in enumerate(routes)]
+        return max(rts), sum(rts)
+
+    base = key(stage_nodes)
     ranked = []
     for s, g in enumerate(stage_nodes[1:], 1):
         for i, b in enumerate(g):
             sn = [list(x) for x in stage_nodes]
             sn[0][sn[0].index(slow)], sn[s][i] = b, slow
-            cap = {n: memory for x in sn[1:] for n in x}
-            routes = linked.choose_one_route_per_home(sn, C, w, memory, m, path_length, cap, DEFAULT_GAP_S, rules,
-                                                      max_nodes=20_000, shared=1)
-            if routes is None:
-                continue
-            rts = [linked.round_trip(sn[0][k // slots], r, Cl, w) for k, r in enumerate(routes)]
-            ranked.append(((max(rts), sum(rts), b), sn))
+            k = key(sn)
+            # Only a variant whose longest route is shorter can win (e.g. not where homes tie).
+            if k is not None and (base is None or k[0] < base[0] - 1e-9):
+                ranked.append(((*k, b), sn))
     ranked.sort(key=lambda x: x[0])
     best, best_t = None, math.inf
     for _, sn in ranked[:SPARE_EVALS]:
