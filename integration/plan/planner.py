@@ -638,11 +638,19 @@ def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = No
         # Within NEAR_FLOOR of the (sound) route bound: the simulated search cannot gain more.
         # Or below the floor of plans whose every body node carries whole slots, which is all the
         # simulated search builds where capacities are tight (a shared node left one unvisited).
-        from .linked import lower_bound, tight_lower_bound
+        from .linked import candidates, home_bound, lower_bound
         t_linked = simulate(linked_plan, cost=C, stage_times=w, memory=memory, record=False).iteration_s
-        if t_linked < lower_bound(stage_nodes, C, w, memory, m, path_length, rules, DEFAULT_GAP_S, True) or \
-                t_linked <= (1 + NEAR_FLOOR) * tight_lower_bound(stage_nodes, C, w, memory, m, path_length, rules,
-                                                            DEFAULT_GAP_S, homes=1, deterministic_time=1.0):
+        slot_floor = lower_bound(stage_nodes, C, w, memory, m, path_length, rules, DEFAULT_GAP_S, True)
+        near = t_linked < slot_floor
+        if not near:  # the slowest home alone, few routes and a short solve: cheap, and a floor
+            floor = lower_bound(stage_nodes, C, w, memory, m, path_length, rules, DEFAULT_GAP_S)
+            slow = max(stage_nodes[0],
+                       key=lambda h: candidates(stage_nodes, h, C, w, path_length, rules)[0].round_trip_s)
+            if t_linked > (1 + NEAR_FLOOR) * floor:
+                floor = max(floor, home_bound(stage_nodes, C, w, memory, m, path_length, rules, DEFAULT_GAP_S, slow,
+                                              deterministic_time=0.5, max_routes=8))
+            near = t_linked <= (1 + NEAR_FLOOR) * floor
+        if near:
             exact_plan = linked_plan
     if collision_aware and exact_plan is None:
         deadline = t0 + 0.97 * cap
