@@ -350,7 +350,7 @@ def _setup(cluster: Cluster, stage_nodes, stage_sizes, num_stages, path_length, 
     return stage_nodes, C, time.perf_counter() - t0
 
 
-NEAR_FLOOR = 0.01  # a linked plan this close to linked.lower_bound skips the simulated search
+NEAR_FLOOR = 0.01  # a linked plan this close to its floor (linked bounds) skips the simulated search
 RING_TRIES = 4  # ring placements tried where links differ (the first at full length)
 
 
@@ -413,7 +413,7 @@ def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, bud
     return chosen
 
 
-SPARE_DTIME = 0.5  # CP-SAT deterministic budget of each
+SPARE_DTIME = 0.5  # CP-SAT deterministic seconds per spare-node schedule
 SPARE_EVALS = 3  # spare-node placements planned quickly (the best by the collision-free bound)
 
 
@@ -524,7 +524,7 @@ def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort
     routes = linked.choose_one_route_per_home(stage_nodes, C, w, memory, m, path_length, state.cap,
                                               DEFAULT_GAP_S, rules)
     shared = linked.choose_one_route_per_home(stage_nodes, C, w, memory, m, path_length, state.cap,
-                                              DEFAULT_GAP_S, rules, shared=1)
+                                              DEFAULT_GAP_S, rules, max_nodes=100_000, shared=1)
     Cl = np.asarray(C).tolist()
     slots = min(memory, m)
 
