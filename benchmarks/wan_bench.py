@@ -1,25 +1,32 @@
 """Skipping on an emulated geo-distributed network: measured wall-clock vs the simulator's prediction.
 
-    python benchmarks/wan_bench.py [--iters 20] [--quick] [--out docs/wan.md]      # root: namespaces, tc
+    python benchmarks/wan_bench.py [--iters 20] [--quick] [--grid s6|s4x2] [--out docs/wan_results.md]  # root
 
-Network: SkipPipe's geo-distributed region table (the ``geo-12`` profile, first 8 regions: node i =
-rank i, ranks on a grid of S=4 stages x 2 replicas), time-scaled by ``--scale``: every link cost
+Network: SkipPipe's geo-distributed region table (the ``geo-12`` profile: its first n regions in
+SkipPipe's order, one host per region, n = ranks), time-scaled by ``--scale``: every link cost
 C = latency + bytes/bandwidth + overhead of the paper setting is multiplied by the scale and
-emulated with latency' = scale x (latency + overhead) (in-process delay layer,
-``integration/runtime/netem.py``) and bandwidth' = our activation bytes / (scale x paper bytes /
-bandwidth) (``tc`` htb per destination between namespace hosts, ``integration/runtime/wanhosts.py``).
-So one transfer costs about as many of our forward passes as one paper transfer costs paper forward
-passes when our contended forward is ~scale x 0.44 s (the probe reports the actual ratio).
+emulated with latency' = scale x (latency + overhead) (in-process delay layer on p2p sends and on
+every ``all_reduce``, ``integration/runtime/netem.py``) and bandwidth' = our activation bytes /
+(scale x paper bytes / bandwidth) (``tc`` htb per destination between namespace hosts,
+``integration/runtime/wanhosts.py``). So one transfer costs about as many of our forward passes as
+one paper transfer costs paper forward passes when our contended forward is ~scale x 0.44 s (the
+probe reports the actual ratio).
 
-Steps, in ONE run: (1) ``probe`` the emulated network with the job's ranks -> a cluster file;
-(2) plan: full pipeline, network-oblivious skip (L=3 of S=4: 33% of the body stages skipped) and
-planned skip (``plan_for_training`` on the probed file); (3) the routed DeepSpeed engine runs the
-three plans alternately in the same 8 processes (warm-up, then ``--iters`` timed iterations each,
-a barrier before every iteration; rank 0's wall time); (4) the simulator (full mode: link
-contention + all-reduce) predicts each from the probed profile, before and after calibration
-(``integration/plan/calibration.py``); a Gantt chart compares measured and predicted ops; each
-iteration is split into its compute phase and the all-reduce tail, and the report states the bound
-the tail puts on planned/full.
+Grids (``--grid``): ``s6`` (default) 6 stages in one column (no data-parallel all-reduce), L=4 of 6
+(33% of the stages skipped), 10 microbatches; ``s4x2`` 4 stages x 2 replicas, L=3 of 4, 6 per home.
+
+Steps, in ONE run: (1) ``probe`` the emulated hosts with the job's ranks -> a cluster file;
+(2) placement, the same for every variant: the map of grid positions to hosts that is best for the
+full pipeline, by the simulator's full mode on the probed profile (every map up to 7 hosts), so the
+baseline is the fastest full pipeline these hosts allow; (3) plan: full pipeline, network-oblivious
+skip and planned skip (``plan_for_training`` on the probed profile, same placement); (4) each backend
+(routed DeepSpeed engine, megatron-core backend) runs the three plans alternately in the same
+processes (warm-up, then ``--iters`` timed iterations each, a barrier before every iteration; rank
+0's wall time); (5) the simulator (full mode: link contention + all-reduce) predicts each from the
+probed profile, before and after calibration (``integration/plan/calibration.py``, fitted per
+backend on its full pipeline's trace); a Gantt chart compares measured and predicted ops; each
+iteration is split into its compute phase and the tail (all-reduce + optimizer step), and the
+report states the bound the tail puts on planned/full.
 """
 
 from __future__ import annotations
@@ -31,9 +38,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-S, REPLICAS, L, M = 4, 2, 3, 6  # 8 ranks; CC5: M x (L-1) divisible by S-1
+# Grids: stages x replicas, path length L (33% of the stages skipped), microbatches M per home,
+# route memory (CC5: homes x memory x (L-1) divisible by the body stages; M a multiple of memory).
+GRIDS = {"s6": dict(S=6, REPLICAS=1, L=4, M=10, MEMORY=5),   # one column: no data-parallel all-reduce
+         "s4x2": dict(S=4, REPLICAS=2, L=3, M=6, MEMORY=3)}  # the earlier grid (all-reduce tail)
+GRID = dict(GRIDS["s6"])  # set from --grid before any rank starts (workers get it as an argument)
+S, REPLICAS, L, M, MEMORY = (GRID[k] for k in ("S", "REPLICAS", "L", "M", "MEMORY"))
+BACKENDS = ("deepspeed", "megatron")
 MODELS = {"small": dict(d_model=256, n_heads=4, layers=1, seq=128, mbs=4),  # activation 512 KiB
           "tiny": dict(d_model=128, n_heads=4, layers=1, seq=64, mbs=4)}    # activation 128 KiB
 MODEL = dict(MODELS["small"])  # set from --model before any rank starts (workers get it as an argument)
@@ -41,22 +56,91 @@ VARIANTS = ("full", "oblivious", "planned")
 PAPER_W = 0.44  # SkipPipe's forward time of one stage (0.055 s/sample/layer x 2 samples x 4 layers)
 
 
-def geo_network(scale: float) -> dict:
-    """The emulated network: geo-12's first 8 regions, costs scaled by ``scale`` (see the docstring)."""
+def set_grid(name: str) -> None:
+    """Select a grid of :data:`GRIDS` (module globals; workers call it with the parent's choice)."""
+    global S, REPLICAS, L, M, MEMORY
+    GRID.clear()
+    GRID.update(GRIDS[name], name=name)
+    S, REPLICAS, L, M, MEMORY = (GRID[k] for k in ("S", "REPLICAS", "L", "M", "MEMORY"))
+
+
+def geo_network(scale: float, placement: list[int] | None = None) -> dict:
+    """The emulated network: the first S x replicas regions of geo-12 (SkipPipe's region order),
+    costs scaled by ``scale`` (see the docstring); rank g sits in region ``placement[g]``."""
     from integration.plan.cluster import GIB, load_cluster
-    paper = load_cluster("geo-12", num_nodes=S * REPLICAS)
+    n = S * REPLICAS
+    placement = list(range(n)) if placement is None else placement
+    paper = load_cluster("geo-12", num_nodes=n)
     ours = 4 * MODEL["d_model"] * MODEL["seq"] * MODEL["mbs"]
     lat, bw = paper.latency_matrix(), paper.bandwidth_matrix()
     over, nbytes = paper.workload.overhead_s, paper.workload.activation_bytes
-    n = paper.num_nodes
     links = []
     for a in range(n):
         for b in range(a + 1, n):
             links.append({"a": f"g{a}", "b": f"g{b}", "latency_ms": scale * (lat[a, b] + over) * 1e3,
                           "bandwidth_GiB_per_s": ours / (scale * nbytes / bw[a, b]) / GIB})
-    return {"name": f"geo8-x{scale}", "nodes": [{"region": f"g{i}"} for i in range(n)], "links": links,
+    return {"name": f"geo{n}-x{scale}", "nodes": [{"region": f"g{placement[g]}"} for g in range(n)],
+            "links": links,
             "workload": {"samples_per_microbatch": MODEL["mbs"], "seq_len": MODEL["seq"], "d_model": MODEL["d_model"],
                          "layers_per_stage": MODEL["layers"], "vocab_size": 1024, "overhead_s": 0.0}}
+
+
+def region_names(placement: list[int]) -> list[str]:
+    """SkipPipe's name of the region of each rank."""
+    from integration.plan.cluster import load_cluster
+    paper = load_cluster("geo-12", num_nodes=len(placement))
+    return [paper.nodes[h].region for h in placement]
+
+
+def placed(profile: dict, placement: list[int]) -> dict:
+    """A cluster file with rank g on host ``placement[g]`` (links are keyed by region, so reordering the
+    nodes moves them; a measured cost matrix is permuted the same way)."""
+    out = dict(profile, nodes=[profile["nodes"][h] for h in placement])
+    if profile.get("cost_s") is not None:
+        out["cost_s"] = [[profile["cost_s"][a][b] for b in placement] for a in placement]
+    return out
+
+
+def full_placement(profile: dict, seed: int = 0) -> tuple[list[int], dict]:
+    """The full pipeline's best rank -> host map on the probed profile, by the simulator's full mode
+    (link contention + all-reduce): every map for up to 7 hosts, else pairwise-swap descent from the
+    identity and 3 seeded random starts. Returns the map and the search's numbers for the report."""
+    import itertools
+    import random
+
+    from integration.plan import full_pipeline, grid_stage_nodes
+    from integration.plan.cluster import cluster_from_dict
+    from integration.plan.simulator import simulate
+    n = S * REPLICAS
+    plan = full_pipeline(grid_stage_nodes(S, REPLICAS), M)
+    seen: dict[tuple[int, ...], float] = {}
+
+    def cost(p) -> float:
+        if tuple(p) not in seen:
+            seen[tuple(p)] = simulate(plan, cluster_from_dict(placed(profile, list(p))), mode="full", gap_s=0.0,
+                                      honour_order=True).iteration_s
+        return seen[tuple(p)]
+    if n <= 7:
+        best = min(itertools.permutations(range(n)), key=cost)
+    else:
+        rng, starts = random.Random(seed), [list(range(n))]
+        for _ in range(3):
+            starts.append(rng.sample(range(n), n))
+        results = []
+        for p in starts:
+            better = True
+            while better:
+                better = False
+                for i, j in itertools.combinations(range(n), 2):
+                    q = list(p)
+                    q[i], q[j] = q[j], q[i]
+                    if cost(q) < cost(p) - 1e-9:
+                        p, better = q, True
+            results.append(p)
+        best = min(results, key=cost)
+    vals = sorted(seen.values())
+    return list(best), {"searched": len(seen), "best_s": cost(best), "identity_s": cost(range(n)),
+                        "median_s": vals[len(vals) // 2], "worst_s": vals[-1]}
 
 
 def _engine(plan):
@@ -76,50 +160,104 @@ def _engine(plan):
     return initialize_routed(model=module, config=conf, optimizer=opt, routing=settings)[0]
 
 
-def _record_ops(engine, log: list) -> None:
-    """Per-op timestamps: wrap this engine's executor (benchmark instrumentation only)."""
-    run_op = engine.executor.run_op
-
-    def timed(op):
-        t0 = time.perf_counter()
-        run_op(op)
-        log.append((op.kind, op.mb, op.part, op.peer, t0, time.perf_counter()))
-    engine.executor.run_op = timed
-
-
-def bench_worker(rank: int, world: int, net_file: str, plans: dict, iters: int, warmup: int, model: dict) -> dict:
+def _deepspeed_steps(rank: int, world: int, plans: dict) -> dict:
+    """One iteration callable per variant: a routed DeepSpeed engine each (same rank, same stage)."""
     import torch
-    MODEL.update(model)
-    import torch.distributed as dist
 
     from integration.backends.deepspeed.module import ensure_deepspeed_comm
-    from integration.runtime import netem
-    netem.install_from_cluster(rank, net_file, world, bandwidth=False)  # tc shapes the bandwidth
     ensure_deepspeed_comm()
     g = torch.Generator().manual_seed(rank)
-    engines, logs = {}, {}
+    steps = {}
     for name, plan in plans.items():
-        engines[name] = _engine(plan)
-        logs[name] = []
-        _record_ops(engines[name], logs[name])
-    times = {k: [] for k in engines}
-    spans = {k: [] for k in engines}  # per timed iteration: (start, end of this rank's last op, end); one clock
-    traces = {}
-    for i in range(warmup + iters):
-        for name, eng in engines.items():
+        eng = _engine(plan)
+
+        def step(i, eng=eng):
             data = iter([(torch.randint(0, 1024, (MODEL["mbs"], MODEL["seq"]), generator=g),
                           torch.randint(0, 1024, (MODEL["mbs"], MODEL["seq"]), generator=g)) for _ in range(M)])
+            return lambda: eng.train_batch(data)
+        steps[name] = step
+    return steps
+
+
+def _megatron_steps(rank: int, world: int, plans: dict) -> dict:
+    """One iteration callable per variant on ONE megatron backend (model, DDP, optimizer): the main
+    job's backend, with a routed schedule per variant swapped in (``RoutedForwardBackward``)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from integration.backends.megatron.backend import build_megatron_backend
+    from integration.backends.megatron.schedule import RoutedForwardBackward
+    from integration.models.llama import LlamaConfig
+    cfg = OmegaConf.create({
+        "parallel": {"stages": S, "replicas": REPLICAS, "tensor": 1},
+        "model": {"layout": "ring", "d_model": MODEL["d_model"], "n_heads": MODEL["n_heads"],
+                  "layers_per_stage": MODEL["layers"], "seq_len": MODEL["seq"], "vocab_size": 1024},
+        "train": {"micro_batch_size": MODEL["mbs"], "microbatches": M, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0,
+                  "weight_decay": 0.0, "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": 0, "steps": 10 ** 6},
+        "routing": {"gradient_rule": "visited", "max_inflight": None}})
+    model_cfg = LlamaConfig(vocab_size=1024, d_model=MODEL["d_model"], n_heads=MODEL["n_heads"], seq_len=MODEL["seq"])
+    backend = build_megatron_backend(cfg, plans["full"], model_cfg, rank, world)
+    fbs = {name: backend.fb if name == "full" else
+           RoutedForwardBackward(plan, num_microbatches=M, gradient_rule="visited", grid=backend.grid)
+           for name, plan in plans.items()}
+
+    def batch(step: int, replica: int, index: int):
+        g = torch.Generator().manual_seed(10 ** 6 * step + 1000 * replica + index)
+        return (torch.randint(0, 1024, (MODEL["mbs"], MODEL["seq"]), generator=g),
+                torch.randint(0, 1024, (MODEL["mbs"], MODEL["seq"]), generator=g))
+
+    def make(name):
+        def step(i):
+            def run():
+                backend.fb = fbs[name]  # every plan visits every stage (CC5): the optimizer guard never skips
+                backend.train_step(i, batch)
+            return run
+        return step
+    return {name: make(name) for name in plans}
+
+
+_LOG: list = []  # per-op timestamps of the running iteration (benchmark instrumentation only)
+
+
+def _record_ops() -> None:
+    """Per-op timestamps: wrap the program executor's op dispatch (both backends run it)."""
+    from integration.runtime.executor import ProgramExecutor
+    run_op = ProgramExecutor.run_op
+
+    def timed(self, op):
+        t0 = time.perf_counter()
+        run_op(self, op)
+        _LOG.append((op.kind, op.mb, op.part, op.peer, t0, time.perf_counter()))
+    ProgramExecutor.run_op = timed
+
+
+def bench_worker(rank: int, world: int, net_file: str, plans: dict, iters: int, warmup: int, model: dict,
+                 grid: str, backend: str) -> dict:
+    MODEL.update(model)
+    set_grid(grid)
+    import torch.distributed as dist
+
+    from integration.runtime import netem
+    # tc shapes the bandwidth; the layer adds latency to p2p sends and to every all_reduce
+    netem.install_from_cluster(rank, net_file, world, bandwidth=False, collectives=True)
+    _record_ops()
+    steps = (_deepspeed_steps if backend == "deepspeed" else _megatron_steps)(rank, world, plans)
+    times = {k: [] for k in steps}
+    spans = {k: [] for k in steps}  # per timed iteration: (start, end of this rank's last op, end); one clock
+    traces = {}
+    for i in range(warmup + iters):
+        for name, make in steps.items():
+            run = make(i)
             dist.barrier()
-            logs[name].clear()
+            _LOG.clear()
             t0 = time.perf_counter()
-            eng.train_batch(data)
+            run()
             t1 = time.perf_counter()
-            dt = t1 - t0
             if i >= warmup:
-                times[name].append(dt)
-                spans[name].append((t0, logs[name][-1][5] if logs[name] else t0, t1))
+                times[name].append(t1 - t0)
+                spans[name].append((t0, _LOG[-1][5] if _LOG else t0, t1))
             if i == warmup + iters - 1:
-                traces[name] = [(k, mb, part, peer, a - t0, b - t0) for k, mb, part, peer, a, b in logs[name]]
+                traces[name] = [(k, mb, part, peer, a - t0, b - t0) for k, mb, part, peer, a, b in _LOG]
     netem.uninstall()
     return {"times": times, "traces": traces, "spans": spans}
 
@@ -184,13 +322,22 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.05, help="time scale of the paper's link costs (default 0.05)")
     ap.add_argument("--model", choices=sorted(MODELS), default="small",
                     help="small: d256 seq 128 (default); tiny: d128 seq 64")
-    ap.add_argument("--quick", action="store_true", help="fewer iterations (10); ends with the one-line summary")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="s6",
+                    help="s6: 6 stages, one column, L=4 (default); s4x2: 4 stages x 2 replicas, L=3")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated (default: both)")
+    ap.add_argument("--quick", action="store_true",
+                    help="DeepSpeed only, 10 iterations; ends with the one-line summary")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown report here (and the Gantt PNG)")
     args = ap.parse_args()
     MODEL.update(MODELS[args.model])
+    set_grid(args.grid)
+    backends = [b for b in args.backends.split(",") if b]
+    if any(b not in BACKENDS for b in backends):
+        ap.error(f"--backends: {args.backends!r}; use a comma-separated subset of {','.join(BACKENDS)}")
     if args.quick:
         args.iters = min(args.iters, 10)
         args.warmup = 2
+        backends = backends[:1]
 
     from integration.plan import full_pipeline, grid_stage_nodes, oblivious_skip
     from integration.plan.calibration import CalibratedModel
@@ -207,40 +354,48 @@ def main() -> None:
     t_start = time.time()
     work = (args.out.parent if args.out else Path("outputs")) / "wan_bench"
     work.mkdir(parents=True, exist_ok=True)
-    net = geo_network(args.scale)
-    net_file = work / "emulated_geo8.json"
-    net_file.write_text(json.dumps(net, indent=1))
     world = S * REPLICAS
-    emulated = cluster_from_dict(net)
     sn = grid_stage_nodes(S, REPLICAS)
 
+    # (1) probe the hosts (host h in region h), (2) the full pipeline's best map of ranks to hosts.
+    hosts_file = work / "emulated_hosts.json"
+    hosts_file.write_text(json.dumps(geo_network(args.scale), indent=1))
     settings = ProbeSettings(nbytes=500_000, d_model=MODEL["d_model"], n_heads=MODEL["n_heads"],
                              layers_per_stage=MODEL["layers"], seq_len=MODEL["seq"], micro_batch_size=MODEL["mbs"])
     t = time.time()
-    res = probe_local(world, settings, emulate=str(net_file))
-    probed_file = write_cluster(res, work / "probed_geo8.json")
+    res = probe_local(world, settings, emulate=str(hosts_file))
+    probed_hosts = json.loads(write_cluster(res, work / "probed_hosts.json").read_text())
     probe_s = time.time() - t
-    probed = load_cluster(str(probed_file))
-    print(f"probe: {res.wall_s:.1f} s inside the job ({probe_s:.0f} s with start-up) -> {probed_file}", flush=True)
+    print(f"probe: {res.wall_s:.1f} s inside the job ({probe_s:.0f} s with start-up)", flush=True)
+    t = time.time()
+    placement, search = full_placement(probed_hosts)
+    net = geo_network(args.scale, placement)
+    net_file = work / "emulated.json"
+    net_file.write_text(json.dumps(net, indent=1))
+    probed_file = work / "probed.json"
+    probed_file.write_text(json.dumps(placed(probed_hosts, placement), indent=1))
+    emulated, probed = cluster_from_dict(net), load_cluster(str(probed_file))
+    regions = region_names(placement)
+    print(f"placement: rank -> region {regions} ({search['searched']} maps, {time.time() - t:.0f} s)",
+          flush=True)
 
     plans = {"full": full_pipeline(sn, M),
              "oblivious": oblivious_skip(sn, M, L, seed=0, swap_prob=0.3),
-             "planned": plan_for_training(str(probed_file), sn, L, 3, M, 0)}
+             "planned": plan_for_training(str(probed_file), sn, L, MEMORY, M, 0)}
+    runs = {}
     with WanHosts(world, emulated.bandwidth_matrix()):
-        out = run_workers(bench_worker, world, str(net_file), plans, args.iters, args.warmup, MODEL, wan=True)
-    times = out[0]["times"]
-    traces = {name: {r: out[r]["traces"][name] for r in range(world)} for name in plans}
+        for b in backends:
+            out = run_workers(bench_worker, world, str(net_file), plans, args.iters, args.warmup, MODEL,
+                              GRID["name"], b, wan=True)
+            runs[b] = {"times": out[0]["times"],
+                       "traces": {name: {r: out[r]["traces"][name] for r in range(world)} for name in plans},
+                       "spans": {name: {r: out[r]["spans"][name] for r in range(world)} for name in plans}}
+            print(f"{b}: done ({time.time() - t_start:.0f} s)", flush=True)
     # The raw record: iteration times and every rank's per-op timestamps of the last timed iteration.
-    spans = {name: {r: out[r]["spans"][name] for r in range(world)} for name in plans}
-    (work / "raw.json").write_text(json.dumps({"times": times, "traces": traces, "spans": spans,
+    (work / "raw.json").write_text(json.dumps({"runs": runs, "placement": placement, "search": search,
                                                "plans": {k: p.to_dict() for k, p in plans.items()}}))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    phases = {k: allreduce_tail(spans[k]) for k in plans}
 
     raw = predict(plans, probed, None)
-    model = CalibratedModel.fit(traces)
-    cal = predict(plans, probed, model)
-
     w = float(statistics.median(res.forward_s))
     cost = probed.cost_matrix()
     off = [cost[a][b] for a in range(world) for b in range(world) if a != b]
@@ -248,65 +403,87 @@ def main() -> None:
     pc = paper.cost_matrix()
     poff = [pc[a][b] for a in range(world) for b in range(world) if a != b]
     ratio_here, ratio_paper = statistics.median(off) / w, statistics.median(poff) / PAPER_W
-    rows = []
-    err_raw, err_cal = {}, {}
-    for name in VARIANTS:
-        p_raw, p_cal = raw[name].iteration_s, cal[name].iteration_s
-        err_raw[name] = abs(p_raw - med[name]) / med[name]
-        err_cal[name] = abs(p_cal - med[name]) / med[name]
-        rows.append(f"| {name} | {len(times[name])} | {med[name]:.3f} | {med[name] / med['full']:.3f} | "
-                    f"{p_raw:.3f} | {100 * err_raw[name]:.0f}% | {p_cal:.3f} | {100 * err_cal[name]:.0f}% |")
-    gantt_path = (args.out.parent if args.out else work) / "wan_gantt.png"
-    gantt(traces["planned"], cal["planned"], plans["planned"], gantt_path, "planned skip, last timed iteration")
-    tail_rows = [f"| {name} | {phases[name][0]:.3f} | {phases[name][1]:.3f} | {phases[name][1] / med[name]:.2f} |"
-                 for name in VARIANTS]
-    # With its measured tail, planned skip reaches 0.55 x full only if its compute phase fits the rest.
-    need = 0.55 * med["full"] - phases["planned"][1]
-    bound = (f"Bound from the all-reduce: planned/full <= 0.55 needs planned's compute phase <= 0.55 x "
-             f"{med['full']:.3f} - {phases['planned'][1]:.3f} (its tail) = {need:.3f} s, "
-             f"{need / phases['full'][0]:.2f} of the full pipeline's compute phase ({phases['full'][0]:.3f} s); "
-             f"measured {phases['planned'][0]:.3f} s ({phases['planned'][0] / phases['full'][0]:.2f}). "
-             f"With a compute phase of 0 the ratio would still be {phases['planned'][1] / med['full']:.2f}.")
-    summary = (f"planned/full {med['planned'] / med['full']:.2f} oblivious/full {med['oblivious'] / med['full']:.2f} "
-               f"worst prediction error {100 * max(err_cal.values()):.0f}%")
+    rows, tail_rows, bounds, summaries, cal_notes, gantts = [], [], [], {}, [], []
+    for b, run in runs.items():
+        times = run["times"]
+        med = {k: statistics.median(v) for k, v in times.items()}
+        fast = {k: min(v) for k, v in times.items()}
+        phases = {k: allreduce_tail(run["spans"][k]) for k in plans}
+        model = CalibratedModel.fit(run["traces"])
+        cal = predict(plans, probed, model)
+        err_cal = {}
+        for name in VARIANTS:
+            p_raw, p_cal = raw[name].iteration_s, cal[name].iteration_s
+            err_raw = abs(p_raw - med[name]) / med[name]
+            err_cal[name] = abs(p_cal - med[name]) / med[name]
+            rows.append(f"| {b} | {name} | {len(times[name])} | {med[name]:.3f} | {med[name] / med['full']:.3f} | "
+                        f"{fast[name]:.3f} | {fast[name] / fast['full']:.3f} | {p_raw:.3f} | {100 * err_raw:.0f}% | "
+                        f"{p_cal:.3f} | {100 * err_cal[name]:.0f}% |")
+            tail_rows.append(f"| {b} | {name} | {phases[name][0]:.3f} | {phases[name][1]:.3f} | "
+                             f"{phases[name][1] / med[name]:.2f} |")
+        need = 0.55 * med["full"] - phases["planned"][1]
+        bounds.append(f"{b}: planned/full <= 0.55 needs planned's compute phase <= 0.55 x {med['full']:.3f} - "
+                      f"{phases['planned'][1]:.3f} (its tail) = {need:.3f} s, {need / phases['full'][0]:.2f} of the "
+                      f"full pipeline's compute phase ({phases['full'][0]:.3f} s); measured {phases['planned'][0]:.3f} "
+                      f"s ({phases['planned'][0] / phases['full'][0]:.2f}).")
+        summaries[b] = (f"planned/full {med['planned'] / med['full']:.2f} oblivious/full "
+                        f"{med['oblivious'] / med['full']:.2f} worst prediction error {100 * max(err_cal.values()):.0f}%")
+        cal_notes.append(f"{b}: {model.describe()}")
+        gantt_path = (args.out.parent if args.out else work) / ("wan_gantt.png" if b == "deepspeed"
+                                                               else f"wan_gantt_{b}.png")
+        gantt(run["traces"]["planned"], cal["planned"], plans["planned"], gantt_path,
+              f"{b}, planned skip, last timed iteration")
+        gantts.append(gantt_path.name)
     cmd = "python benchmarks/wan_bench.py" + (" --quick" if args.quick else f" --iters {args.iters}") + \
+        (f" --grid {args.grid}" if args.grid != "s6" else "") + \
+        (f" --backends {args.backends}" if args.backends != ",".join(BACKENDS) else "") + \
         (f" --scale {args.scale}" if args.scale != 0.05 else "") + \
         (f" --model {args.model}" if args.model != "small" else "") + (f" --out {args.out}" if args.out else "")
+    load = Path("/proc/loadavg").read_text().split()[:3]
     text = "\n".join([
-        f"Command: `{cmd}` (root; DeepSpeed routed engine, CPU gloo, 8 ranks = S {S} x {REPLICAS} replicas in 8 "
-        f"network namespaces, OMP_NUM_THREADS=1, 2 shared cores; {time.time() - t_start:.0f} s in all).",
+        f"Command: `{cmd}` (root; routed engines: {', '.join(backends)}; CPU gloo, {world} ranks = S {S} x "
+        f"{REPLICAS} replicas, L={L}, {M} microbatches per home, route memory {MEMORY}, in {world} network "
+        f"namespaces, OMP_NUM_THREADS=1, 2 shared cores; {time.time() - t_start:.0f} s in all; load average at "
+        f"the end {' '.join(load)}).",
         "",
-        f"Scale: SkipPipe geo-distributed link costs x {args.scale}. One transfer costs a median "
-        f"{ratio_here:.1f} forward passes here (probed: median link cost {1e3 * statistics.median(off):.0f} ms, "
-        f"stage forward {1e3 * w:.1f} ms, probed alone) vs {ratio_paper:.1f} in SkipPipe's setting "
-        f"(median {statistics.median(poff):.2f} s vs w = {PAPER_W} s).",
+        f"Network: geo-12's first {world} regions (SkipPipe's region order), link costs x {args.scale}. One transfer "
+        f"costs a median {ratio_here:.1f} forward passes here (probed: median link cost "
+        f"{1e3 * statistics.median(off):.0f} ms, stage forward {1e3 * w:.1f} ms, probed alone) vs {ratio_paper:.1f} "
+        f"in SkipPipe's setting (median {statistics.median(poff):.2f} s vs w = {PAPER_W} s).",
+        f"Placement (all variants): rank g (stage g // {REPLICAS}, replica g % {REPLICAS}) in region "
+        f"{', '.join(f'{g}: {r}' for g, r in enumerate(regions))}: the full pipeline's best of "
+        f"{search['searched']} rank -> host maps by the simulator's full mode on the probed profile "
+        f"(predicted {search['best_s']:.3f} s; identity map {search['identity_s']:.3f}, median map "
+        f"{search['median_s']:.3f}, worst {search['worst_s']:.3f}).",
         f"Probe: {res.wall_s:.1f} s for {world} ranks; max error vs the emulated table: latency "
         f"{100 * _max_rel(probed.latency_matrix(), emulated.latency_matrix()):.1f}%, bandwidth "
-        f"{100 * _max_rel(res.bandwidth_Bps, emulated.bandwidth_matrix()):.1f}%.",
+        f"{100 * _max_rel(np.asarray(res.bandwidth_Bps)[np.ix_(placement, placement)], emulated.bandwidth_matrix()):.1f}%.",
         "",
-        "| variant | timed iters | median s/iter | ratio to full | predicted (uncalibrated) | error | "
-        "predicted (calibrated) | error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend | variant | timed iters | median s/iter | ratio to full | fastest s/iter | fastest ratio | "
+        "predicted (uncalibrated) | error | predicted (calibrated) | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "Medians over the timed iterations: compute phase (start to the last program op of any rank) and "
         "tail (gradient all-reduce + optimizer step, to rank 0's iteration end):",
         "",
-        "| variant | compute phase s | tail s | tail / iteration |",
-        "|---|---|---|---|",
+        "| backend | variant | compute phase s | tail s | tail / iteration |",
+        "|---|---|---|---|---|",
         *tail_rows,
         "",
-        bound,
+        *bounds,
         "",
-        f"Calibration (integration/plan/calibration.py): {model.describe()}",
-        f"Gantt (planned, measured vs calibrated prediction): {gantt_path.name}",
+        "Calibration (integration/plan/calibration.py), fitted per backend on its full pipeline's trace:",
+        *cal_notes,
+        f"Gantt (planned, measured vs calibrated prediction): {', '.join(gantts)}",
         "",
-        summary,
+        *[f"{b}: {summaries[b]}" for b in backends[1:]],
+        summaries[backends[0]],
     ])
     print(text, flush=True)
     if args.out:
         args.out.write_text(text + "\n")
-    print(summary)
+    print(summaries[backends[0]])
 
 
 def _max_rel(got, want) -> float:

@@ -11,8 +11,14 @@ namespaces (``tc`` htb per destination; the gradient all-reduce crosses those sh
 Without namespaces (``bandwidth=True``) the delay layer also serialises each directed link:
 a message of ``b`` bytes occupies link i->j for ``b / bandwidth[i][j]`` seconds before its latency.
 
+Collectives (``collectives=True``): ``torch.distributed.all_reduce`` (DeepSpeed's and megatron's
+gradient all-reduce and grad-norm reductions call it by that name) first waits 2(k-1) x the group's
+largest one-way latency, the latency part of gloo's ring over k ranks, then runs on the (shaped)
+links. Every member waits the same, so the collective starts that much later everywhere.
+
 Off by default and free when off: nothing is installed in the transfer path
-(``integration.runtime.p2p._launch_hook`` stays ``None``); :func:`install` puts the layer there.
+(``integration.runtime.p2p._launch_hook`` stays ``None``, ``all_reduce`` is torch's own);
+:func:`install` puts the layer there.
 Driven by the cluster file the planner reads (node i = rank i): ``network.emulate=<cluster file>``.
 """
 
@@ -110,6 +116,22 @@ class NetworkEmulator:
                 _, _, work, start, args, kwargs = heapq.heappop(self._heap)
             work._start(start, args, kwargs)
 
+    def collective_delay_s(self, group=None) -> float:
+        """Latency part of a ring all-reduce over ``group``: 2(k-1) x its largest one-way latency."""
+        ranks = list(range(self.latency.shape[0])) if group is None or group is dist.GroupMember.WORLD \
+            else dist.get_process_group_ranks(group)
+        k = len(ranks)
+        return 0.0 if k < 2 else 2 * (k - 1) * float(self.latency[np.ix_(ranks, ranks)].max())
+
+    def wrap_all_reduce(self, all_reduce: Callable) -> Callable:
+        """``all_reduce`` that first waits :meth:`collective_delay_s` of its group."""
+        def delayed_all_reduce(tensor, *args, **kwargs):
+            group = kwargs.get("group", args[1] if len(args) > 1 else None)
+            time.sleep(self.collective_delay_s(group))
+            return all_reduce(tensor, *args, **kwargs)
+        delayed_all_reduce.__wrapped__ = all_reduce
+        return delayed_all_reduce
+
     def close(self) -> None:
         """Start what is still queued, then stop the thread."""
         with self._cv:
@@ -119,21 +141,27 @@ class NetworkEmulator:
 
 
 _active: NetworkEmulator | None = None
+_plain_all_reduce: Callable | None = None  # torch's own, while a delayed one is installed
 
 
 def install(rank: int, latency_s: Sequence[Sequence[float]],
-            bandwidth_Bps: Sequence[Sequence[float]] | None = None) -> NetworkEmulator:
-    """Put the delay layer into :func:`integration.runtime.p2p.launch` for this process."""
-    global _active
+            bandwidth_Bps: Sequence[Sequence[float]] | None = None, collectives: bool = False) -> NetworkEmulator:
+    """Put the delay layer into :func:`integration.runtime.p2p.launch` for this process
+    (``collectives``: also into ``torch.distributed.all_reduce``)."""
+    global _active, _plain_all_reduce
     uninstall()
     _active = NetworkEmulator(rank, latency_s, bandwidth_Bps)
     p2p._launch_hook = _active.launch
+    if collectives:
+        _plain_all_reduce = dist.all_reduce
+        dist.all_reduce = _active.wrap_all_reduce(_plain_all_reduce)
     return _active
 
 
-def install_from_cluster(rank: int, cluster_file: str, world_size: int, bandwidth: bool) -> NetworkEmulator:
+def install_from_cluster(rank: int, cluster_file: str, world_size: int, bandwidth: bool,
+                         collectives: bool = False) -> NetworkEmulator:
     """The layer for ``rank`` from a planner cluster file (``bandwidth``: also shape in-process, for
-    runs without :mod:`wanhosts` namespaces)."""
+    runs without :mod:`wanhosts` namespaces; ``collectives``: delay ``all_reduce`` too)."""
     from ..plan.cluster import load_cluster
     c = load_cluster(cluster_file, num_nodes=world_size)
     if c.num_nodes != world_size:
@@ -142,13 +170,16 @@ def install_from_cluster(rank: int, cluster_file: str, world_size: int, bandwidt
     if not c.has_links:
         raise ValueError(f"network.emulate: {cluster_file} has no links (only a cost matrix); emulation needs "
                          f"latency and bandwidth per pair")
-    return install(rank, c.latency_matrix(), c.bandwidth_matrix() if bandwidth else None)
+    return install(rank, c.latency_matrix(), c.bandwidth_matrix() if bandwidth else None, collectives)
 
 
 def uninstall() -> None:
     """Remove the layer (queued sends still start) and leave ``p2p.launch`` untouched again."""
-    global _active
+    global _active, _plain_all_reduce
     p2p._launch_hook = None
+    if _plain_all_reduce is not None:
+        dist.all_reduce = _plain_all_reduce
+        _plain_all_reduce = None
     if _active is not None:
         _active.close()
         _active = None

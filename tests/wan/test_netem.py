@@ -32,8 +32,9 @@ def _worker(rank: int, world: int, cluster_file: str, inproc_bw: bool) -> dict:
     import torch.distributed as dist
 
     from integration.runtime import netem, p2p
+    plain = dist.all_reduce
     out = {"hook_before": p2p._launch_hook}
-    netem.install_from_cluster(rank, cluster_file, world, bandwidth=inproc_bw)
+    netem.install_from_cluster(rank, cluster_file, world, bandwidth=inproc_bw, collectives=True)
     x = torch.ones(NBYTES // 4)
     for a, b in PAIRS:
         dist.barrier()
@@ -48,10 +49,30 @@ def _worker(rank: int, world: int, cluster_file: str, inproc_bw: bool) -> dict:
             buf = torch.empty_like(x)
             p2p.launch(dist.irecv, buf, src=a).wait()
             out[f"t1 {a}{b}"] = time.monotonic()
+    out["all_reduce"] = _timed_all_reduce()
     netem.uninstall()
+    out["all_reduce off"] = _timed_all_reduce()
+    out["all_reduce restored"] = dist.all_reduce is plain
     out["hook_after"] = p2p._launch_hook
     out["plain_work"] = type(p2p.launch(dist.all_reduce, torch.ones(1), async_op=True)).__name__
     return out
+
+
+def _timed_all_reduce() -> float:
+    import torch.distributed as dist
+    dist.barrier()
+    dist.barrier()
+    t0 = time.monotonic()
+    dist.all_reduce(torch.ones(4))
+    return time.monotonic() - t0
+
+
+def _check_all_reduce(results) -> None:
+    """gloo's ring over 3 ranks: 2(k-1) = 4 steps, each at least the slowest link's 40 ms."""
+    want = 4 * 0.040
+    for r in results:
+        assert want - 0.005 <= r["all_reduce"] <= 2 * want + SLACK_S, r["all_reduce"]  # upper: loaded cores
+        assert r["all_reduce off"] < 0.5 * want and r["all_reduce restored"]
 
 
 def _elapsed(results) -> dict:
@@ -77,6 +98,7 @@ def test_transfer_takes_latency_plus_size_over_bandwidth(tmp_path):
         want = _expect(a, b)
         assert abs(t - want) <= 0.10 * want + SLACK_S, f"{a}->{b}: {t * 1e3:.1f} ms, configured {want * 1e3:.1f} ms"
         assert res[a][f"launch {a}{b}"] < 0.005, "the send must not block the sender for the latency"
+    _check_all_reduce(res)
     assert all(r["hook_before"] is None and r["hook_after"] is None for r in res)
 
 
@@ -89,4 +111,5 @@ def test_in_process_bandwidth_and_off_leaves_no_trace(tmp_path):
         want = _expect(a, b)
         assert abs(t - want) <= 0.10 * want + SLACK_S, f"{a}->{b}: {t * 1e3:.1f} ms, configured {want * 1e3:.1f} ms"
     assert all(r["plain_work"] != "DelayedWork" for r in res)
+    _check_all_reduce(res)
     assert all(r["hook_before"] is None and r["hook_after"] is None for r in res)
