@@ -46,7 +46,7 @@ from . import rebuild as rb
 from .checkpoint import Checkpointer
 from .commit import StepCommit
 from .context import RankContext
-from .detect import ABORT_KEY, FailureMonitor, PeerFailure, failures_between
+from .detect import ABORT_KEY, FailureMonitor, PeerFailure, failures_between, recovered_key
 from .guard import StepGuard
 from .events import EventLog
 from .home import HomeMirror
@@ -567,6 +567,8 @@ class FaultTolerantSession:
         failure not followed by a good step (several failures in a row)."""
         p, self.pending = self.pending, None
         now = time.time()
+        if superseded_by is None:  # the agents refill their hot spares now (launch.agent), not during it
+            self.store.set(recovered_key(p["generation"]), repr(now))
         t_fail = p.get("t_fail")
         good = None if superseded_by else ((now - t_fail) if t_fail else (now - p["t_regroup"]))
         rec = {
