@@ -196,7 +196,7 @@ class FaultTolerantSession:
             self.backend = make_backend(self.guard, self.joining or self.restarted)
         # Where a replacement's time goes before the exchange (the recovery event's ``joiner_phases``).
         phases = {"settle_s": t_settled - ctx.started, "group_s": t_group - t_settled,
-                  "backend_s": time.time() - t_group}
+                  "backend_s": time.time() - t_group, **getattr(self.backend, "build_phases", {})}
         self.home: HomeMirror | None = None
         if settings.home_replica:
             if plan.num_stages < 2:

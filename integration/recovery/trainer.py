@@ -47,6 +47,20 @@ def _retarget_outputs(out_dir: Path, rank: int) -> Path:
     return want
 
 
+def warm_up_spare(backend: str) -> None:
+    """A hot spare (or a waiting spare host's worker) pays, before it waits, what its backend's
+    construction would otherwise pay after its promotion, while the survivors wait for it: the
+    backend's modules (DeepSpeed's pipeline engine; megatron-core: seconds of imports) and, for
+    DeepSpeed, the CPU comm op. Nothing here needs a rank or a process group."""
+    if backend == "megatron":
+        from . import megatron_engine  # noqa: F401
+        return
+    from ..backends.deepspeed.prebuilt_op import load_prebuilt_shm_op
+    from . import engine  # noqa: F401
+
+    load_prebuilt_shm_op()
+
+
 class FaultTolerantTrainer(Trainer):
     """:class:`Trainer` surviving stage failures (config checked by the preflight, incl. recovery's limits)."""
 
@@ -80,6 +94,8 @@ class FaultTolerantTrainer(Trainer):
             raise ConfigError("recovery", "run the job under the fault-tolerant agent (it owns the store)",
                               "python -m launch.agent --nproc N [--spares 1] -- integration/train.py recovery=...")
         settings = RecoverySettings.from_mapping(self.job.recovery.settings())
+        if "SKIPFREE_SPARE" in os.environ:
+            warm_up_spare(self.job.backend.name)
         ctx = RankContext.from_env()  # a hot spare waits here (imports, data and plan already done)
         self.out_dir = _retarget_outputs(self.out_dir, ctx.rank)
         self.world_size, self.rank = ctx.world_size, ctx.rank
