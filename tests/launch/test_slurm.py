@@ -201,6 +201,7 @@ def test_ft_sbatch_survives_a_lost_host_a_lost_agent_and_a_silent_host(slurm_clu
     # 4 s), not by a close, and before the --host-timeout fallback would have fired.
     quiet = lost_events[2]
     gone_after = quiet["time"] - quiet["silent_s"] - t_cut
+    print(f"silent host {silent}: its store connection ended {gone_after:.2f} s after the cut")  # pytest -s
     assert quiet["detected_by"] == "connection" and 2.0 <= gone_after <= host_timeout, (gone_after, quiet)
     assert quiet["time"] - t_cut <= host_timeout + 1.0, quiet
     # Every process of a rank appends to the same train.log: each step appears at most once per rank
