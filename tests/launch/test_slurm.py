@@ -137,6 +137,43 @@ def _wait_for(path: Path, pattern: str, timeout: float, job: subprocess.Popen) -
     raise AssertionError(f"{pattern!r} not seen in {path} within {timeout} s")
 
 
+def _check_every_step_once(res: Path, steps: int, world: int = 4) -> list[dict]:
+    """Every process of a rank appends to the same train.log: each step appears at most once per rank
+    (applied steps only; an interrupted step is replayed, not applied twice), the same loss on every
+    rank, and the loss goes down. A lost rank may miss exactly one line: the step committed as its
+    host died (it had voted, the survivors applied it, its process was killed before logging; its
+    replacement starts after it). Returns every rank's events."""
+    events = [json.loads(x) for r in range(world) for x in (res / f"rank{r}" / "events.jsonl").read_text().splitlines()]
+    committed_at_loss: dict[int, set[int]] = {r: set() for r in range(world)}
+    for e in events:
+        if e["event"] == "recovery" and e.get("failed_ranks"):
+            for r in e["failed_ranks"]:
+                committed_at_loss[r].add(e["resume_step"] - 1)
+    losses = {}
+    for r in range(world):
+        text = (res / f"rank{r}" / "train.log").read_text()
+        logged = [(int(a), float(b)) for a, b in re.findall(r"step (\d+) loss ([\d.]+)", text)]
+        order = [st for st, _ in logged]
+        assert order == sorted(set(order)), (r, order)  # once each, in order
+        assert set(range(steps)) - set(order) <= committed_at_loss[r], (r, order, committed_at_loss[r])
+        losses[r] = dict(logged)
+    by_step = {st: {losses[r][st] for r in range(world) if st in losses[r]} for st in range(steps)}
+    assert all(len(v) == 1 for v in by_step.values()), by_step  # every step logged, one loss on every rank
+    first3, last3 = (sum(next(iter(by_step[st])) for st in sts) for sts in ((0, 1, 2), range(steps - 3, steps)))
+    assert last3 < first3
+    return events
+
+
+def _recoveries(events: list[dict]) -> list[set]:
+    """One entry per generation recovered from a loss: {(failed ranks, reasons, methods)} as the ranks saw it."""
+    recs: dict[int, set] = {}
+    for e in events:
+        if e["event"] == "recovery" and e.get("failed_ranks"):
+            recs.setdefault(e["generation"], set()).add((tuple(sorted(e["failed_ranks"])), tuple(e["reasons"]),
+                                                          tuple(e["methods"])))
+    return [recs[g] for g in sorted(recs)]
+
+
 @contextmanager
 def _partitioned(host: str, cluster):
     """Cut ``host``'s link on the bridge (its sockets stay open: no FIN, no RST reaches anybody, as
@@ -204,40 +241,55 @@ def test_ft_sbatch_survives_a_lost_host_a_lost_agent_and_a_silent_host(slurm_clu
     print(f"silent host {silent}: its store connection ended {gone_after:.2f} s after the cut")  # pytest -s
     assert quiet["detected_by"] == "connection" and 2.0 <= gone_after <= host_timeout, (gone_after, quiet)
     assert quiet["time"] - t_cut <= host_timeout + 1.0, quiet
-    # Every process of a rank appends to the same train.log: each step appears at most once per rank
-    # (applied steps only; an interrupted step is replayed, not applied twice), same loss on every rank.
-    # A lost rank may miss exactly one line: the step committed as its host died (it had voted, the
-    # survivors applied it, its process was killed before logging; its replacement starts after it).
-    events = [json.loads(x) for r in range(4) for x in (res / f"rank{r}" / "events.jsonl").read_text().splitlines()]
-    committed_at_loss: dict[int, set[int]] = {r: set() for r in range(4)}
-    for e in events:
-        if e["event"] == "recovery" and e.get("failed_ranks"):
-            for r in e["failed_ranks"]:
-                committed_at_loss[r].add(e["resume_step"] - 1)
-    losses = {}
-    for r in range(4):
-        text = (res / f"rank{r}" / "train.log").read_text()
-        logged = [(int(a), float(b)) for a, b in re.findall(r"step (\d+) loss ([\d.]+)", text)]
-        order = [st for st, _ in logged]
-        assert order == sorted(set(order)), (r, order)  # once each, in order
-        assert set(range(steps)) - set(order) <= committed_at_loss[r], (r, order, committed_at_loss[r])
-        losses[r] = dict(logged)
-    by_step = {st: {losses[r][st] for r in range(4) if st in losses[r]} for st in range(steps)}
-    assert all(len(v) == 1 for v in by_step.values()), by_step  # every step logged, one loss on every rank
-    first3, last3 = (sum(next(iter(by_step[st])) for st in sts) for sts in ((0, 1, 2), range(steps - 3, steps)))
-    assert last3 < first3
+    events = _check_every_step_once(res, steps)
     # One recovery per loss, seen by the survivors, naming the host and its ranks.
-    recs = {}
-    for e in events:
-        if e["event"] == "recovery" and e.get("failed_ranks"):
-            recs.setdefault(e["generation"], set()).add((tuple(sorted(e["failed_ranks"])), tuple(e["reasons"]),
-                                                          tuple(e["methods"])))
+    recs = _recoveries(events)
     assert len(recs) == 3, recs
-    (first,), (second,), (third,) = (recs[g] for g in sorted(recs))
+    (first,), (second,), (third,) = recs
     assert first[0] == (1, 3) and all("host h5 lost" in x for x in first[1]) and first[2] == ("replica_copy",)
     assert second[0] == (0, 2) and all("host h4 lost" in x for x in second[1]) and second[2] == ("replica_copy",)
     assert third[0] == tuple(silent_ranks) and all(f"host {silent} lost" in x for x in third[1])
     assert third[2] == ("replica_copy",)
+
+
+@contextmanager
+def _frozen(host: str, cluster):
+    """SIGSTOP every process of ``host``: its kernel still answers (keepalive probes are acknowledged,
+    no socket closes), nothing of it runs. On leaving, its processes are killed (SIGKILL ends a
+    stopped process): a lost host comes back empty."""
+    pids = cluster.host_pids(host)
+    subprocess.run(["kill", "-STOP", *map(str, pids)], check=True)
+    try:
+        yield time.time()
+    finally:
+        subprocess.run(["kill", "-9", *map(str, pids + cluster.host_pids(host))], check=False)
+
+
+@pytest.mark.slow  # ~1.5 min; the default run has the silent host whose link is cut (found by keepalive)
+def test_ft_sbatch_frozen_host_is_found_by_the_host_timeout(slurm_cluster, tmp_path):
+    """4 hosts: h1, h2 spare, h3 + h4 train (2 ranks each, strided). Every process of h4 is frozen
+    after step 3: its agent's store connection stays open (the kernel answers keepalive), so only
+    the --host-timeout fallback finds it (its heartbeat stops). A spare host takes over within
+    --host-timeout + 2 s of the freeze; one recovery names h4 and its ranks; every step is applied once."""
+    out, res = tmp_path / "frozen.out", tmp_path / "frozen"
+    steps, host_timeout = 10, 6.0
+    job = sbatch(slurm_cluster, "train_ft.sbatch", out, *QUIET, "recovery=checkfree", "parallel.stages=2",
+                 "parallel.replicas=2", f"train.steps={steps}", f"output_root={res}", args=("--nodes=4",),
+                 env={"SPARE_HOSTS": "2", "HOT_SPARES": "0", "AGENT_ARGS": f"--host-timeout {host_timeout:g}",
+                      "STORE_PORT": "29412"})
+    with _stopped_and_healed(job, slurm_cluster):
+        _wait_for(res / "rank0" / "train.log", r"step 3 loss", 400, job)
+        with _frozen("h4", slurm_cluster) as t_freeze:
+            deadline = time.time() + 120
+            while not _agent_events(out.read_text(), "host_lost"):
+                assert time.time() < deadline and job.poll() is None, out.read_text()[-4000:]
+                time.sleep(0.2)
+        assert job.wait(timeout=600) == 0, out.read_text()[-4000:]
+    (lost,) = _agent_events(out.read_text(), "host_lost")
+    assert (lost["host"], lost["ranks"], lost["detected_by"]) == ("h4", [1, 3], "timeout"), lost
+    assert host_timeout <= lost["silent_s"] and lost["time"] - t_freeze <= host_timeout + 2.0, (lost, t_freeze)
+    ((rec,),) = _recoveries(_check_every_step_once(res, steps))
+    assert rec[0] == (1, 3) and all("host h4 lost" in x and "silent" in x for x in rec[1]), rec
 
 
 @pytest.mark.slow  # ~2 min on a 5-host cluster; the default run keeps the single-host-loss scenario
