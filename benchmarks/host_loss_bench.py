@@ -9,7 +9,9 @@ hot spare on the same host, the single-rank recovery of the same run), then a wh
 spare host pre-started its workers; "cold": it starts them when it takes over. Prints a table of the
 recovery events' timings (seconds; first good step is counted from the failure: the rank's death, or
 the moment the store saw the lost host's agent connection end; "found by": the agent's waitpid, the
-store connection, or the --host-timeout fallback).
+store connection, or the --host-timeout fallback), then the joining ranks' own phases (from the
+failure record to holding the rank, settle, group, backend, exchange + transfer, engine) and the
+load average at each host kill (the machine may be shared).
 """
 
 from __future__ import annotations
