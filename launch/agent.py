@@ -196,6 +196,8 @@ class Agent:
         self._beat_stop = threading.Event()
         self._liveness: socket.socket | None = None
         self._next_owner_check = 0.0
+        # (generation, since): hot spares used up by that recovery are started again once it is over
+        self._refill_after: tuple[int, float] | None = None
         self.worker_env = self._network_env()
 
     # ------------------------------------------------------------------ environment
@@ -258,12 +260,35 @@ class Agent:
                                json.dumps({"rank": rank, "generation": generation,
                                            "local_rank": self.cfg.local_rank(rank)}))
                 self.ranks[rank] = _Rank(rank, proc, time.time(), spare=True, generation=generation, joining=True)
-                if len(self.spares) < self.cfg.hot_spares:
-                    self._start_spare()
+                self._defer_refill(generation)
                 return f"promoted hot spare {idx} (pid {proc.pid})"
         proc = self._popen(self._rank_env(rank, generation, True), f"rank{rank}-g{generation}")
         self.ranks[rank] = _Rank(rank, proc, time.time(), generation=generation, joining=True)
         return f"spawned pid {proc.pid}"
+
+    def _defer_refill(self, generation: int) -> None:
+        """Replace used hot spares only after the recovery's first good step: a new spare's start-up
+        (imports, config, data) would take CPU from the joining ranks exactly when they need it."""
+        since = self._refill_after[1] if self._refill_after else time.time()
+        self._refill_after = (max(generation, self._refill_after[0] if self._refill_after else 0), since)
+
+    def _maybe_refill(self) -> None:
+        """Start the deferred hot spares once that recovery (or a newer one) reached its first good
+        step (:func:`integration.recovery.detect.recovery_done`), or ``--startup-grace`` s at most."""
+        if self._refill_after is None:
+            return
+        generation, since = self._refill_after
+        waited = time.time() - since
+        if not self.detect.recovery_done(self.store, generation) and waited < self.cfg.startup_grace:
+            return
+        self._refill_after = None
+        self.spares = [(i, p) for i, p in self.spares if p.poll() is None]
+        started = 0
+        while len(self.spares) < self.cfg.hot_spares:
+            self._start_spare()
+            started += 1
+        if started:
+            self.log("spares_refilled", started=started, generation=generation, after_s=round(waited, 2))
 
     def log(self, event: str, **fields) -> None:
         rec = {"agent": self.cfg.node_rank if self.ranks or not self.cfg.spare_host else "spare", "host": self.host,
@@ -374,7 +399,9 @@ class Agent:
                 how = "started"
             if joining:
                 self.log("replaced", rank=rank, generation=generation, respawn=how)
-        while len(self.spares) < self.cfg.hot_spares:
+        if joining:
+            self._defer_refill(generation)
+        while not joining and len(self.spares) < self.cfg.hot_spares:
             self._start_spare()
         self.log("started", node=self.cfg.node_rank, ranks=list(self.ranks),
                  store=f"{self.cfg.store_host}:{self.cfg.store_port}", hot_spares=self.cfg.hot_spares)
@@ -517,6 +544,7 @@ class Agent:
                     continue
                 how = self._respawn(rank, rec.generation)
                 self.log("failure", rank=rank, reason=reason, generation=rec.generation, respawn=how)
+            self._maybe_refill()
             if self.delayed and time.time() >= max(self.delayed.values()) + self.cfg.respawn_delay:
                 self._respawn_delayed()
             if len(self.done) == len(self.ranks) and (self.done or not self.delayed):

@@ -16,6 +16,24 @@ import torch.distributed as dist
 
 from .detect import connect_store
 
+# Process groups of earlier generations, kept alive for a while: (when retired, the groups).
+_RETIRED: list[tuple[float, list]] = []
+
+
+def _retire_groups(timeout_s: float) -> None:
+    """Keep a reference to every group of the generation being left, so that no destructor runs now.
+
+    A gloo group's destructor joins its worker threads, and a collective pending with a peer that
+    vanished without closing its sockets (power loss, partition) holds its thread until the group's
+    timeout: dropping the last reference on this thread would stall the regroup that long (a killed
+    peer's sockets close, so its collectives fail at once). Groups retired more than two timeouts
+    ago have no pending work left and are released here.
+    """
+    now = time.time()
+    _RETIRED[:] = [(t, groups) for t, groups in _RETIRED if now - t < 2 * timeout_s]
+    pg_map = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", {})  # every group, world included
+    _RETIRED.append((now, list(pg_map)))
+
 
 @dataclass
 class RankContext:
@@ -57,6 +75,7 @@ class RankContext:
         ``members``: the ranks in the group when it is smaller than the job (survivors re-planned
         around ranks with no process); group ranks are their positions in the sorted list."""
         if dist.is_initialized():
+            _retire_groups(timeout_s)
             dist.destroy_process_group()
         members = sorted(members) if members is not None else list(range(self.world_size))
         dist.init_process_group("gloo", store=dist.PrefixStore(f"gen{generation}/", store),

@@ -60,6 +60,16 @@ def absent_key(rank: int) -> str:
     return f"absent/{rank}"
 
 
+def recovered_key(generation: int) -> str:
+    """Set by a rank at the first good step after regrouping on ``generation`` (its recovery is over)."""
+    return f"recovered/g{generation}"
+
+
+def recovery_done(store: dist.TCPStore, generation: int) -> bool:
+    """Whether the recovery of ``generation``, or of a newer one, reached its first good step."""
+    return any(store.check([recovered_key(g)]) for g in range(generation, read_generation(store) + 1))
+
+
 def absent_ranks(store: dist.TCPStore, world_size: int) -> list[int]:
     """Ranks without a process right now (every agent's ``absent/<rank>`` marks)."""
     return [r for r in range(world_size) if store.check([absent_key(r)])]

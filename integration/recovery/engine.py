@@ -18,6 +18,7 @@ inherited, including the gradient rule and the unvisited-stage rule):
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -173,9 +174,13 @@ class FaultTolerantBackend(DeepSpeedBackend):
         self.guard = guard
         self._defer_engine = defer_engine
         self._constructing = True  # the first rebuild_engine is the construction's engine build
+        t0 = time.time()
         if defer_engine:
             _init_deepspeed_comm_alone()
+        t1 = time.time()
         super().__init__(*args, **kwargs)
+        # A replacement's construction, in parts (its recovery event's ``joiner_phases``).
+        self.build_phases = {"comm_s": t1 - t0, "module_s": time.time() - t1}
 
     @property
     def torch_optimizer(self) -> torch.optim.Optimizer:

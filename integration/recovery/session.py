@@ -46,7 +46,7 @@ from . import rebuild as rb
 from .checkpoint import Checkpointer
 from .commit import StepCommit
 from .context import RankContext
-from .detect import ABORT_KEY, FailureMonitor, PeerFailure, failures_between
+from .detect import ABORT_KEY, FailureMonitor, PeerFailure, failures_between, recovered_key
 from .guard import StepGuard
 from .events import EventLog
 from .home import HomeMirror
@@ -174,6 +174,7 @@ class FaultTolerantSession:
         # generation 0 stale, and the others regroup with its replacement instead of waiting for it.
         # Before the first group every rank waits for all (re-planning starts once steps were applied).
         generation = settle_generation(self.store, ctx.world_size, ctx.generation, settings.rendezvous_timeout_s)
+        t_settled = time.time()
         # An original rank whose first group never formed: a survivor that has applied nothing.
         self.restarted = not ctx.joining and generation > ctx.generation
         self.monitor = FailureMonitor(ctx.store_host, ctx.store_port, ctx.rank, generation,
@@ -191,7 +192,11 @@ class FaultTolerantSession:
         # process settles on the newer generation like one whose first group never formed.
         with self.monitor.construction(f"the construction of generation {generation}'s group and backend"):
             ctx.init_group(self.store, generation, settings.rendezvous_timeout_s)
+            t_group = time.time()
             self.backend = make_backend(self.guard, self.joining or self.restarted)
+        # Where a replacement's time goes before the exchange (the recovery event's ``joiner_phases``).
+        phases = {"settle_s": t_settled - ctx.started, "group_s": t_group - t_settled,
+                  "backend_s": time.time() - t_group, **getattr(self.backend, "build_phases", {})}
         self.home: HomeMirror | None = None
         if settings.home_replica:
             if plan.num_stages < 2:
@@ -206,7 +211,9 @@ class FaultTolerantSession:
                             "generations": [generation] if self.joining else list(range(1, generation + 1)),
                             "failed_ranks": None if self.joining else [rec.rank] if rec else None,
                             "reasons": None if self.joining else [rec.reason] if rec else None,
-                            "t_regroup": time.time()}
+                            "t_regroup": time.time(), "joiner_phases": phases}
+            if rec is not None:  # from the failure to this process holding its rank (a spare's wake-up)
+                phases["assigned_s"] = ctx.started - rec.failed_at
             counters = None if self.joining else dict.fromkeys(_COUNTERS, 0)
             try:
                 self._exchange_and_rebuild(counters=counters)
@@ -560,6 +567,8 @@ class FaultTolerantSession:
         failure not followed by a good step (several failures in a row)."""
         p, self.pending = self.pending, None
         now = time.time()
+        if superseded_by is None:  # the agents refill their hot spares now (launch.agent), not during it
+            self.store.set(recovered_key(p["generation"]), repr(now))
         t_fail = p.get("t_fail")
         good = None if superseded_by else ((now - t_fail) if t_fail else (now - p["t_regroup"]))
         rec = {
@@ -576,5 +585,7 @@ class FaultTolerantSession:
             "superseded_by": superseded_by,
             "burst_s": None if good is None or not p.get("t_burst") else now - p["t_burst"],
         }
+        if p.get("joiner_phases"):
+            rec["joiner_phases"] = {k: round(v, 3) for k, v in p["joiner_phases"].items()}
         self.recoveries.append(rec)
         self.events.emit("recovery", step=p.get("resume_step"), **rec)

@@ -47,6 +47,29 @@ def _retarget_outputs(out_dir: Path, rank: int) -> Path:
     return want
 
 
+def warm_up_spare(backend: str) -> None:
+    """A hot spare (or a waiting spare host's worker) pays, before it waits, what its backend's
+    construction would otherwise pay after its promotion, while the survivors wait for it: the
+    backend's modules (DeepSpeed's pipeline engine; megatron-core: seconds of imports), DeepSpeed's
+    CPU comm op and op probe, and torch's lazy imports on first use (profiled in a promoted spare:
+    the first ``torch.optim.AdamW`` imports ``torch._dynamo``, 70% of its DeepSpeed backend's
+    construction; the first ``skip_init`` imports torch's prims). Needs no rank, no process group."""
+    import torch
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], foreach=False)
+    torch.nn.utils.skip_init(torch.nn.Linear, 1, 1, bias=False)
+    if backend == "megatron":
+        from . import megatron_engine  # noqa: F401
+        return
+    import deepspeed.ops
+
+    from ..backends.deepspeed.prebuilt_op import load_prebuilt_shm_op
+    from . import engine  # noqa: F401
+
+    load_prebuilt_shm_op()
+    _ = deepspeed.ops.__compatible_ops__  # probed on first access (compiler runs); its comm set-up reads it
+
+
 class FaultTolerantTrainer(Trainer):
     """:class:`Trainer` surviving stage failures (config checked by the preflight, incl. recovery's limits)."""
 
@@ -80,6 +103,8 @@ class FaultTolerantTrainer(Trainer):
             raise ConfigError("recovery", "run the job under the fault-tolerant agent (it owns the store)",
                               "python -m launch.agent --nproc N [--spares 1] -- integration/train.py recovery=...")
         settings = RecoverySettings.from_mapping(self.job.recovery.settings())
+        if "SKIPFREE_SPARE" in os.environ:
+            warm_up_spare(self.job.backend.name)
         ctx = RankContext.from_env()  # a hot spare waits here (imports, data and plan already done)
         self.out_dir = _retarget_outputs(self.out_dir, ctx.rank)
         self.world_size, self.rank = ctx.world_size, ctx.rank

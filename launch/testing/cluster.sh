@@ -98,14 +98,27 @@ net_up() {
 # A pid file names a live daemon only if that pid still runs that program (pids get reused).
 alive() { [ -f "$1" ] && [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$2" ]; }
 
+# Start a daemon without this shell's open files: under `flock /tmp/slurm.lock cluster.sh up` the
+# lock's descriptor is inherited, and a daemon that outlives the run (munged stays) would hold the
+# lock for good, blocking every later run.
+daemon() {
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+    done
+    exec "$@"
+  )
+}
+
 daemons_up() {
   mkdir -p /run/munge && chown munge:munge /run/munge
-  pgrep -x munged >/dev/null || munged --force
-  alive "$DIR/slurmctld.pid" slurmctld || slurmctld -f "$CONF"
+  pgrep -x munged >/dev/null || daemon munged --force
+  alive "$DIR/slurmctld.pid" slurmctld || daemon slurmctld -f "$CONF"
   for i in $(seq 1 "$N"); do
     mkdir -p "$DIR/spool/h$i"
     # nsenter, not `ip netns exec`: the latter remounts /sys and slurmd then finds no cgroup fs.
-    alive "$DIR/slurmd.h$i.pid" slurmd || nsenter --net=/run/netns/h$i slurmd -f "$CONF" -N "h$i"
+    alive "$DIR/slurmd.h$i.pid" slurmd || daemon nsenter --net=/run/netns/h$i slurmd -f "$CONF" -N "h$i"
   done
 }
 

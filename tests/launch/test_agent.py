@@ -55,6 +55,10 @@ if mode in ("kill", "hang", "kill_delayed", "construction") and ctx.rank != vict
     # survivors wait until the failure was recorded (kill_delayed: and the delayed replacement joined)
     while read_generation(store) < (2 if mode == "kill_delayed" else 1):
         time.sleep(0.05)
+if ctx.joining and os.environ.get("RECOVERED_AFTER"):  # a replacement's first good step, some time later
+    time.sleep(float(os.environ["RECOVERED_AFTER"]))
+    store.set(f"recovered/g{ctx.generation}", repr(time.time()))
+    time.sleep(0.6)  # the agent sees it while this rank still runs
 mon.stop()
 """
 
@@ -129,7 +133,8 @@ def test_respawn_delay_holds_the_replacement_back_then_joins_it(tmp_path):
 
 
 def test_hot_spare_is_promoted(tmp_path):
-    a = agent(tmp_path, "--nproc", "2", "--hot-spares", "1", env={"MODE": "kill", "VICTIM": "0"})
+    a = agent(tmp_path, "--nproc", "2", "--hot-spares", "1", env={"MODE": "kill", "VICTIM": "0",
+                                                                 "RECOVERED_AFTER": "1.0"})
     assert a.wait(timeout=120) == 0
     log = a.stderr.read()
     assert "promoted hot spare 0" in log
@@ -138,6 +143,12 @@ def test_hot_spare_is_promoted(tmp_path):
     # The replacement is the pre-started spare process itself (launched as a spare, no new spawn).
     assert f"promoted hot spare 0 (pid {replacement['pid']})" in log
     assert "spawned pid" not in log
+    # The used spare is replaced only once the recovery reached its first good step (the store's
+    # recovered/g1), not while the joining rank still needs the CPU.
+    ev = {e["event"]: e for e in (json.loads(x[len("agent: "):]) for x in log.splitlines() if x.startswith("agent: "))}
+    refill = ev["spares_refilled"]
+    assert refill["started"] == 1 and refill["generation"] == 1
+    assert refill["after_s"] >= 1.0 and refill["time"] - ev["failure"]["time"] >= 1.0, (refill, ev["failure"])
 
 
 def test_hang_detected_by_heartbeat(tmp_path):

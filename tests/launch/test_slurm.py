@@ -137,67 +137,159 @@ def _wait_for(path: Path, pattern: str, timeout: float, job: subprocess.Popen) -
     raise AssertionError(f"{pattern!r} not seen in {path} within {timeout} s")
 
 
-def test_ft_sbatch_survives_a_lost_host_and_a_lost_agent(slurm_cluster, tmp_path):
-    """4 hosts: h1 (store + spare host), h2 (spare host), h3 + h4 train (2 ranks each, strided: a stage's
-    replicas on different hosts). Kill every process of h4 mid-run; later kill only the agent of h3,
-    the host of rank 0 (the store lives on h1). Both times a spare host takes over; one recovery event
-    per loss names the host and its ranks; every step is applied once; the loss goes down."""
-    out, res = tmp_path / "ft.out", tmp_path / "ft"
-    job = sbatch(slurm_cluster, "train_ft.sbatch", out, *QUIET, "recovery=checkfree", "parallel.stages=2",
-                 "parallel.replicas=2", "train.steps=14", f"output_root={res}", args=("--nodes=4",),
-                 env={"SPARE_HOSTS": "2", "HOT_SPARES": "0", "AGENT_ARGS": "--host-timeout 6"})
-    with _stopped_and_healed(job, slurm_cluster):
-        log0 = res / "rank0" / "train.log"
-        _wait_for(log0, r"step 2 loss", 400, job)
-        lost = slurm_cluster.host_pids("h4")
-        subprocess.run(["kill", "-9", *map(str, lost)], check=True)  # host h4 is gone: ranks, agent, slurmd
-        _wait_for(log0, r"step 8 loss", 400, job)
-        agents = [p for p in slurm_cluster.host_pids("h3")
-                  if b"launch.agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert len(agents) == 1
-        ranks_h3 = [p for p in slurm_cluster.host_pids("h3") if b"integration/train.py" in
-                    Path(f"/proc/{p}/cmdline").read_bytes() and b"launch.agent" not in Path(f"/proc/{p}/cmdline").read_bytes()]
-        os.kill(agents[0], 9)  # only the agent of rank 0's host
-        assert job.wait(timeout=600) == 0, out.read_text()[-4000:]
-    text = out.read_text()
-    for p in ranks_h3:  # the agent's ranks died with it (no orphans)
-        assert not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]
-    lost_events = [json.loads(x[len("agent: "):]) for x in text.splitlines()
-                   if x.startswith("agent: ") and '"event": "host_lost"' in x]
-    assert [(e["host"], e["ranks"]) for e in lost_events] == [("h4", [1, 3]), ("h3", [0, 2])]
-    assert {e["replaced_by"] for e in lost_events} == {"h1", "h2"}
-    # Every process of a rank appends to the same train.log: each step appears at most once per rank
-    # (applied steps only; an interrupted step is replayed, not applied twice), same loss on every rank.
-    # A lost rank may miss exactly one line: the step committed as its host died (it had voted, the
-    # survivors applied it, its process was killed before logging; its replacement starts after it).
-    events = [json.loads(x) for r in range(4) for x in (res / f"rank{r}" / "events.jsonl").read_text().splitlines()]
-    committed_at_loss: dict[int, set[int]] = {r: set() for r in range(4)}
+def _check_every_step_once(res: Path, steps: int, world: int = 4) -> list[dict]:
+    """Every process of a rank appends to the same train.log: each step appears at most once per rank
+    (applied steps only; an interrupted step is replayed, not applied twice), the same loss on every
+    rank, and the loss goes down. A lost rank may miss exactly one line: the step committed as its
+    host died (it had voted, the survivors applied it, its process was killed before logging; its
+    replacement starts after it). Returns every rank's events."""
+    events = [json.loads(x) for r in range(world) for x in (res / f"rank{r}" / "events.jsonl").read_text().splitlines()]
+    committed_at_loss: dict[int, set[int]] = {r: set() for r in range(world)}
     for e in events:
         if e["event"] == "recovery" and e.get("failed_ranks"):
             for r in e["failed_ranks"]:
                 committed_at_loss[r].add(e["resume_step"] - 1)
     losses = {}
-    for r in range(4):
+    for r in range(world):
         text = (res / f"rank{r}" / "train.log").read_text()
         logged = [(int(a), float(b)) for a, b in re.findall(r"step (\d+) loss ([\d.]+)", text)]
         order = [st for st, _ in logged]
         assert order == sorted(set(order)), (r, order)  # once each, in order
-        assert set(range(14)) - set(order) <= committed_at_loss[r], (r, order, committed_at_loss[r])
+        assert set(range(steps)) - set(order) <= committed_at_loss[r], (r, order, committed_at_loss[r])
         losses[r] = dict(logged)
-    by_step = {st: {losses[r][st] for r in range(4) if st in losses[r]} for st in range(14)}
+    by_step = {st: {losses[r][st] for r in range(world) if st in losses[r]} for st in range(steps)}
     assert all(len(v) == 1 for v in by_step.values()), by_step  # every step logged, one loss on every rank
-    first3, last3 = (sum(next(iter(by_step[st])) for st in sts) for sts in ((0, 1, 2), (11, 12, 13)))
+    first3, last3 = (sum(next(iter(by_step[st])) for st in sts) for sts in ((0, 1, 2), range(steps - 3, steps)))
     assert last3 < first3
-    # One recovery per loss, seen by the survivors, naming the host and its ranks.
-    recs = {}
+    return events
+
+
+def _recoveries(events: list[dict]) -> list[set]:
+    """One entry per generation recovered from a loss: {(failed ranks, reasons, methods)} as the ranks saw it."""
+    recs: dict[int, set] = {}
     for e in events:
         if e["event"] == "recovery" and e.get("failed_ranks"):
             recs.setdefault(e["generation"], set()).add((tuple(sorted(e["failed_ranks"])), tuple(e["reasons"]),
                                                           tuple(e["methods"])))
-    assert len(recs) == 2, recs
-    (first,), (second,) = (recs[g] for g in sorted(recs))
-    assert first[0] == (1, 3) and all("host h4 lost" in x for x in first[1]) and first[2] == ("replica_copy",)
-    assert second[0] == (0, 2) and all("host h3 lost" in x for x in second[1]) and second[2] == ("replica_copy",)
+    return [recs[g] for g in sorted(recs)]
+
+
+@contextmanager
+def _partitioned(host: str, cluster):
+    """Cut ``host``'s link on the bridge (its sockets stay open: no FIN, no RST reaches anybody, as
+    after a power loss or a network partition); on leaving, its processes are killed while it is
+    still cut off (a lost host comes back empty) and the link is restored."""
+    link = f"sfv{host[1:]}"
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    try:
+        yield time.time()
+    finally:
+        subprocess.run(["kill", "-9", *map(str, cluster.host_pids(host))], check=False)
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+
+
+def _agent_events(text: str, event: str) -> list[dict]:
+    return [json.loads(x[len("agent: "):]) for x in text.splitlines()
+            if x.startswith("agent: ") and f'"event": "{event}"' in x]
+
+
+def test_ft_sbatch_survives_a_lost_host_a_lost_agent_and_a_silent_host(slurm_cluster, tmp_path):
+    """5 hosts: h1 (store + spare host), h2, h3 (spare hosts), h4 + h5 train (2 ranks each, strided: a
+    stage's replicas on different hosts). Kill every process of h5 mid-run; later kill only the agent
+    of h4, the host of rank 0 (the store lives on h1); then cut the link of a spare host that took
+    over a node (not h1): a silent host whose connections never close. Each time a spare host takes
+    over; the silent one is found by TCP keepalive on its agent's store connection, within
+    --host-timeout of the cut; one recovery event per loss names the host and its ranks; every step
+    is applied once; the loss goes down."""
+    out, res = tmp_path / "ft.out", tmp_path / "ft"
+    steps, host_timeout = 20, 8.0
+    job = sbatch(slurm_cluster, "train_ft.sbatch", out, *QUIET, "recovery=checkfree", "parallel.stages=2",
+                 "parallel.replicas=2", f"train.steps={steps}", f"output_root={res}", args=("--nodes=5",),
+                 env={"SPARE_HOSTS": "3", "HOT_SPARES": "0", "AGENT_ARGS": f"--host-timeout {host_timeout:g}"})
+    with _stopped_and_healed(job, slurm_cluster):
+        log0 = res / "rank0" / "train.log"
+        _wait_for(log0, r"step 2 loss", 400, job)
+        lost = slurm_cluster.host_pids("h5")
+        subprocess.run(["kill", "-9", *map(str, lost)], check=True)  # host h5 is gone: ranks, agent, slurmd
+        _wait_for(log0, r"step 8 loss", 400, job)
+        agents = [p for p in slurm_cluster.host_pids("h4")
+                  if b"launch.agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(agents) == 1
+        ranks_h4 = [p for p in slurm_cluster.host_pids("h4") if b"integration/train.py" in
+                    Path(f"/proc/{p}/cmdline").read_bytes() and b"launch.agent" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        os.kill(agents[0], 9)  # only the agent of rank 0's host
+        _wait_for(log0, r"step 14 loss", 400, job)
+        took_over = {e["replaced_by"]: e["node"] for e in _agent_events(out.read_text(), "host_lost")}
+        silent = sorted(h for h in took_over if h != "h1")[0]  # h1 holds the store: keep it reachable
+        with _partitioned(silent, slurm_cluster) as t_cut:
+            deadline = time.time() + 120
+            while len(_agent_events(out.read_text(), "host_lost")) < 3:
+                assert time.time() < deadline and job.poll() is None, out.read_text()[-4000:]
+                time.sleep(0.2)
+        assert job.wait(timeout=600) == 0, out.read_text()[-4000:]
+    text = out.read_text()
+    for p in ranks_h4:  # the agent's ranks died with it (no orphans)
+        assert not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]
+    lost_events = _agent_events(text, "host_lost")
+    silent_ranks = [0, 2] if took_over[silent] == 0 else [1, 3]
+    assert [(e["host"], e["ranks"]) for e in lost_events] == [("h5", [1, 3]), ("h4", [0, 2]), (silent, silent_ranks)]
+    assert sorted(e["replaced_by"] for e in lost_events) == ["h1", "h2", "h3"]
+    # The silent host: its agent's store connection ended by keepalive (launch.store.KEEPALIVE_S, about
+    # 4 s), not by a close, and before the --host-timeout fallback would have fired.
+    quiet = lost_events[2]
+    gone_after = quiet["time"] - quiet["silent_s"] - t_cut
+    print(f"silent host {silent}: its store connection ended {gone_after:.2f} s after the cut")  # pytest -s
+    assert quiet["detected_by"] == "connection" and 2.0 <= gone_after <= host_timeout, (gone_after, quiet)
+    assert quiet["time"] - t_cut <= host_timeout + 1.0, quiet
+    events = _check_every_step_once(res, steps)
+    # One recovery per loss, seen by the survivors, naming the host and its ranks.
+    recs = _recoveries(events)
+    assert len(recs) == 3, recs
+    (first,), (second,), (third,) = recs
+    assert first[0] == (1, 3) and all("host h5 lost" in x for x in first[1]) and first[2] == ("replica_copy",)
+    assert second[0] == (0, 2) and all("host h4 lost" in x for x in second[1]) and second[2] == ("replica_copy",)
+    assert third[0] == tuple(silent_ranks) and all(f"host {silent} lost" in x for x in third[1])
+    assert third[2] == ("replica_copy",)
+
+
+@contextmanager
+def _frozen(host: str, cluster):
+    """SIGSTOP every process of ``host``: its kernel still answers (keepalive probes are acknowledged,
+    no socket closes), nothing of it runs. On leaving, its processes are killed (SIGKILL ends a
+    stopped process): a lost host comes back empty."""
+    pids = cluster.host_pids(host)
+    subprocess.run(["kill", "-STOP", *map(str, pids)], check=True)
+    try:
+        yield time.time()
+    finally:
+        subprocess.run(["kill", "-9", *map(str, pids + cluster.host_pids(host))], check=False)
+
+
+@pytest.mark.slow  # ~1.5 min; the default run has the silent host whose link is cut (found by keepalive)
+def test_ft_sbatch_frozen_host_is_found_by_the_host_timeout(slurm_cluster, tmp_path):
+    """4 hosts: h1, h2 spare, h3 + h4 train (2 ranks each, strided). Every process of h4 is frozen
+    after step 3: its agent's store connection stays open (the kernel answers keepalive), so only
+    the --host-timeout fallback finds it (its heartbeat stops). A spare host takes over within
+    --host-timeout + 2 s of the freeze; one recovery names h4 and its ranks; every step is applied once."""
+    out, res = tmp_path / "frozen.out", tmp_path / "frozen"
+    steps, host_timeout = 10, 6.0
+    job = sbatch(slurm_cluster, "train_ft.sbatch", out, *QUIET, "recovery=checkfree", "parallel.stages=2",
+                 "parallel.replicas=2", f"train.steps={steps}", f"output_root={res}", args=("--nodes=4",),
+                 env={"SPARE_HOSTS": "2", "HOT_SPARES": "0", "AGENT_ARGS": f"--host-timeout {host_timeout:g}",
+                      "STORE_PORT": "29412"})
+    with _stopped_and_healed(job, slurm_cluster):
+        _wait_for(res / "rank0" / "train.log", r"step 3 loss", 400, job)
+        with _frozen("h4", slurm_cluster) as t_freeze:
+            deadline = time.time() + 120
+            while not _agent_events(out.read_text(), "host_lost"):
+                assert time.time() < deadline and job.poll() is None, out.read_text()[-4000:]
+                time.sleep(0.2)
+        assert job.wait(timeout=600) == 0, out.read_text()[-4000:]
+    (lost,) = _agent_events(out.read_text(), "host_lost")
+    assert (lost["host"], lost["ranks"], lost["detected_by"]) == ("h4", [1, 3], "timeout"), lost
+    assert host_timeout <= lost["silent_s"] and lost["time"] - t_freeze <= host_timeout + 2.0, (lost, t_freeze)
+    ((rec,),) = _recoveries(_check_every_step_once(res, steps))
+    assert rec[0] == (1, 3) and all("host h4 lost" in x and "silent" in x for x in rec[1]), rec
 
 
 @pytest.mark.slow  # ~2 min on a 5-host cluster; the default run keeps the single-host-loss scenario
