@@ -142,6 +142,8 @@ def attach_guard(engine: FaultTolerantEngine, guard: StepGuard) -> None:
     """Give the engine its guard and make its p2p waits failure-aware."""
     engine.guard = guard
     engine.p2p_channel._wait = guard.monitor.wait
+    if guard.straggler is not None:  # recovery.straggler: this rank's compute made slower (emulation)
+        engine.executor.compute_delay = lambda op, seconds: guard.straggler.delay(engine.global_steps, seconds)
 
 
 def _init_deepspeed_comm_alone() -> None:
