@@ -1,10 +1,10 @@
 """Re-plan on measured drift (docs/replan.md): a link slowed mid-run and a straggler move the routes.
 
-The job test runs the main job under the agent on emulated hosts (network namespaces, htb per
-destination: ``integration/runtime/wanhosts.py``), slows one link 5x from the test while the job
-runs (``tc class change``) and, later, makes one rank's compute 3x slower (``recovery.straggler``).
-The reference for "the routes moved" is the emulated network itself: the link that was slowed
-and the rank that was slowed, not the planner's own estimates.
+The link test runs the main job under the agent on emulated hosts (network namespaces, htb per
+destination: ``integration/runtime/wanhosts.py``) and slows one link 5x from the test while the
+job runs (``tc class change``); the straggler test (``slow``) makes one rank's compute 3x slower
+(``recovery.straggler``). The reference for "the routes moved" is what was slowed (the link, the
+rank), not the planner's own estimates.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_link_time_is_measured_only_where_the_receiver_waited():
 N = 6  # 3 stages x 2 replicas: rank 2s + r holds stage s of replica r
 BW = 200e3  # bytes/s between stages (an activation of the recovery_test model, 4 KiB + header: ~21 ms)
 SLOW_LINK = (2, 4)  # stage 1 replica 0 -> stage 2 replica 0: every activation of home 0's routes in the full plan
-SLOW_AT, STRAGGLE_AT, STEPS = 10, 30, 50
+SLOW_AT, STEPS = 10, 36
 STRAGGLER = 3
 WINDOW, COOLDOWN, DRIFT_WINDOWS = 4, 4, 2
 
@@ -79,11 +79,13 @@ def _visits(routes: list[list[int]], node: int) -> int:
 
 
 @needs_root
-def test_slowed_link_then_straggler_move_the_routes(tmp_path: Path):
+def test_slowed_link_moves_the_routes(tmp_path: Path):
     """Link 2->4 slowed 5x at step SLOW_AT (tc, from here, while the job runs): within the configured
     window (DRIFT_WINDOWS windows of WINDOW steps after the cooldown) every rank switches, at the same
-    step, to routes that use the link less; rank 3's compute 3x slower from step STRAGGLE_AT: a later
-    switch moves routes off it. Every step is applied once on every rank, the loss goes down."""
+    step, to routes that use the link less. Every step is applied once on every rank, the loss goes
+    down. (Whether the iteration then comes within 10% of a plan made for the slow link from the
+    start is measured by ``benchmarks/replan_bench.py --link``: too timing-sensitive for a test on
+    the shared machine.)"""
     from integration.runtime.wanjob import run_on_wan, wan_lock
 
     out = tmp_path / "run"
@@ -91,7 +93,6 @@ def test_slowed_link_then_straggler_move_the_routes(tmp_path: Path):
     overrides = ["preset=recovery_test", f"train.steps={STEPS}", "parallel.stages=3", "parallel.replicas=2",
                  "routing.replan.enabled=true", "routing.replan.drift=true", f"routing.replan.window={WINDOW}",
                  f"routing.replan.cooldown={COOLDOWN}", f"routing.replan.drift_windows={DRIFT_WINDOWS}",
-                 f"recovery.straggler=rank={STRAGGLER},factor=3,step={STRAGGLE_AT}",
                  "recovery.rendezvous_timeout_s=120"]
     with wan_lock():
         p, applied = run_on_wan(out, N, _network(), overrides, changes=[(SLOW_AT, *SLOW_LINK, BW / 5)],
@@ -107,20 +108,39 @@ def test_slowed_link_then_straggler_move_the_routes(tmp_path: Path):
         steps = [json.loads(x)["step"] for x in (out / f"rank{r}" / "audit.jsonl").read_text().splitlines()]
         assert steps == list(range(STEPS)), "every step applied exactly once"
     switches = per_rank[0]
-    assert len(switches) >= 2, switches
     for r in range(1, N):  # every rank switched at the same steps to the same plans
         assert [(e["at_step"], e["to_plan"]) for e in per_rank[r]] == [(e["at_step"], e["to_plan"]) for e in switches]
-    link = [e for e in switches if slowed <= e["at_step"] < STRAGGLE_AT]
-    assert link, f"no switch between the slowdown (step {slowed}) and the straggler: {switches}"
+    link = [e for e in switches if e["at_step"] >= slowed]
+    assert link, f"no switch after the slowdown (step {slowed}): {switches}"
     first = link[0]
     # within the window: the first boundary after the cooldown that can see DRIFT_WINDOWS slow windows
     assert first["at_step"] <= slowed + WINDOW * (DRIFT_WINDOWS + 1) + COOLDOWN, first
     assert _uses(first["routes"], SLOW_LINK) < _uses(first["from_routes"], SLOW_LINK), first
     assert first["predicted_gain"] > 1.1 and first["measured_gain"] is not None
     assert "measured drift" in first["reason"]
-    late = [e for e in switches if e["at_step"] >= STRAGGLE_AT]
-    assert late, f"no switch after the straggler started at step {STRAGGLE_AT}: {switches}"
-    before = [e for e in switches if e["at_step"] < STRAGGLE_AT][-1]["routes"]
-    assert _visits(late[-1]["routes"], STRAGGLER) < _visits(before, STRAGGLER), (before, late[-1]["routes"])
     summary = json.loads((out / "rank0" / "summary.json").read_text())
     assert summary["loss_last3"] < summary["loss_first3"] - 0.5, summary["loss_history"]
+
+
+@pytest.mark.slow
+def test_straggler_alone_moves_routes_off_it(tmp_path: Path):
+    """No emulated network (loopback, no root): rank 3's compute 3x slower from step 16; the job
+    re-plans within the window and the switched-to routes visit rank 3 less than the job's plan.
+    A larger model than the preset's (d_model 128, seq 64, 4 microbatches per home) so the compute,
+    not the per-message overhead, is what the straggler slows; on 2 shared cores the straggler's
+    sleep hands its core to the others, so the iteration grows ~20%, not 3x: drift_threshold 0.1."""
+    from tests.conftest import RECOVERY_TEST_JOB, run_agent
+
+    steps, at = 40, 16
+    p = run_agent(RECOVERY_TEST_JOB, f"output_root={tmp_path}", f"train.steps={steps}", "parallel.stages=3",
+                  "parallel.replicas=2", "model.d_model=128", "model.seq_len=64", "routing.replan.enabled=true",
+                  "routing.replan.drift=true", f"routing.replan.window={WINDOW}", f"routing.replan.cooldown={COOLDOWN}",
+                  f"recovery.straggler=rank={STRAGGLER},factor=3,step={at}", "recovery.rendezvous_timeout_s=120",
+                  "train.microbatches=4", "routing.replan.drift_threshold=0.1", nproc=N, log_dir=tmp_path / "logs", hot_spares=0, heartbeat_timeout=30, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ev = [json.loads(x) for x in (tmp_path / "rank0" / "events.jsonl").read_text().splitlines()]
+    (first, *_) = [e for e in ev if e["event"] == "replan"]
+    assert at <= first["at_step"] <= at + WINDOW * (DRIFT_WINDOWS + 1) + COOLDOWN, first
+    assert _visits(first["routes"], STRAGGLER) < _visits(first["from_routes"], STRAGGLER), first
+    steps_done = [json.loads(x)["step"] for x in (tmp_path / "rank0" / "audit.jsonl").read_text().splitlines()]
+    assert steps_done == list(range(steps))
