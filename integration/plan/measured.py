@@ -165,10 +165,15 @@ class MeasuredCosts:
         plan.meta = {**plan.meta, "builder": "drift_replan"}
         return plan
 
-    def describe(self, top: int = 3) -> dict:
-        """The slowest links and nodes (for events)."""
-        links = sorted(self.link_s.items(), key=lambda kv: -kv[1])[:top]
-        return {"slowest_links_s": {f"{a}->{b}": round(v, 5) for (a, b), v in links},
+    def describe(self) -> dict:
+        """Every measured link (slowest first), w per node and the overhead (for events)."""
+        links = sorted(self.link_s.items(), key=lambda kv: -kv[1])
+        w = {}
+        for node in range(self.n):
+            got = [self.op_s[(node, ph)] for ph in "FLB" if (node, ph) in self.op_s]
+            if got:
+                w[str(node)] = round(sum(got), 5)
+        return {"links_s": {f"{a}->{b}": round(v, 5) for (a, b), v in links}, "compute_s_per_mb": w,
                 "overhead_s": None if self.overhead_s is None else round(self.overhead_s, 5)}
 
 
