@@ -11,8 +11,9 @@ of the group stops at the same one):
 2. drift: the lowest member's median step time of the window against the current plan's
    *predicted* iteration (the measured median of the first window after the start or a kept
    decision; after a switch the calibrated prediction of the new plan, see below). More than
-   ``drift_threshold`` off for ``drift_windows`` windows in a row, outside a ``cooldown`` after the
-   start or the last decision, triggers a re-plan;
+   ``drift_threshold`` slower for ``drift_windows`` windows in a row, outside a ``cooldown`` after
+   the start or the last decision, triggers a re-plan; more than ``drift_threshold`` faster only
+   resets the prediction to the measured iteration;
 3. the lowest member plans routes for the same grid on the measured costs
    (:meth:`MeasuredCosts.plan`) and publishes the decision: switch when the prediction of the
    current plan over the new one exceeds ``1 + gain_threshold``, else keep. A switch also records
@@ -145,7 +146,12 @@ class DriftReplanner:
             self.expected_s = measured
             return None
         ratio = measured / self.expected_s
-        self.drifting = self.drifting + 1 if abs(ratio - 1) > self.settings.drift_threshold else 0
+        if ratio < 1 - self.settings.drift_threshold:
+            # Faster than predicted is no reason to move: the prediction becomes what is measured (a
+            # re-plan here once followed estimation noise to a slower plan: docs/replan.md, Measured).
+            self.expected_s, self.drifting = measured, 0
+            return None
+        self.drifting = self.drifting + 1 if ratio > 1 + self.settings.drift_threshold else 0
         if self.drifting < self.settings.drift_windows:
             return None
         return (f"measured drift: iteration {measured:.3f} s against {self.expected_s:.3f} s predicted for the "

@@ -78,6 +78,7 @@ def _visits(routes: list[list[int]], node: int) -> int:
     return sum(r[1:].count(node) for r in routes)
 
 
+@pytest.mark.slow  # ~130 s of job on the loaded 2-core machine (plus the wait for /tmp/wan.lock)
 @needs_root
 def test_slowed_link_moves_the_routes(tmp_path: Path):
     """Link 2->4 slowed 5x at step SLOW_AT (tc, from here, while the job runs): within the configured
