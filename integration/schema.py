@@ -157,9 +157,28 @@ class ReplanConfig:
 
     enabled: bool = False    # a lost rank without a replacement yet: survivors continue on a plan around it
     measure_steps: int = 3   # steps on each side of a switch for its measured gain (the replan event)
+    # Measured drift (integration/recovery/drift.py): re-plan on the measured link and compute costs.
+    drift: bool = False          # needs enabled=true (the same agreement and recovery path)
+    window: int = 5              # steps per measurement window (every rank publishes its timings once per window)
+    drift_threshold: float = 0.25  # |measured / predicted iteration - 1| above this is drift
+    drift_windows: int = 2       # consecutive drifting windows before the planner runs
+    gain_threshold: float = 0.1  # switch when predicted(current) / predicted(new) - 1 exceeds this
+    cooldown: int = 10           # steps after a start, switch or kept decision before drift is checked again
+    ewma: float = 0.5            # weight of the newest window in the running estimates
+    planner_budget_s: float = 2.0  # wall-time cap of one re-plan (the planning rank; the others wait)
 
     def __post_init__(self) -> None:
         at_least("routing.replan.measure_steps", self.measure_steps, 1)
+        at_least("routing.replan.window", self.window, 2)
+        positive("routing.replan.drift_threshold", self.drift_threshold)
+        at_least("routing.replan.drift_windows", self.drift_windows, 1)
+        at_least("routing.replan.gain_threshold", self.gain_threshold, 0)
+        at_least("routing.replan.cooldown", self.cooldown, 0)
+        in_range("routing.replan.ewma", self.ewma, 0.0, 1.0, low_open=True)
+        positive("routing.replan.planner_budget_s", self.planner_budget_s)
+        if self.drift and not self.enabled:
+            raise ConfigError("routing.replan.drift", "re-planning on measured drift uses the re-plan agreement "
+                              "and its recovery path", "set routing.replan.enabled=true as well")
 
 
 @dataclass
@@ -280,6 +299,7 @@ class RecoveryConfig:
     checkpoint_every: int = 0
     checkpoint_dir: str = ""
     home_replica: bool = False
+    straggler: str = ""  # tests/benchmarks: "rank=R,factor=F[,step=K]" makes rank R's compute F x slower from step K
     audit: bool = False  # per-step digests + recovery/final state dumps per rank (integration/recovery/audit.py)
 
     def __post_init__(self) -> None:
@@ -302,6 +322,14 @@ class RecoveryConfig:
                 problem = str(exc).removeprefix("recovery.inject: ")
                 raise ConfigError("recovery.inject", problem,
                                   "write mode:stage=S,step=T[,phase=...] entries separated by ';'") from None
+
+        if self.straggler:
+            from .recovery.inject import parse_straggler
+            try:
+                parse_straggler(self.straggler)
+            except ValueError as exc:
+                raise ConfigError("recovery.straggler", str(exc).removeprefix("recovery.straggler: "),
+                                  "write rank=R,factor=F[,step=K] (factor >= 1)") from None
 
     @property
     def enabled(self) -> bool:
@@ -383,7 +411,7 @@ def quote_failure_schedule(argv: list[str]) -> list[str]:
     out = []
     for a in argv:
         key, _, value = a.partition("=")
-        if key == "recovery.inject" and value and value[0] not in "'\"":
+        if key in ("recovery.inject", "recovery.straggler") and value and value[0] not in "'\"":
             a = f'{key}="{value}"'
         out.append(a)
     return out

@@ -15,8 +15,12 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+if os.environ.get("SKIPFREE_WAN_HOSTS"):  # emulated wide-area tests: this rank runs on its own namespace host
+    from integration.runtime.wanhosts import enter_from_env
+    enter_from_env()
+
+import hydra  # noqa: E402 (the namespace must be entered before anything opens a socket)
+from omegaconf import DictConfig  # noqa: E402
 
 from integration.config import (BAD_INPUT, Preflight, compose_and_check, preflight,
                                 quote_failure_schedule)

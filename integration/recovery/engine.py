@@ -100,16 +100,29 @@ class FaultTolerantEngine(RoutedPipelineEngine):
             return
         dp = self.grid.get_data_parallel_world_size()
         params = [p for p in self.module.parameters() if p.grad is not None]
-        if dp > 1 and params:
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
+        if dp > 1:
+            # Every replica of a visited stage joins, also one that no route visited this step (a
+            # re-planned route may leave a replica idle: a straggler, a slow link): it contributes
+            # zeros and takes the mean like its peers, so the replicas stay identical. One flag per
+            # parameter (did this replica produce its gradient?) travels in the same message, so a
+            # parameter without a gradient on any replica keeps none, exactly as before.
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            flags = torch.tensor([0.0 if p.grad is None else 1.0 for p in params])
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                             + [flags])
             all_reduce(flat, self.guard.monitor, "gradient all-reduce over replicas",
                        group=self.grid.get_data_parallel_group())
-            flat.div_(dp)
+            grads, used = flat[:flat.numel() - len(params)], flat[flat.numel() - len(params):]
+            grads.div_(dp)
             offset = 0
-            for p in params:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            for p, u in zip(params, used.tolist()):
+                n = p.numel()
+                if u > 0:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.copy_(grads[offset:offset + n].view_as(p.grad))
                 offset += n
+            params = [p for p in params if p.grad is not None]
         self._apply_gradient_rule(params)
 
     def _exec_commit(self):
@@ -143,6 +156,8 @@ def attach_guard(engine: FaultTolerantEngine, guard: StepGuard) -> None:
     """Give the engine its guard and make its p2p waits failure-aware."""
     engine.guard = guard
     engine.p2p_channel._wait = guard.monitor.wait
+    if guard.straggler is not None:  # recovery.straggler: this rank's compute made slower (emulation)
+        engine.executor.compute_delay = lambda op, seconds: guard.straggler.delay(engine.global_steps, seconds)
 
 
 def _init_deepspeed_comm_alone() -> None:

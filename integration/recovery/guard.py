@@ -30,6 +30,7 @@ class StepGuard:
     applied_steps: list[int] = field(default_factory=list)  # steps this process applied (audit)
     last_loss: float | None = None
     home: Any = None  # HomeMirror when recovery.home_replica is on
+    straggler: Any = None  # inject.Straggler when recovery.straggler is set (tests, benchmarks)
 
 
 

@@ -143,3 +143,38 @@ class FailureInjector:
     def fire(self, mode: str) -> None:
         """SIGKILL (``kill``) or SIGSTOP (``hang``) this process."""
         self._signal(signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
+
+
+@dataclass(frozen=True)
+class Straggler:
+    """``recovery.straggler``: rank ``rank``'s compute ops take ``factor`` times as long from step ``step``
+    (an added sleep of ``(factor - 1)`` x the op's own time: a slower node, not a failure)."""
+
+    rank: int
+    factor: float
+    step: int = 0
+
+    def delay(self, step: int, op_seconds: float) -> float:
+        """Seconds the straggling rank sleeps after a compute op of ``op_seconds`` at ``step``."""
+        return (self.factor - 1.0) * op_seconds if step >= self.step else 0.0
+
+
+def parse_straggler(text: str | None) -> Straggler | None:
+    """Parse ``"rank=3,factor=3,step=10"`` (empty -> None)."""
+    if not (text or "").strip():
+        return None
+    fields: dict[str, float] = {}
+    for kv in text.split(","):
+        key, sep, value = kv.partition("=")
+        key = key.strip()
+        if not sep or key not in ("rank", "factor", "step"):
+            raise ValueError(f"recovery.straggler: cannot read {kv.strip()!r} in {text!r}; use rank=R,factor=F[,step=K]")
+        try:
+            fields[key] = float(value) if key == "factor" else int(value)
+        except ValueError:
+            raise ValueError(f"recovery.straggler: {key}={value.strip()!r} is not a number") from None
+    if "rank" not in fields or "factor" not in fields:
+        raise ValueError(f"recovery.straggler: {text!r} needs rank= and factor=")
+    if fields["factor"] < 1 or fields["rank"] < 0 or fields.get("step", 0) < 0:
+        raise ValueError(f"recovery.straggler: {text!r}: factor must be >= 1, rank and step >= 0")
+    return Straggler(int(fields["rank"]), float(fields["factor"]), int(fields.get("step", 0)))

@@ -47,10 +47,22 @@ from .rendezvous import store_all_gather
 
 @dataclass
 class ReplanSettings:
-    """``routing.replan``: validated by :class:`integration.schema.ReplanConfig`."""
+    """``routing.replan``: validated by :class:`integration.schema.ReplanConfig` (drift keys:
+    :mod:`integration.recovery.drift`)."""
 
     enabled: bool = False
     measure_steps: int = 3  # steps on each side of a switch for its measured gain
+    drift: bool = False
+    window: int = 5
+    drift_threshold: float = 0.25
+    drift_windows: int = 2
+    gain_threshold: float = 0.1
+    cooldown: int = 10
+    ewma: float = 0.5
+    planner_budget_s: float = 2.0
+
+
+BASE_KEY = "replan/base"  # the full group's plan after a drift switch (a joiner adopts it)
 
 
 @dataclass
@@ -104,6 +116,7 @@ class Replanner:
         """The ranks of ``generation``'s group: the ranks with a process when the job's plan can be
         routed around the absent ones, else every rank (then the group waits for the replacements)."""
         if generation not in self._members:
+            self.sync_base(store)
             record = failures_between(store, generation - 1, generation)[0]
             absent = sorted(set(record.absent))
             members = list(range(self.world_size))
@@ -145,12 +158,38 @@ class Replanner:
     def layout_of(self, members: list[int]) -> Layout:
         return self._layout(sorted(members))
 
+    # ------------------------------------------------------------------ the full group's plan (drift)
+    def adopt_base(self, program: Program, reason: str, details: dict) -> Layout:
+        """From now on the full group runs ``program`` (a drift re-plan of the same grid): the plan
+        a lost rank is routed around and the plan a join switches back to. (Its ``predicted_s`` stays
+        in uniform-node units, comparable with the survivors' plans; measured seconds go in ``details``.)"""
+        everyone = list(range(self.world_size))
+        layout = Layout(everyone, program, self.rules, reason, predicted_iteration(program.plan), details)
+        self.full = layout
+        self._layouts = {tuple(everyone): layout}
+        return layout
+
+    def publish_base(self, store: Any, plan: RoutePlan) -> None:
+        """The planning rank records the full group's new plan, before the switch is acknowledged:
+        if a rank dies during the switch, every member of the next generation (replacements too)
+        adopts it in :meth:`sync_base`, so the group runs one plan whichever ranks switched."""
+        store.set(BASE_KEY, plan.to_json(indent=None))
+
+    def sync_base(self, store: Any) -> None:
+        """Adopt the full group's plan published by a drift switch, if it is not the one held here."""
+        if not store.check([BASE_KEY]):
+            return
+        plan = RoutePlan.from_json(store.get(BASE_KEY).decode())
+        if plan_digest(plan) != self.full.digest:
+            self.adopt_base(compile_plan(plan, self.max_inflight), "a drift re-plan of the full group", {})
+
     # ------------------------------------------------------------------ agreement
     def agree(self, store: Any, generation: int, members: list[int], monitor: Any, timeout_s: float,
               resume_step: int) -> tuple[Layout, list[str]]:
         """The lowest member publishes the generation's plan, every member validates it and all
         acknowledge (failure-aware store exchange); returns the layout and every member's problems
         (empty: agreed). A failure anywhere raises :class:`PeerFailure`."""
+        self.sync_base(store)
         layout = self.layout_of(members)
         key = f"replan/g{generation}"
         me = members.index(self.rank)
@@ -186,20 +225,24 @@ class Replanner:
         return []
 
     # ------------------------------------------------------------------ events
-    def _switch(self, layout: Layout, generation: int, step: int) -> None:
+    def _switch(self, layout: Layout, generation: int, step: int, predicted_gain: float | None = None,
+                trigger: str = "membership") -> None:
+        """Record a switch to ``layout`` at ``step`` (its event waits for the measured steps).
+        ``predicted_gain``: given by the drift re-plan (measured costs); else the uniform-node one."""
         if layout.digest == self.current.digest:
             return
         if self.pending is not None:
             self._emit()
         before = sum(self.step_times) / len(self.step_times) if self.step_times else None
-        reason = layout.reason if layout is not self.full else \
+        reason = layout.reason if layout is not self.full or trigger != "membership" else \
             f"replacement(s) for {sorted(set(range(self.world_size)) - set(self.current.members))} joined and " \
             f"were rebuilt: back to the job's own plan"
-        self.pending = {"reason": reason, "generation": generation, "at_step": step,
+        self.pending = {"reason": reason, "trigger": trigger, "generation": generation, "at_step": step,
                         "from_plan": self.current.digest[:16], "to_plan": layout.digest[:16],
                         "members": layout.members, "stages": layout.num_stages,
                         "predicted_iteration_w": round(layout.predicted_s, 4),
-                        "predicted_gain": self.current.predicted_s / layout.predicted_s,
+                        "predicted_gain": predicted_gain if predicted_gain is not None
+                        else self.current.predicted_s / layout.predicted_s,
                         "step_s_before": before, "after": [], **layout.details}
         self.current = layout
         self.step_times.clear()

@@ -50,7 +50,7 @@ from .detect import ABORT_KEY, FailureMonitor, PeerFailure, failures_between, re
 from .guard import StepGuard
 from .events import EventLog
 from .home import HomeMirror
-from .inject import FailureInjector, parse_schedule
+from .inject import FailureInjector, parse_schedule, parse_straggler
 from .replan import Replanner
 from .rendezvous import settle_generation, store_all_gather
 from .state import load_stage_state, stage_state
@@ -75,6 +75,7 @@ class RecoverySettings:
     checkpoint_every: int = 0             # fallback=checkpoint: checkpoint every K steps (0: none)
     checkpoint_dir: str = ""              # "" : <output root>/checkpoints
     home_replica: bool = False            # CheckFree+: mirror home (E + H) on its neighbour stages, exact restore
+    straggler: str = ""                   # tests/benchmarks: a slower rank (integration/recovery/inject.py)
 
     @classmethod
     def from_mapping(cls, m: Any) -> "RecoverySettings":
@@ -91,6 +92,12 @@ class RecoverySettings:
         if not isinstance(s.home_replica, bool):
             raise ValueError(f"recovery.home_replica: must be true or false, got {s.home_replica!r}")
         return s
+
+
+def _my_straggler(text: str, rank: int):
+    """``recovery.straggler`` when it names this (job) rank, else None."""
+    s = parse_straggler(text)
+    return s if s is not None and s.rank == rank else None
 
 
 _COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
@@ -157,9 +164,10 @@ class FaultTolerantSession:
 
     def __init__(self, ctx: RankContext, plan, make_backend: BackendFactory, settings: RecoverySettings,
                  events: EventLog | None = None, on_recovered: Callable[[dict], None] | None = None,
-                 checkpoints: Checkpointer | None = None, replan: Replanner | None = None):
+                 checkpoints: Checkpointer | None = None, replan: Replanner | None = None, drift: Any = None):
         self.ctx, self.settings, self.plan = ctx, settings, plan
         self.replan = replan  # routing.replan: survivors continue on a smaller group (integration/recovery/replan.py)
+        self.drift = drift  # routing.replan.drift: a DriftReplanner (integration/recovery/drift.py)
         self.members = list(range(ctx.world_size))  # ranks of the current group
         self.events = events or EventLog(None, ctx.rank)
         self.on_recovered = on_recovered
@@ -182,7 +190,7 @@ class FaultTolerantSession:
                                       confirm_timeout_s=settings.confirm_timeout_s).start()
         injector.generation = generation
         self.guard = StepGuard(self.monitor, StepCommit(self.store, ctx.world_size, self.monitor), generation,
-                               injector)
+                               injector, straggler=_my_straggler(settings.straggler, ctx.rank))
         self.joining = ctx.joining
         self.pending: dict | None = None  # the recovery in progress (timings for the event)
         self.recoveries: list[dict] = []
@@ -260,8 +268,11 @@ class FaultTolerantSession:
         t0 = time.time()
         try:
             loss = float(self.engine.train_batch())
+            seconds = time.time() - t0
             if self.replan is not None:
-                self.replan.observe_step(time.time() - t0)
+                self.replan.observe_step(seconds)
+            if self.drift is not None:
+                self.drift.observe(seconds, self.engine.executor.trace, self.guard.generation, self.engine.global_steps)
             if self.checkpoints is not None and self.checkpoints.due(self.engine.global_steps):
                 self.checkpoints.save(self.engine, self.guard.generation)
         except PeerFailure as failure:
@@ -269,6 +280,11 @@ class FaultTolerantSession:
             return None
         if self.pending is not None:
             self._finish_event(loss)
+        if self.drift is not None and self.drift.due(self.engine.global_steps):
+            try:
+                self.drift.boundary(self)
+            except PeerFailure as failure:  # the step is applied; the next one runs on the new generation
+                self.recover(failure)
         return loss
 
     # ------------------------------------------------------------------ recovery
@@ -423,10 +439,12 @@ class FaultTolerantSession:
             self._abort_job(f"re-plan: generation {self.guard.generation} has ranks {absent} absent and a replacement "
                             f"joining at once; the ladder rebuilds only in a full group (start delayed replacements "
                             f"together, launch.agent --respawn-delay)")
-        _, problems = self.replan.agree(self.store, self.guard.generation, self.members, self.monitor,
-                                        self.settings.rendezvous_timeout_s, resume)
+        layout, problems = self.replan.agree(self.store, self.guard.generation, self.members, self.monitor,
+                                             self.settings.rendezvous_timeout_s, resume)
         if problems:
             self._abort_job("re-plan: the members did not accept the published plan: " + "; ".join(problems))
+        if layout.program is not self.backend.program:  # e.g. a replacement joining after a drift switch
+            self.backend.use_layout(layout.program, layout.num_stages, layout.rules)
 
     def _check(self, infos: list[dict]) -> tuple[list[dict], int]:
         """The survivors and the one step they all resume at."""

@@ -136,9 +136,13 @@ class FaultTolerantTrainer(Trainer):
             from .replan import Replanner, ReplanSettings
             replan = Replanner(program, rules_of(cfg), ReplanSettings(**vars(self.job.routing.replan)),
                                ctx.world_size, ctx.rank, cfg.routing.get("max_inflight"), events)
+        drift = None
+        if replan is not None and self.job.routing.replan.drift:  # re-plan on measured costs (recovery/drift.py)
+            from .drift import DriftReplanner
+            drift = DriftReplanner(replan, replan.settings, self.job.train.microbatches, int(self.job.routing.seed))
         self.session = FaultTolerantSession(ctx, plan, make_backend, settings, events,
                                             self.audit.on_recovered if self.audit is not None else None,
-                                            checkpoints=ckpt, replan=replan)
+                                            checkpoints=ckpt, replan=replan, drift=drift)
         self.seen_recoveries = 0
         if not started_joining and not self.session.restarted:  # the first group: its ranks agree on the plan
             try:
@@ -270,6 +274,7 @@ class FaultTolerantTrainer(Trainer):
                 "loss_last3": last, "val_loss_full_model": val, "loss_history": losses,
                 "recoveries": self.session.recoveries, "stage_visits": self.plan.stage_visits(),
                 "replans": self.session.replan.switches if self.session.replan is not None else [],
+                "drift_decisions": self.session.drift.decisions if self.session.drift is not None else [],
                 "start_step": self.start_step,
                 # sha256 of this rank's final weights + Adam state: "replay = no-failure run" audits
                 "state_digest": state_digest(self.session.module, self.session.optimizer)}

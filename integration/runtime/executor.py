@@ -8,6 +8,7 @@ backend :class:`StageHandler` so DeepSpeed and megatron-core share this one impl
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -82,6 +83,13 @@ class ProgramExecutor:
         # and labels are nested payloads (tuples of tensors of any dtype), one packed message each,
         # per-boundary layouts; received float tensors become fresh leaves that require grad.
         self.structured = False
+        # Always on, for measured drift (integration/recovery/drift.py): one (kind, mb, part, peer,
+        # start, end) per op of the current iteration, perf_counter seconds (CLOCK_MONOTONIC: one
+        # clock for every process of a machine). Two clock reads and an append per op.
+        self.trace: list[tuple[str, int, str | None, int | None, float, float]] = []
+        # Emulation only (a slower node, recovery.straggler): seconds to stall after a compute op of
+        # the given duration, counted as part of the op. None: nothing added.
+        self.compute_delay: Callable[[Op, float], float] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -112,6 +120,7 @@ class ProgramExecutor:
     def begin(self, step: int, forward_only: bool = False) -> None:
         self.step = step
         self.forward_only = forward_only
+        self.trace = []
         self._reset()
 
     def end(self) -> IterationResult:
@@ -123,7 +132,11 @@ class ProgramExecutor:
         return self.result
 
     def run_op(self, op: Op) -> None:
+        t0 = time.perf_counter()
         getattr(self, f"_op_{op.kind}")(op)
+        if self.compute_delay is not None and op.kind in (FWD, BWD):
+            time.sleep(self.compute_delay(op, time.perf_counter() - t0))
+        self.trace.append((op.kind, op.mb, op.part, op.peer, t0, time.perf_counter()))
         self.result.ops_run += 1
 
     # ------------------------------------------------------------------ compute

@@ -56,6 +56,25 @@ def enter_host(i: int) -> None:
         os.close(fd)
 
 
+def enter_from_env() -> None:
+    """``SKIPFREE_WAN_HOSTS=1`` (tests, benchmarks): the job's rank ``$RANK`` moves into host ``wan<RANK+1>``
+    and gloo uses its interface. Called first thing by ``integration/train.py``, before any socket;
+    the agent then runs in the root namespace with ``--store-host 10.78.0.1`` (the bridge)."""
+    rank = os.environ.get("RANK", "")
+    if not rank.isdigit():
+        raise WanSetupError("SKIPFREE_WAN_HOSTS=1: every process needs its RANK to pick its host (no hot spares)")
+    enter_host(int(rank))
+    os.environ["GLOO_SOCKET_IFNAME"] = IFNAME
+
+
+def set_rate(i: int, j: int, bandwidth_Bps: float) -> None:
+    """Change the i -> j egress rate of a live emulated network (a link slowing down mid-run)."""
+    bits = max(8000, int(bandwidth_Bps * 8))
+    burst = max(1600, int(bandwidth_Bps * 0.002))
+    _run("ip", "netns", "exec", host_name(i), "tc", "class", "change", "dev", IFNAME, "parent", "1:", "classid",
+         f"1:{10 + j}", "htb", "rate", f"{bits}bit", "burst", str(burst), "cburst", str(burst))
+
+
 @dataclass
 class WanHosts:
     """``n`` namespace hosts with per-destination egress rates ``bandwidth_Bps[i][j]`` (bytes/s;

@@ -1,0 +1,195 @@
+"""Measured costs of a running job: a cost matrix per directed link and op seconds per node.
+
+The executor records every op of an iteration (``ProgramExecutor.trace``: kind, microbatch, part,
+peer, start, end on ``time.perf_counter``, one monotonic clock for every process of a machine).
+From the traces of all ranks of a window of steps, :class:`MeasuredCosts` keeps running estimates
+(an EWMA over windows, weight ``alpha`` for the newest):
+
+* **link** ``C[a][b]``: a message's time from the sender's send op to its arrival at the receiver.
+  The arrival is known when the receiver was already waiting (its receive op lasted longer than
+  ``wait_s``): then it is the receive's end. A receive posted after the message had arrived only
+  gives an upper bound; a link with no exact sample in a window takes the smallest bound. The window's
+  median per link enters the EWMA. Links no route uses stay unmeasured (the median measured link
+  stands in for them when planning);
+* **node compute**: the median seconds of each node's forward (F), head + loss (L) and backward (B)
+  ops, the simulator's phases (:mod:`integration.plan.simulator`), also as w per node (the
+  cost model's units: a body visit is 2.5 w, a home microbatch 2.75 w);
+* **overhead**: the fastest receive op of the window (a message that had arrived: thread wake-up
+  and copy), the per-op cost the simulator calls ``gap``.
+
+:meth:`MeasuredCosts.predict` replays a plan on these numbers (the simulator's paper mode, measured
+op seconds, gap = overhead); :meth:`MeasuredCosts.plan` asks the path planner for routes on the
+same grid. The planner's busy gap is fixed at the paper's 0.1 s, so the measured times are scaled
+by 0.1 s / overhead for it (its choices depend only on the ratios) and the prediction is made
+unscaled.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .cluster import Cluster, Node
+from .costmodel import BODY_TOTAL, HOME_TOTAL
+from .routeplan import RoutePlan
+from .rules import Rules
+from .simulator import simulate
+
+# (kind, microbatch, part, peer, start s, end s): one op as ProgramExecutor.trace records it.
+TraceOp = tuple[str, int, object, object, float, float]
+LINK_KINDS = ("act", "grad")  # same size both ways; labels are smaller and not priced
+
+
+def _phase(kind: str, part: object) -> str | None:
+    if kind == "fwd":
+        return "L" if part in ("head", "last") else "F"
+    if kind == "bwd":
+        return None if part == "head" else "B"  # the head's backward is folded into L (cost model)
+    return None
+
+
+def window_samples(traces: Mapping[int, Sequence[Sequence[TraceOp]]], wait_s: float = 0.002
+                   ) -> tuple[dict[tuple[int, int], float], dict[tuple[int, str], float], float | None]:
+    """One window's medians: link seconds, op seconds per (node, phase), and the fastest receive.
+
+    ``traces[rank][i]`` is rank's trace of the window's i-th step (every rank the same steps)."""
+    exact: dict[tuple[int, int], list[float]] = defaultdict(list)
+    bound: dict[tuple[int, int], list[float]] = defaultdict(list)
+    ops: dict[tuple[int, str], list[float]] = defaultdict(list)
+    fastest: float | None = None
+    steps = min((len(t) for t in traces.values()), default=0)
+    for i in range(steps):
+        sent: dict[tuple[int, int, str, int], float] = {}
+        for rank, per_step in traces.items():
+            for kind, mb, part, peer, a, b in per_step[i]:
+                if kind.startswith("send_") and kind[5:] in LINK_KINDS:
+                    sent[(rank, int(peer), kind[5:], mb)] = a
+                phase = _phase(kind, part)
+                if phase is not None:
+                    ops[(rank, phase)].append(b - a)
+        for rank, per_step in traces.items():
+            for kind, mb, part, peer, a, b in per_step[i]:
+                if not (kind.startswith("recv_") and kind[5:] in LINK_KINDS):
+                    continue
+                fastest = b - a if fastest is None else min(fastest, b - a)
+                t_send = sent.get((int(peer), rank, kind[5:], mb))
+                if t_send is None or b <= t_send:
+                    continue
+                (exact if b - a > wait_s else bound)[(int(peer), rank)].append(b - t_send)
+    links = {k: statistics.median(v) for k, v in exact.items()}
+    for k, v in bound.items():
+        links.setdefault(k, min(v))
+    return links, {k: statistics.median(v) for k, v in ops.items()}, fastest
+
+
+@dataclass
+class MeasuredCosts:
+    """Running estimates (EWMA over windows) for ``n`` nodes; see the module docstring."""
+
+    n: int
+    alpha: float = 0.5
+    link_s: dict[tuple[int, int], float] = field(default_factory=dict)
+    op_s: dict[tuple[int, str], float] = field(default_factory=dict)
+    overhead_s: float | None = None
+    windows: int = 0
+
+    def update(self, traces: Mapping[int, Sequence[Sequence[TraceOp]]]) -> None:
+        """Fold one window of every rank's traces into the estimates."""
+        links, ops, fastest = window_samples(traces)
+        for table, new in ((self.link_s, links), (self.op_s, ops)):
+            for k, v in new.items():
+                table[k] = v if k not in table else self.alpha * v + (1 - self.alpha) * table[k]
+        if fastest is not None:
+            self.overhead_s = fastest if self.overhead_s is None else \
+                self.alpha * fastest + (1 - self.alpha) * self.overhead_s
+        self.windows += 1
+
+    def cost_matrix(self) -> np.ndarray:
+        """C (seconds); an unmeasured link takes the median measured one (0 on the diagonal)."""
+        fill = statistics.median(self.link_s.values()) if self.link_s else 1e-3
+        C = np.full((self.n, self.n), fill)
+        for (a, b), v in self.link_s.items():
+            C[a, b] = max(v, 1e-6)
+        np.fill_diagonal(C, 0.0)
+        return C
+
+    def stage_times(self, plan: RoutePlan) -> list[float]:
+        """w per node in the cost model's units (a node never measured: the median node)."""
+        homes = set(plan.stage_nodes[0])
+        w: dict[int, float] = {}
+        for node in range(self.n):
+            got = {ph: self.op_s[(node, ph)] for ph in "FLB" if (node, ph) in self.op_s}
+            if got:
+                w[node] = sum(got.values()) / (HOME_TOTAL if node in homes else BODY_TOTAL)
+        fill = statistics.median(w.values()) if w else 1e-3
+        return [max(w.get(node, fill), 1e-6) for node in range(self.n)]
+
+    def gap_s(self) -> float:
+        return max(self.overhead_s or 0.0, 1e-4)
+
+    def predict(self, plan: RoutePlan) -> float:
+        """Seconds of one iteration of ``plan`` on the measured costs (paper mode, no all-reduce)."""
+        return simulate(plan, cost=self.cost_matrix(), stage_times=self.stage_times(plan), mode="paper",
+                        gap_s=self.gap_s(), op_seconds=dict(self.op_s), record=False).iteration_s
+
+    def cluster(self, plan: RoutePlan, memory: int, scale: float) -> Cluster:
+        """The measured network as a planner :class:`Cluster` (times multiplied by ``scale``)."""
+        w = self.stage_times(plan)
+        C = self.cost_matrix() * scale
+        nodes = [Node(i, "measured", memory=memory, stage_time_s=w[i] * scale) for i in range(self.n)]
+        return Cluster("measured", nodes, cost_s=tuple(tuple(float(x) for x in row) for row in C))
+
+    def plan(self, current: RoutePlan, rules: Rules, microbatches_per_home: int, seed: int = 0,
+             budget_s: float = 2.0) -> RoutePlan:
+        """Routes for ``current``'s grid, path length and rules on the measured costs.
+
+        Memory: the rules' or the plan's TC1 limit; a plan without one may keep every route's
+        activations on a node (that is what it declared). A plan without stage swaps gets none."""
+        from .planner import Effort, plan_routes  # the planner (OR-tools) only when asked
+
+        memory = rules.memory or current.memory or len(current.routes)
+        swaps = any(_has_swap(r.body_stages) for r in current.routes)
+        use = Rules(**{**vars(rules), "memory": memory, "path_length": current.path_length,
+                       **({} if swaps else {"max_swaps": 0})})
+        effort = Effort(placement_evals=0, static_iters=2000, sim_evals=300, exact_dtime=0.0, linked_dtime=1.0)
+        res = plan_routes(self.cluster(current, memory, 0.1 / self.gap_s()), stage_nodes=current.stage_nodes,
+                          num_stages=current.num_stages, path_length=current.path_length, memory=memory,
+                          microbatches_per_home=microbatches_per_home, seed=seed, time_budget_s=budget_s,
+                          rules=use, effort=effort)
+        plan = res.plan
+        plan.layout = current.layout
+        plan.meta = {**plan.meta, "builder": "drift_replan"}
+        return plan
+
+    def describe(self) -> dict:
+        """Every measured link (slowest first), w per node and the overhead (for events)."""
+        links = sorted(self.link_s.items(), key=lambda kv: -kv[1])
+        w = {}
+        for node in range(self.n):
+            got = [self.op_s[(node, ph)] for ph in "FLB" if (node, ph) in self.op_s]
+            if got:
+                w[str(node)] = round(sum(got), 5)
+        return {"links_s": {f"{a}->{b}": round(v, 5) for (a, b), v in links}, "compute_s_per_mb": w,
+                "overhead_s": None if self.overhead_s is None else round(self.overhead_s, 5)}
+
+
+def _has_swap(stages: Iterable[int]) -> bool:
+    seq = list(stages)
+    return any(b < a for a, b in zip(seq, seq[1:]))
+
+
+def link_uses(plan: RoutePlan) -> dict[tuple[int, int], int]:
+    """How many activations each directed link carries per iteration (home -> hops -> home)."""
+    out: dict[tuple[int, int], int] = defaultdict(int)
+    for r in plan.routes:
+        nodes = [r.home_node, *(h.node for h in r.hops), r.home_node]
+        for a, b in zip(nodes, nodes[1:]):
+            out[(a, b)] += 1
+    return dict(out)
+
+
+__all__ = ["MeasuredCosts", "window_samples", "link_uses", "TraceOp"]
