@@ -99,7 +99,6 @@ class FaultTolerantEngine(RoutedPipelineEngine):
         if not self._my_stage_visited:
             return
         dp = self.grid.get_data_parallel_world_size()
-        params = [p for p in self.module.parameters() if p.grad is not None]
         if dp > 1:
             # Every replica of a visited stage joins, also one that no route visited this step (a
             # re-planned route may leave a replica idle: a straggler, a slow link): it contributes
@@ -122,7 +121,7 @@ class FaultTolerantEngine(RoutedPipelineEngine):
                         p.grad = torch.zeros_like(p)
                     p.grad.copy_(grads[offset:offset + n].view_as(p.grad))
                 offset += n
-            params = [p for p in params if p.grad is not None]
+        params = [p for p in self.module.parameters() if p.grad is not None]
         self._apply_gradient_rule(params)
 
     def _exec_commit(self):
