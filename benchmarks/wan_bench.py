@@ -217,11 +217,18 @@ def _megatron_steps(rank: int, world: int, plans: dict) -> dict:
 
 
 _LOG: list = []  # per-op timestamps of the running iteration (benchmark instrumentation only)
+_MSG_BYTES: dict[str, int] = {}  # message kind -> bytes of its largest message (header included)
+PROGRAM_OPS = lambda log: [e for e in log if e[0] not in ("allreduce", "end")]  # noqa: E731
 
 
 def _record_ops() -> None:
-    """Per-op timestamps: wrap the program executor's op dispatch (both backends run it)."""
+    """Per-op timestamps: wrap the program executor's op dispatch (both backends run it), every
+    ``torch.distributed.all_reduce`` (logged as ``("allreduce", -1, bytes, group ranks, start, end)``:
+    the calibrated replay prices the backend's collectives) and the message sizes per kind."""
+    import torch.distributed as dist
+
     from integration.runtime.executor import ProgramExecutor
+    from integration.runtime.p2p import HEADER_BYTES, RoutedP2P
     run_op = ProgramExecutor.run_op
 
     def timed(self, op):
@@ -229,6 +236,23 @@ def _record_ops() -> None:
         run_op(self, op)
         _LOG.append((op.kind, op.mb, op.part, op.peer, t0, time.perf_counter()))
     ProgramExecutor.run_op = timed
+    send = RoutedP2P.send
+
+    def sized(self, tensor, peer, kind, mb, step):
+        _MSG_BYTES[kind] = max(_MSG_BYTES.get(kind, 0), HEADER_BYTES + tensor.numel() * tensor.element_size())
+        return send(self, tensor, peer, kind, mb, step)
+    RoutedP2P.send = sized
+    all_reduce = dist.all_reduce  # the emulation's delayed one (installed first)
+
+    def logged_all_reduce(tensor, *args, **kwargs):
+        group = kwargs.get("group", args[1] if len(args) > 1 else None)
+        ranks = list(range(dist.get_world_size())) if group is None or group is dist.GroupMember.WORLD \
+            else dist.get_process_group_ranks(group)
+        t0 = time.perf_counter()
+        out = all_reduce(tensor, *args, **kwargs)
+        _LOG.append(("allreduce", -1, tensor.numel() * tensor.element_size(), ranks, t0, time.perf_counter()))
+        return out
+    dist.all_reduce = logged_all_reduce
 
 
 def bench_worker(rank: int, world: int, net_file: str, plans: dict, iters: int, warmup: int, model: dict,
@@ -244,7 +268,7 @@ def bench_worker(rank: int, world: int, net_file: str, plans: dict, iters: int, 
     steps = (_deepspeed_steps if backend == "deepspeed" else _megatron_steps)(rank, world, plans)
     times = {k: [] for k in steps}
     spans = {k: [] for k in steps}  # per timed iteration: (start, end of this rank's last op, end); one clock
-    traces = {}
+    traces, fit_traces = {}, []  # the last timed iteration's ops per variant; the full pipeline's, every one
     for i in range(warmup + iters):
         for name, make in steps.items():
             run = make(i)
@@ -254,12 +278,17 @@ def bench_worker(rank: int, world: int, net_file: str, plans: dict, iters: int, 
             run()
             t1 = time.perf_counter()
             if i >= warmup:
+                prog = PROGRAM_OPS(_LOG)
                 times[name].append(t1 - t0)
-                spans[name].append((t0, _LOG[-1][5] if _LOG else t0, t1))
-            if i == warmup + iters - 1:
-                traces[name] = [(k, mb, part, peer, a - t0, b - t0) for k, mb, part, peer, a, b in _LOG]
+                spans[name].append((t0, prog[-1][5] if prog else t0, t1))
+                trace = [(k, mb, part, peer, round(a - t0, 6), round(b - t0, 6))
+                         for k, mb, part, peer, a, b in _LOG + [("end", -1, None, None, t1, t1)]]
+                if name == "full":
+                    fit_traces.append(trace)
+                if i == warmup + iters - 1:
+                    traces[name] = trace
     netem.uninstall()
-    return {"times": times, "traces": traces, "spans": spans}
+    return {"times": times, "traces": traces, "spans": spans, "fit_traces": fit_traces, "msg_bytes": dict(_MSG_BYTES)}
 
 
 def allreduce_tail(spans: dict[int, list[tuple[float, float, float]]]) -> tuple[float, float]:
@@ -389,6 +418,9 @@ def main() -> None:
                               GRID["name"], b, wan=True)
             runs[b] = {"times": out[0]["times"],
                        "traces": {name: {r: out[r]["traces"][name] for r in range(world)} for name in plans},
+                       "fit_traces": [{r: out[r]["fit_traces"][i] for r in range(world)}
+                                      for i in range(len(out[0]["fit_traces"]))],
+                       "msg_bytes": {k: max(o["msg_bytes"].get(k, 0) for o in out) for o in out for k in o["msg_bytes"]},
                        "spans": {name: {r: out[r]["spans"][name] for r in range(world)} for name in plans}}
             print(f"{b}: done ({time.time() - t_start:.0f} s)", flush=True)
     # The raw record: iteration times and every rank's per-op timestamps of the last timed iteration.
@@ -409,7 +441,10 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         fast = {k: min(v) for k, v in times.items()}
         phases = {k: allreduce_tail(run["spans"][k]) for k in plans}
-        model = CalibratedModel.fit(run["traces"])
+        # Fitted on every timed iteration of the full pipeline (one iteration alone is noisy under load), on
+        # the backend's own program (megatron hands every stage the batch) and message sizes.
+        model = CalibratedModel.fit({"full": run["fit_traces"]}, carry_batch=b == "megatron",
+                                    message_bytes={k: v for k, v in run["msg_bytes"].items() if k not in ("act", "grad")})
         cal = predict(plans, probed, model)
         err_cal = {}
         for name in VARIANTS:

@@ -51,32 +51,77 @@ def _phase(kind: str, part: str | None) -> str:
 
 @dataclass
 class CalibratedModel:
-    """Measured compute seconds per (rank, kind, part) and per-message overheads."""
+    """Measured compute seconds per (rank, kind, part), per-message overheads per message kind, and the
+    backend's iteration tail (the collectives after the program, then the optimizer step).
+
+    ``send_s`` / ``recv_s``: seconds per message on the compute thread, one number for every kind or a
+    dict by kind (``"act"``, ``"grad"``, ``"batch"``, ``"labels"``). ``carry_batch``: the backend's
+    program hands the home's data batch to every node of the route (megatron,
+    ``compile_plan(carry_batch=True)``); the replay must run that program, not DeepSpeed's.
+    ``message_bytes``: bytes per message kind (default: the workload's activation bytes).
+    ``tail``: per rank, the collectives it calls after its last program op, in order, as
+    (group ranks, bytes); ``None`` prices the stage groups' gradient all-reduce instead (full mode's
+    formula). ``post_s``: per rank, seconds from its last collective to its iteration end.
+    """
 
     compute_s: dict[tuple[int, str, Any], float] = field(default_factory=dict)
-    send_s: float = 0.0
-    recv_s: float = 0.0
+    send_s: float | dict[str, float] = 0.0
+    recv_s: float | dict[str, float] = 0.0
     allreduce_latency: bool = True
     fitted_on: str = "full"
+    carry_batch: bool = False
+    message_bytes: dict[str, int] = field(default_factory=dict)
+    tail: dict[int, list[tuple[tuple[int, ...], int]]] | None = None
+    post_s: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, traces: Mapping[str, Mapping[int, Sequence[TraceOp]]], on: str = "full",
-            allreduce_latency: bool = True) -> "CalibratedModel":
-        """Fit from ``traces[on]`` (rank -> ops of one iteration)."""
+    def fit(cls, traces: Mapping[str, Any], on: str = "full", allreduce_latency: bool = True,
+            carry_batch: bool = False, message_bytes: Mapping[str, int] | None = None) -> "CalibratedModel":
+        """Fit from ``traces[on]``: rank -> ops of one iteration, or a list of those (several iterations).
+
+        Compute and send costs are medians over all iterations. A receive includes its wait, so its
+        overhead per kind is the fastest receive of that kind (one whose message had arrived), taken
+        per iteration and then the median over iterations (robust to one odd fast receive). Entries
+        of kind ``"allreduce"`` (``part`` = bytes, ``peer`` = the group's ranks) after a rank's last
+        program op form its tail; an ``"end"`` entry marks the rank's iteration end (``post_s``)."""
+        given = traces[on]
+        iterations = list(given) if isinstance(given, (list, tuple)) else [given]
+        if not iterations:
+            raise ValueError(f"CalibratedModel.fit: traces[{on!r}] holds no iteration")
         per: dict[tuple[int, str, Any], list[float]] = defaultdict(list)
-        sends: list[float] = []
-        recvs: list[float] = []
-        for rank, ops in traces[on].items():
-            for kind, _mb, part, _peer, a, b in ops:
-                if kind in COMPUTE:
-                    per[(int(rank), kind, part)].append(b - a)
-                elif kind.startswith("send"):
-                    sends.append(b - a)
-                else:
-                    recvs.append(b - a)  # includes waiting: only the fastest is pure overhead
+        sends: dict[str, list[float]] = defaultdict(list)
+        fastest_recv: dict[str, list[float]] = defaultdict(list)
+        post: dict[int, list[float]] = defaultdict(list)
+        tail: dict[int, list[tuple[tuple[int, ...], int]]] | None = None
+        for it in iterations:
+            recvs: dict[str, list[float]] = defaultdict(list)
+            it_tail: dict[int, list[tuple[tuple[int, ...], int]]] = {}
+            for rank, ops in it.items():
+                rank = int(rank)
+                program = [o for o in ops if o[0] not in ("allreduce", "end")]
+                last_prog = program[-1][5] if program else 0.0
+                it_tail[rank] = [(tuple(int(x) for x in peer), int(part)) for kind, _mb, part, peer, a, _b in ops
+                                 if kind == "allreduce" and a >= last_prog]
+                last = max([o[5] for o in ops if o[0] != "end"], default=0.0)
+                post[rank] += [o[4] - last for o in ops if o[0] == "end"]
+                for kind, _mb, part, _peer, a, b in program:
+                    if kind in COMPUTE:
+                        per[(rank, kind, part)].append(b - a)
+                    elif kind.startswith("send_"):
+                        sends[kind[5:]].append(b - a)
+                    elif kind.startswith("recv_"):
+                        recvs[kind[5:]].append(b - a)
+                    else:
+                        raise ValueError(f"CalibratedModel.fit: unknown op kind {kind!r} in rank {rank}'s trace")
+            for k, v in recvs.items():
+                fastest_recv[k].append(min(v))
+            if any(it_tail.values()):
+                tail = it_tail  # the same collectives every iteration; the last one's are kept
         compute = {k: statistics.median(v) for k, v in per.items()}
-        recv = min(recvs) if recvs else 0.0
-        return cls(compute, statistics.median(sends) if sends else 0.0, recv, allreduce_latency, on)
+        send = {k: statistics.median(v) for k, v in sends.items()}
+        recv = {k: statistics.median(v) for k, v in fastest_recv.items()}
+        return cls(compute, send, recv, allreduce_latency, on, carry_batch, dict(message_bytes or {}), tail,
+                   {r: statistics.median(v) for r, v in post.items() if v})
 
     def _compute(self, rank: int, kind: str, part: Any) -> float:
         if (rank, kind, part) in self.compute_s:
@@ -84,12 +129,34 @@ class CalibratedModel:
         same = [v for (r, k, p), v in self.compute_s.items() if k == kind and p == part]
         return statistics.median(same) if same else 0.0  # a rank the fit never saw doing this op
 
+    @staticmethod
+    def _overhead(table: float | Mapping[str, float], what: str) -> float:
+        if not isinstance(table, Mapping):
+            return float(table)
+        if what in table:
+            return table[what]
+        return statistics.median(table.values()) if table else 0.0  # a kind the fit never saw
+
+    def _collective_s(self, group: Sequence[int], nbytes: int, lat: np.ndarray, bw: np.ndarray) -> float:
+        """A ring all-reduce over ``group``: 2(k-1)/k x bytes over its slowest link, plus (with
+        ``allreduce_latency``) 2(k-1) x its largest latency, as the emulation's delay layer adds."""
+        k = len(group)
+        if k < 2:
+            return 0.0
+        g = np.ix_(list(group), list(group))
+        t = 2 * (k - 1) / k * nbytes / bw[g][~np.eye(k, dtype=bool)].min()
+        return t + (2 * (k - 1) * lat[g].max() if self.allreduce_latency else 0.0)
+
     def simulate(self, plan: RoutePlan, cluster: Cluster, message_bytes: int | None = None) -> SimResult:
-        """Replay ``plan``'s compiled programs on ``cluster`` (latency, bandwidth, stage params)."""
+        """Replay ``plan``'s compiled programs on ``cluster`` (latency, bandwidth, stage params).
+        ``message_bytes`` overrides the size of activation and gradient messages."""
         from ..runtime.program import compile_plan
-        prog = compile_plan(plan)
+        prog = compile_plan(plan, carry_batch=self.carry_batch)
         lat, bw = cluster.latency_matrix(), cluster.bandwidth_matrix()
-        nbytes = cluster.workload.activation_bytes if message_bytes is None else message_bytes
+        act_bytes = cluster.workload.activation_bytes if message_bytes is None else message_bytes
+        sizes = {"act": act_bytes, "grad": act_bytes, **self.message_bytes}
+        if message_bytes is not None:
+            sizes.update(act=message_bytes, grad=message_bytes)
         ranks = sorted(prog.ops)
         pc = {r: 0 for r in ranks}
         now = {r: 0.0 for r in ranks}
@@ -109,16 +176,17 @@ class CalibratedModel:
                         if op.kind != "load":
                             ops.append(SimOp(r, op.mb, _phase(op.kind, op.part), t, end))
                     elif op.kind.startswith("send"):
-                        end = t + self.send_s
                         what = op.kind[5:]
+                        end = t + self._overhead(self.send_s, what)
                         start = max(end, link_free[(r, op.peer)])
-                        link_free[(r, op.peer)] = start + nbytes / bw[r][op.peer]
+                        link_free[(r, op.peer)] = start + sizes.get(what, act_bytes) / bw[r][op.peer]
                         arrival[(r, op.peer, what, op.mb)] = link_free[(r, op.peer)] + lat[r][op.peer]
                     else:
-                        key = (op.peer, r, op.kind[5:], op.mb)
+                        what = op.kind[5:]
+                        key = (op.peer, r, what, op.mb)
                         if key not in arrival:
                             break  # blocked until the sender's program reaches the send
-                        end = max(t, arrival[key]) + self.recv_s
+                        end = max(t, arrival[key]) + self._overhead(self.recv_s, what)
                     now[r] = end
                     pc[r] += 1
                     progressed = True
@@ -127,19 +195,49 @@ class CalibratedModel:
             raise SimulationError(f"calibrated replay: ranks {stuck[:10]} wait forever (the programs deadlock)")
         compute_end = max(now.values()) if now else 0.0
         allreduce: dict[int, float] = {}
-        total = 0.0
-        for s, group in enumerate(plan.stage_nodes):
-            k = len(group)
-            t_ar = 0.0
-            if k > 1:
-                g = np.ix_(group, group)
-                b = bw[g][~np.eye(k, dtype=bool)].min()
-                t_ar = 2 * (k - 1) / k * cluster.workload.stage_param_bytes(s) / b
-                if self.allreduce_latency:
-                    t_ar += 2 * (k - 1) * lat[g].max()
-            allreduce[s] = t_ar
-            total = max(total, max(now.get(n, 0.0) for n in group) + t_ar)
+        if self.tail is None:
+            total = 0.0
+            for s, group in enumerate(plan.stage_nodes):
+                allreduce[s] = self._collective_s(group, cluster.workload.stage_param_bytes(s), lat, bw) \
+                    if len(group) > 1 else 0.0
+                total = max(total, max(now.get(n, 0.0) for n in group) + allreduce[s])
+            return SimResult(iteration_s=total, compute_end_s=compute_end, mode="replay", ops=ops,
+                             allreduce_s=allreduce)
+        total = self._replay_tail(now, lat, bw, allreduce)
         return SimResult(iteration_s=total, compute_end_s=compute_end, mode="replay", ops=ops, allreduce_s=allreduce)
+
+    def _replay_tail(self, now: dict[int, float], lat: np.ndarray, bw: np.ndarray,
+                     allreduce: dict[int, float]) -> float:
+        """The fitted tail after the programs: each rank's collectives in order (the n-th call on a group
+        starts when all its members reach their n-th call on it), then each rank's ``post_s``. Fills
+        ``allreduce`` (collective index -> seconds, rank 0's calls first) and returns the iteration end."""
+        tail = {r: list(self.tail.get(r, [])) for r in now}
+        pos = {r: 0 for r in now}
+        calls: dict[int, dict[tuple[int, ...], int]] = {r: defaultdict(int) for r in now}
+        ready: dict[tuple[tuple[int, ...], int], dict[int, float]] = defaultdict(dict)
+        progressed = True
+        while progressed:
+            progressed = False
+            for r in now:
+                while pos[r] < len(tail[r]):
+                    group, nbytes = tail[r][pos[r]]
+                    key = (group, calls[r][group])
+                    ready[key][r] = now[r]
+                    members = [m for m in group if m in now]
+                    if len(ready[key]) < len(members):
+                        break  # waits for the other members of the group
+                    t = max(ready[key].values()) + self._collective_s(group, nbytes, lat, bw)
+                    for m in members:
+                        now[m] = t
+                        calls[m][group] += 1
+                        pos[m] += 1
+                    allreduce.setdefault(len(allreduce), t - max(ready[key].values()))
+                    progressed = True
+        stuck = [r for r in now if pos[r] < len(tail[r])]
+        if stuck:
+            raise SimulationError(f"calibrated replay: ranks {stuck[:10]} wait forever in the tail's collectives "
+                                  f"(the fitted tail does not match across ranks)")
+        return max(now[r] + self.post_s.get(r, 0.0) for r in now) if now else 0.0
 
     def describe(self) -> str:
         by: dict[str, list[float]] = defaultdict(list)
@@ -147,6 +245,19 @@ class CalibratedModel:
             if kind != "load":
                 by[f"{kind} {part}"].append(v)
         parts = ", ".join(f"{k} {1e3 * min(v):.1f}-{1e3 * max(v):.1f} ms" for k, v in sorted(by.items()))
-        return (f"replay of the compiled programs, fitted on the {self.fitted_on} pipeline's trace: {parts}; "
-                f"message overhead send {1e3 * self.send_s:.2f} ms, receive {1e3 * self.recv_s:.2f} ms; "
-                f"all-reduce latency term {'on' if self.allreduce_latency else 'off'}")
+
+        def ms(table: float | Mapping[str, float]) -> str:
+            if not isinstance(table, Mapping):
+                return f"{1e3 * table:.2f} ms"
+            return ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in sorted(table.items()))
+        if self.tail is None:
+            tail = "tail: the stage groups' gradient all-reduce (full mode's formula)"
+        else:
+            calls = self.tail.get(0, [])
+            tail = (f"tail: rank 0 calls {len(calls)} collectives after its program "
+                    f"(groups of {sorted({len(g) for g, _ in calls})} ranks), then "
+                    f"{1e3 * statistics.median(self.post_s.values()) if self.post_s else 0.0:.1f} ms (median rank)")
+        return (f"replay of the compiled programs{' (carry_batch: megatron)' if self.carry_batch else ''}, fitted "
+                f"on the {self.fitted_on} pipeline's trace: {parts}; message overhead send {ms(self.send_s)}; "
+                f"receive {ms(self.recv_s)}; message bytes {dict(sorted(self.message_bytes.items())) or 'activation'};"
+                f" {tail}; all-reduce latency term {'on' if self.allreduce_latency else 'off'}")

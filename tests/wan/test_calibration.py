@@ -79,4 +79,4 @@ def test_fit_takes_medians_and_the_fastest_receive():
                           ("recv_grad", 1, None, 1, 1.5, 1.52)]}}
     m = CalibratedModel.fit(trace)
     assert m.compute_s == {(0, "fwd", "embed"): pytest.approx(0.2)}
-    assert m.send_s == pytest.approx(0.02) and m.recv_s == pytest.approx(0.02)
+    assert m.send_s == {"act": pytest.approx(0.02)} and m.recv_s == {"grad": pytest.approx(0.02)}
