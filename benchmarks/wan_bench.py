@@ -356,6 +356,9 @@ def main() -> None:
     ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated (default: both)")
     ap.add_argument("--quick", action="store_true",
                     help="DeepSpeed only, 10 iterations; ends with the one-line summary")
+    ap.add_argument("--identity-baseline", action="store_true",
+                    help="also measure the full pipeline on the identity rank -> host map (no placement search: "
+                         "what a user gets without it, like SkipPipe's baseline), in the same run, after the variants")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown report here (and the Gantt PNG)")
     args = ap.parse_args()
     MODEL.update(MODELS[args.model])
@@ -423,8 +426,20 @@ def main() -> None:
                        "msg_bytes": {k: max(o["msg_bytes"].get(k, 0) for o in out) for o in out for k in o["msg_bytes"]},
                        "spans": {name: {r: out[r]["spans"][name] for r in range(world)} for name in plans}}
             print(f"{b}: done ({time.time() - t_start:.0f} s)", flush=True)
+    identity: dict[str, list[float]] = {}  # backend -> iteration times of the full pipeline, identity map
+    if args.identity_baseline:
+        ident_net = geo_network(args.scale)
+        ident_file = work / "emulated_identity.json"
+        ident_file.write_text(json.dumps(ident_net, indent=1))
+        with WanHosts(world, cluster_from_dict(ident_net).bandwidth_matrix()):
+            for b in backends:
+                out = run_workers(bench_worker, world, str(ident_file), {"full": plans["full"]}, args.iters,
+                                  args.warmup, MODEL, GRID["name"], b, wan=True)
+                identity[b] = out[0]["times"]["full"]
+                print(f"{b}: identity-map full pipeline done ({time.time() - t_start:.0f} s)", flush=True)
     # The raw record: iteration times and every rank's per-op timestamps of the last timed iteration.
     (work / "raw.json").write_text(json.dumps({"runs": runs, "placement": placement, "search": search,
+                                               "identity_full_times": identity,
                                                "plans": {k: p.to_dict() for k, p in plans.items()}}))
 
     raw = predict(plans, probed, None)
@@ -463,6 +478,15 @@ def main() -> None:
                       f"s ({phases['planned'][0] / phases['full'][0]:.2f}).")
         summaries[b] = (f"planned/full {med['planned'] / med['full']:.2f} oblivious/full "
                         f"{med['oblivious'] / med['full']:.2f} worst prediction error {100 * max(err_cal.values()):.0f}%")
+        if b in identity:
+            ident = statistics.median(identity[b])
+            p_ident = model.simulate(plans["full"], cluster_from_dict(probed_hosts)).iteration_s
+            rows.append(f"| {b} | full, identity map | {len(identity[b])} | {ident:.3f} | {ident / med['full']:.3f} | "
+                        f"{min(identity[b]):.3f} | {min(identity[b]) / fast['full']:.3f} | {search['identity_s']:.3f} | "
+                        f"{100 * abs(search['identity_s'] - ident) / ident:.0f}% | {p_ident:.3f} | "
+                        f"{100 * abs(p_ident - ident) / ident:.0f}% |")
+            summaries[b] += (f" (against the identity-map full pipeline: planned {med['planned'] / ident:.2f} "
+                             f"oblivious {med['oblivious'] / ident:.2f})")
         cal_notes.append(f"{b}: {model.describe()}")
         gantt_path = (args.out.parent if args.out else work) / ("wan_gantt.png" if b == "deepspeed"
                                                                else f"wan_gantt_{b}.png")
@@ -473,7 +497,8 @@ def main() -> None:
         (f" --grid {args.grid}" if args.grid != "s6" else "") + \
         (f" --backends {args.backends}" if args.backends != ",".join(BACKENDS) else "") + \
         (f" --scale {args.scale}" if args.scale != 0.05 else "") + \
-        (f" --model {args.model}" if args.model != "small" else "") + (f" --out {args.out}" if args.out else "")
+        (f" --model {args.model}" if args.model != "small" else "") + \
+        (" --identity-baseline" if args.identity_baseline else "") + (f" --out {args.out}" if args.out else "")
     load = Path("/proc/loadavg").read_text().split()[:3]
     text = "\n".join([
         f"Command: `{cmd}` (root; routed engines: {', '.join(backends)}; CPU gloo, {world} ranks = S {S} x "
