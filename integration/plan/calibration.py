@@ -12,14 +12,24 @@ emulated links (``benchmarks/wan_bench.py``) shows what that misses:
 * compute under contention: ranks share 2 cores, so the real op times are not ``w`` times the
   1.5x / 0.25x factors; measured medians per (rank, op kind, part) replace them;
 * message overhead: building a message (header + copy) and posting a receive cost CPU time on the
-  compute thread: the median send op and the fastest receive op (one whose message had arrived:
-  no waiting) are charged per message.
+  compute thread: per message kind, the median send op and the fastest receive op (one whose message
+  had arrived: no waiting) are charged per message. One number for all kinds was wrong for megatron:
+  its tiny batch receives (0.2-0.4 ms) set the minimum, against ~5 ms for an activation;
+* the backend's program: megatron's (``compile_plan(carry_batch=True)``) sends the home's data batch
+  to every node of the route ahead of the activation; the replay runs the program the backend runs;
+* the iteration tail: after the programs the backends call collectives (loss and grad-norm
+  all-reduces over the world, data-parallel gradient all-reduces), each paying 2(k-1) x the group's
+  largest latency on the emulated network, then the optimizer step. The fit takes the list of
+  collectives each rank called after its program (group, bytes) and the time from the last one to
+  the iteration end; the replay prices those collectives on the cluster. Without it, a one-column
+  grid (no data-parallel groups) had no tail at all in the replay (0.49 s measured).
 
 :class:`CalibratedModel` replays every rank's compiled program: compute and sends take their fitted
 time, a receive waits for its message (sent at the sender's program position, serialised on the
-directed link at its bandwidth, plus the link's latency), then each stage group all-reduces its
-gradients (full mode's ring formula) and the iteration ends with the slowest group. Fitted on the
-full pipeline's trace only; predictions for other plans are out of sample. The simulator's paper
+directed link at its bandwidth, plus the link's latency), then the fitted tail (or, for a model
+without one, each stage group's gradient all-reduce by full mode's ring formula). Fitted on the
+full pipeline's trace only (every timed iteration: one alone is noisy under load); predictions for
+other plans are out of sample. The simulator's paper
 and full modes are unchanged.
 """
 
