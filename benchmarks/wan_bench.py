@@ -355,7 +355,8 @@ def main() -> None:
                     help="s6: 6 stages, one column, L=4 (default); s4x2: 4 stages x 2 replicas, L=3")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated (default: both)")
     ap.add_argument("--quick", action="store_true",
-                    help="DeepSpeed only, 10 iterations; ends with the one-line summary")
+                    help="one backend (the first of --backends: DeepSpeed unless --backend megatron), 10 iterations; "
+                         "ends with the one-line summary")
     ap.add_argument("--identity-baseline", action="store_true",
                     help="also measure the full pipeline on the identity rank -> host map (no placement search: "
                          "what a user gets without it, like SkipPipe's baseline), in the same run, after the variants")
