@@ -424,7 +424,8 @@ def main() -> None:
                        "traces": {name: {r: out[r]["traces"][name] for r in range(world)} for name in plans},
                        "fit_traces": [{r: out[r]["fit_traces"][i] for r in range(world)}
                                       for i in range(len(out[0]["fit_traces"]))],
-                       "msg_bytes": {k: max(o["msg_bytes"].get(k, 0) for o in out) for o in out for k in o["msg_bytes"]},
+                       "msg_bytes": {k: max(o["msg_bytes"].get(k, 0) for o in out)
+                                     for o in out for k in o["msg_bytes"]},
                        "spans": {name: {r: out[r]["spans"][name] for r in range(world)} for name in plans}}
             print(f"{b}: done ({time.time() - t_start:.0f} s)", flush=True)
     identity: dict[str, list[float]] = {}  # backend -> iteration times of the full pipeline, identity map
@@ -460,7 +461,8 @@ def main() -> None:
         # Fitted on every timed iteration of the full pipeline (one iteration alone is noisy under load), on
         # the backend's own program (megatron hands every stage the batch) and message sizes.
         model = CalibratedModel.fit({"full": run["fit_traces"]}, carry_batch=b == "megatron",
-                                    message_bytes={k: v for k, v in run["msg_bytes"].items() if k not in ("act", "grad")})
+                                    message_bytes={k: v for k, v in run["msg_bytes"].items()
+                                                   if k not in ("act", "grad")})
         cal = predict(plans, probed, model)
         err_cal = {}
         for name in VARIANTS:
