@@ -80,7 +80,7 @@ def test_our_plan_on_their_setting_beats_theirs():
             res = plan_routes(c, stage_nodes=sn if given else None, stage_sizes=None if given else [5, 3, 3, 3, 3, 3],
                               seed=seed)
             # A guard only: planner time is measured by benchmarks/planner_bench.py (goal: 10 s).
-            assert time.process_time() - t <= 20
+            assert time.process_time() - t <= 60
             assert validate(res.plan, Rules(memory=3)) == []
             sim = simulate(res.plan, c)
             assert not _forward_overlap(sim.ops)
