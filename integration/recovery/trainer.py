@@ -154,6 +154,8 @@ class FaultTolerantTrainer(Trainer):
         self.session = FaultTolerantSession(ctx, plan, make_backend, settings, events,
                                             self.audit.on_recovered if self.audit is not None else None,
                                             checkpoints=ckpt, replan=replan, drift=drift)
+        gc.collect()
+        gc.freeze()  # again: the first backend's construction imported the engine modules (DeepSpeed, megatron-core)
         self.seen_recoveries = 0
         if not started_joining and not self.session.restarted:  # the first group: its ranks agree on the plan
             try:
