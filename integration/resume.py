@@ -146,7 +146,12 @@ class ResumeCheckpoints:
                 old = final.with_name(f"{tag}.old-{os.getpid()}")
                 final.replace(old)
             tmp.replace(final)
-            (self.root / _POINTER[self.backend]).write_text(tag if self.backend == "deepspeed" else str(step))
+            # Atomic, like the rename: a kill here leaves the old pointer, never an empty file that
+            # the framework's own loader (DeepSpeed's `latest`, megatron's tracker) would choke on.
+            pointer = self.root / _POINTER[self.backend]
+            pointer_tmp = pointer.with_name(f"{pointer.name}.tmp-{os.getpid()}")
+            pointer_tmp.write_text(tag if self.backend == "deepspeed" else str(step))
+            pointer_tmp.replace(pointer)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint after step %d saved: %s", step - 1, final)

@@ -56,6 +56,15 @@ def launch(under_agent: bool, out: Path, *overrides: str) -> dict[int, dict]:
     return {r: json.loads((out / f"rank{r}" / "summary.json").read_text()) for r in range(world)}
 
 
+def _pointer_updated(ckpts: Path) -> bool:
+    """The framework's pointer file names the newest complete checkpoint (it is replaced right after it)."""
+    newest, meta, _ = find_latest(ckpts)
+    for name, want in (("latest", newest.name), ("latest_checkpointed_iteration.txt", str(meta["step"]))):
+        if (ckpts / name).is_file() and (ckpts / name).read_text() == want:
+            return True
+    return False
+
+
 def launch_and_stop(under_agent: bool, out: Path, *overrides: str) -> None:
     """Start the job and stop it as soon as its first checkpoint is complete."""
     cmd, _ = _command(under_agent, out, list(overrides))
@@ -63,7 +72,7 @@ def launch_and_stop(under_agent: bool, out: Path, *overrides: str) -> None:
                          start_new_session=True)
     try:
         deadline = time.monotonic() + 900
-        while find_latest(out / "checkpoints") is None:
+        while find_latest(out / "checkpoints") is None or not _pointer_updated(out / "checkpoints"):
             assert p.poll() is None, f"the job ended (exit {p.returncode}) before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 900 s"
             time.sleep(0.02)
