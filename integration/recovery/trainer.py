@@ -115,10 +115,8 @@ class FaultTolerantTrainer(Trainer):
         self.world_size, self.rank = ctx.world_size, ctx.rank
         if self.resume_ckpts is not None:
             # Built in __init__ from the preflight's rank, which a hot spare does not have yet (every
-            # promoted spare would write as rank 0: several writers on one file); rebuild it on the real rank.
-            from ..resume import ResumeCheckpoints, checkpoints_root
-            self.resume_ckpts = ResumeCheckpoints(checkpoints_root(self.job.output_root), self.job.train.save_every,
-                                                  self.job.backend.name, ctx.rank)
+            # promoted spare would write as rank 0: several writers on one file).
+            self.resume_ckpts.rank = ctx.rank
         cfg, plan, model_cfg, megatron = self.cfg, self.plan, self.model_cfg, self.job.backend.name == "megatron"
         program = self.checked.program  # the preflight's: every generation's backend runs it, compiled once
 
