@@ -80,6 +80,7 @@ class Trainer:
         self.backend: TrainingBackend | None = None
         self.start_step = 0  # train.resume: the steps the checkpoint already applied
         self.resume_ckpts = None
+        self.history: dict[int, dict] = {}  # by step: a rollback's replayed steps overwrite their first run
         if self.job.train.save_every:
             from .resume import ResumeCheckpoints, checkpoints_root
             self.resume_ckpts = ResumeCheckpoints(checkpoints_root(self.job.output_root), self.job.train.save_every,
@@ -95,14 +96,18 @@ class Trainer:
         self.dist_backend = setup_environment()
         self.build_data()
         self.setup()
-        history = self.train()
+        summary = self.conclude(self.train())
+        self.finish()
+        return summary
+
+    def conclude(self, history: list[dict]) -> dict:
+        """The final validation, then ``summary.json`` and ``history.json`` (the summary is returned)."""
         val = self.final_validation()
         summary = self.summary(history, val)
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         (self.out_dir / "history.json").write_text(json.dumps(history, default=str))
         if self.rank == 0:
             print(self.done_line(summary), flush=True)
-        self.finish()
         return summary
 
     def dry_run(self) -> dict:
@@ -187,7 +192,7 @@ class Trainer:
     def train(self) -> list[dict]:
         from tqdm import tqdm
 
-        history: dict[int, dict] = {}  # by step: a rollback's replayed steps overwrite their first run
+        history = self.history
         bar = tqdm(total=self.steps, initial=self.start_step, disable=not (self.rank == 0 and self.job.progress),
                    dynamic_ncols=True, file=sys.stdout)
         done = self.start_step

@@ -66,6 +66,9 @@ from pathlib import Path
 ABORT_KEY = "abort"  # == integration.recovery.detect.ABORT_KEY (checked in Agent.__init__)
 
 FINISHED_KEY = "agents_finished"
+# Set by the first rank through the final barrier (== integration.recovery.detect.COMPLETE_KEY):
+# every rank wrote its summary, so a rank that dies now has nothing left to do and is not replaced.
+COMPLETE_KEY = "job_complete"
 ABORT_CODE_KEY = "abort_code"  # exit code every agent reports once the job was aborted (2: bad input)
 EXIT_OK, EXIT_STOPPED, EXIT_BAD_INPUT = 0, 1, 2
 # A worker's "start me again" (== integration.recovery.detect.RESTART_EXIT_CODE): a peer failed while
@@ -175,6 +178,7 @@ class Agent:
         from integration.recovery import detect
 
         assert detect.ABORT_KEY == ABORT_KEY and detect.RESTART_EXIT_CODE == EXIT_RESTART
+        assert detect.COMPLETE_KEY == COMPLETE_KEY
         self.detect = detect  # failure records, generation, rank heartbeats: the workers' side of the contract
 
         self.cfg = cfg
@@ -190,6 +194,7 @@ class Agent:
         self.spare_count = 0
         self.failure_times: list[float] = []
         self.failures: list[dict] = []
+        self.late_failures: list[dict] = []  # deaths after the job completed (no recovery needed)
         self.done: set[int] = set()
         self.delayed: dict[int, float] = {}  # rank -> when its failure was seen (--respawn-delay)
         self.signal: int | None = None
@@ -432,6 +437,7 @@ class Agent:
         Path(self.cfg.log_dir, name).write_text(json.dumps(
             {"outcome": outcome, "reason": reason, "host": self.host, "node": self.cfg.node_rank,
              "ranks": sorted(self.ranks), "finished": sorted(self.done), "failures": self.failures,
+             "after_completion": self.late_failures,
              "time": time.time()}, indent=1))
 
     # ------------------------------------------------------------------ spare host
@@ -530,6 +536,11 @@ class Agent:
                     self._restart(r)
                     continue
                 reason = r.kill_reason or (f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}")
+                if self.store.check([COMPLETE_KEY]):  # past the final barrier: its work (and summary) is done
+                    self.done.add(rank)
+                    self.late_failures.append({"rank": rank, "reason": reason})
+                    self.log("failure_after_completion", rank=rank, reason=reason)
+                    continue
                 absent = None
                 if self.cfg.respawn_delay > 0:  # no process for this rank until the delay ran out
                     self.store.set(self.detect.absent_key(rank), "1")

@@ -63,4 +63,4 @@ class AuditTrail:
         torch.save({"model": stage_state(session.module), "opt_steps": opt_steps,
                     "applied": session.guard.applied_steps, "recoveries": session.recoveries, "home_mirror": home},
                    self.out_dir / "final.pt")
-        self._rows.close()
+        self._rows.flush()  # not closed: a recovery at the final barrier runs final() again

@@ -42,6 +42,9 @@ from ..runtime.p2p import launch
 
 FAILURES_KEY = "failures"
 ABORT_KEY = "abort"  # set (by an agent or a rank) when the whole job must stop; no respawn after it
+# Set by the first rank through the final barrier: every rank has finished (summary written); a
+# death after it is no failure to recover (== launch.agent.COMPLETE_KEY).
+COMPLETE_KEY = "job_complete"
 # A rank's exit code for "a peer failed while I was being built, start me again" (EX_TEMPFAIL);
 # == launch.agent.EXIT_RESTART. Not a failure: nothing was applied, nothing is lost.
 RESTART_EXIT_CODE = 75

@@ -2,12 +2,15 @@
 
 A :class:`FailureInjector` is called by the training loop and the executor at fixed points
 (``at(step, phase)``: ``phase`` is ``forward`` or ``backward`` for op-level points, ``boundary``
-between iterations, ``recovery`` on a survivor inside a recovery that resumes at ``step``, after
+between iterations, ``regroup`` on a survivor inside a recovery, after the generation settled and before the new group
+forms; ``recovery`` on a survivor inside a recovery that resumes at ``step``, after
 the new group formed and before the exchange: a failure during recovery; ``validation`` at the start
 of a validation pass, ``step`` being the number of steps done, so ``train.steps`` is the final one;
 ``startup`` before the first group forms, with ``step=0``; ``construction`` inside the backend's
 construction on the first group, with ``step=0``: DeepSpeed between the PipelineModule's group
-creation and the engine build, megatron-core before its groups are created).
+creation and the engine build, megatron-core before its groups are created); ``final`` before the
+final barrier (after the final validation and the summary; ``step=train.steps``) and ``exit``
+right after it (the job is complete: nothing to recover).
 When a scheduled or
 random failure matches this rank, the process signals
 itself: ``kill`` sends SIGKILL (the process is gone, exactly like a lost node: no cleanup, no
@@ -30,7 +33,8 @@ from typing import Callable
 
 from .rebuild import per_iteration_probability
 
-PHASES = ("forward", "backward", "boundary", "recovery", "validation", "startup", "construction")
+PHASES = ("forward", "backward", "boundary", "recovery", "validation", "startup", "construction", "final", "exit",
+          "regroup")
 MODES = ("kill", "hang")
 
 
@@ -43,7 +47,7 @@ class ScheduledFailure:
     phase: str = "forward"
     mode: str = "kill"
     replica: int | None = 0
-    after_ops: int = 0  # fire at the (after_ops+1)-th matching point of that step, e.g. mid-phase
+    after_ops: int = 0  # fire at the (after_ops+1)-th matching point of that step's attempt, e.g. mid-phase
     gen: int | None = None  # fire in this generation (None: the generation of its step's round)
 
     def __post_init__(self) -> None:
@@ -120,7 +124,7 @@ class FailureInjector:
             self._round_generation[st] = g
             g += len([f for f in self.schedule if f.step == st and f.gen is None])
         self._signal = signal_self or (lambda sig: os.kill(os.getpid(), sig))
-        self._seen: dict[tuple[int, str], int] = {}
+        self._seen: dict[tuple[int, str, int], int] = {}
 
     def _mine(self, f: ScheduledFailure) -> bool:
         return f.stage == self.stage and (f.replica is None or f.replica == self.replica)
@@ -129,8 +133,11 @@ class FailureInjector:
         """Call at each injection point; does not return when this rank is to fail now."""
         if not self.active:
             return
-        n = self._seen.get((step, phase), 0)
-        self._seen[(step, phase)] = n + 1
+        # Counted per generation: ``after_ops`` points into one attempt of the step (a survivor that
+        # replays it in the next generation counts from 0 again, as a replacement does).
+        key = (step, phase, self.generation)
+        n = self._seen.get(key, 0)
+        self._seen[key] = n + 1
         for f in self.schedule:
             if (self._mine(f) and f.step == step and f.phase == phase and f.after_ops == n
                     and (self._round_generation[f.step] if f.gen is None else f.gen) == self.generation):

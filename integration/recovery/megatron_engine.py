@@ -187,7 +187,8 @@ class FaultTolerantMegatronBackend(MegatronBackend):
         """Before the old process group is destroyed: snapshot the state, drop every object that
         holds an old group (so peers' pending receives fail at once)."""
         from megatron.core import parallel_state as ps
-        self._snapshot = copy.deepcopy(self.state_bundle())  # the live tensors go with the old objects
+        if self._snapshot is None:  # else a regroup did not complete (a member lost): its snapshot is the state
+            self._snapshot = copy.deepcopy(self.state_bundle())  # the live tensors go with the old objects
         self.model = self.optimizer = self.scheduler = self.fb = None
         self._eval_fb = {}
         self.config = None
@@ -196,9 +197,9 @@ class FaultTolerantMegatronBackend(MegatronBackend):
 
     def regroup(self) -> None:
         """On the new generation's group: build everything again and load the snapshot."""
-        snap, self._snapshot = self._snapshot, None
         self._build(self.program)  # compiled once: a regroup keeps the rank grid, so the same Program
-        self.load_state_bundle(snap)
+        self.load_state_bundle(self._snapshot)
+        self._snapshot = None  # only now: a failure inside the build leaves the snapshot for the next try
 
     def load_state_bundle(self, bundle: dict, optimizer: bool = True, scheduler: bool = True) -> None:
         """:meth:`MegatronBackend.load_state_bundle`, then the ``lr_scale`` hooks: they live on the

@@ -17,10 +17,15 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from .detect import FailureMonitor, read_generation
+from .detect import COMPLETE_KEY, FailureMonitor, read_generation
 
 CLOSED = "closed"
 STALE = "stale"
+
+
+class JobCompleted(Exception):
+    """The job finished (a rank passed the final barrier) while this process waited to regroup: a
+    rank died after the final barrier, or one that had contributed to it died inside it."""
 
 
 def _key(generation: int) -> str:
@@ -48,6 +53,8 @@ def settle_generation(store: dist.Store, world_size: int, generation: int, timeo
             g = read_generation(store)  # stale: move to the newest failure and announce again
             store.add(f"{_key(g)}/arrived", 1)
             continue
+        if store.check([COMPLETE_KEY]):
+            raise JobCompleted(f"the job completed while waiting to regroup on generation {g}")
         if time.time() > deadline:
             raise TimeoutError(f"recovery: only {int(store.add(f'{_key(g)}/arrived', 0))} of {world_size} ranks "
                                f"arrived for generation {g} within {timeout_s:.0f} s")

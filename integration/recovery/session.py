@@ -199,6 +199,7 @@ class FaultTolerantSession:
         # this process for the agent to start again (no step applied, nothing lost); the new
         # process settles on the newer generation like one whose first group never formed.
         with self.monitor.construction(f"the construction of generation {generation}'s group and backend"):
+            self._meet(generation)
             ctx.init_group(self.store, generation, settings.rendezvous_timeout_s)
             t_group = time.time()
             self.backend = make_backend(self.guard, self.joining or self.restarted)
@@ -321,7 +322,10 @@ class FaultTolerantSession:
         with every unit lost so far rebuilt together from the survivors (nothing applied on a
         survivor before the exchange completes, so nothing is lost or applied twice)."""
         first = old
-        t_fail = None
+        # A replacement or restarted process interrupted in its first exchange carries the records it
+        # was started for (they precede ``old``): the event names them too.
+        earlier = {k: list(event.get(k) or []) for k in ("generations", "failed_ranks", "reasons")}
+        t_fail = event.get("t_fail")
         while True:
             self.monitor.wait_for_generation(old, self.settings.confirm_timeout_s)
             new = settle_generation(self.store, self.ctx.world_size, old + 1, self.settings.rendezvous_timeout_s,
@@ -332,18 +336,18 @@ class FaultTolerantSession:
             gc.collect()
             detected = self.monitor.detected_at  # set_generation resets it
             self.members = self._members(new)
-            self.ctx.init_group(self.store, new, self.settings.rendezvous_timeout_s, members=self.members)
             self.monitor.set_generation(new)
             self.guard.generation = new
             self.guard.commit.world_size = len(self.members)
+            if counters is not None:  # a member lost before the new group formed (the round that failed)
+                self.guard.injector.at(counters["global_steps"], "regroup")
+            try:
+                self._form_group(new)
+            except PeerFailure as again:  # a member lost while the group formed: regroup on the next one
+                self._interrupted(again)
+                old = new
+                continue
             t_regroup = time.time()
-            if self.replan is not None:  # the stages this group runs decide the module's topology
-                layout = self.replan.layout_of(self.members)
-                self.backend.use_layout(layout.program, layout.num_stages, layout.rules)
-                why = self.replan.refused(new)
-                if why:
-                    self.events.emit("replan_refused", step=None, generation=new, reason=why)
-            self.backend.regroup()
             if self.home is not None:
                 self.home.attach(self.module, self.optimizer)  # a backend may have rebuilt its module
             if counters is not None:  # the "recovery" injection point belongs to the round that failed
@@ -351,8 +355,9 @@ class FaultTolerantSession:
             self.guard.injector.generation = new
             self.pending = {**event, "generation": new, "t_fail": t_fail, "t_regroup": t_regroup,
                             "t_detect": event.get("t_detect") or detected or event.get("t_raise"),
-                            "failed_ranks": [r.rank for r in records], "reasons": [r.reason for r in records],
-                            "generations": [r.generation for r in records]}
+                            "failed_ranks": earlier["failed_ranks"] + [r.rank for r in records],
+                            "reasons": earlier["reasons"] + [r.reason for r in records],
+                            "generations": earlier["generations"] + [r.generation for r in records]}
             try:
                 self._exchange_and_rebuild(counters)
                 return
@@ -361,6 +366,39 @@ class FaultTolerantSession:
                 event = {k: v for k, v in self.pending.items()
                          if k in ("t_raise", "cause", "loss_before", "t_detect", "t_burst")}
                 old = new
+
+    def _form_group(self, generation: int) -> None:
+        """The new generation's gloo group and the backend's groups on it, failure-aware.
+
+        gloo's connect and ``new_group`` block in C++ until their timeout when a member is gone, so
+        the members first meet in the store (a poll that sees a recorded failure at once); a member
+        lost inside the formation itself surfaces as a ``RuntimeError``, which is that failure once
+        the agents record it (else this process's own error, raised as it is)."""
+        self._meet(generation)
+        try:
+            self.ctx.init_group(self.store, generation, self.settings.rendezvous_timeout_s, members=self.members)
+            if self.replan is not None:  # the stages this group runs decide the module's topology
+                layout = self.replan.layout_of(self.members)
+                self.backend.use_layout(layout.program, layout.num_stages, layout.rules)
+                why = self.replan.refused(generation)
+                if why:
+                    self.events.emit("replan_refused", step=None, generation=generation, reason=why)
+            self.backend.regroup()
+        except RuntimeError as exc:
+            if isinstance(exc, PeerFailure):
+                raise
+            try:
+                self.monitor.wait_for_generation(generation, self.settings.confirm_timeout_s)
+            except PeerFailure:
+                raise exc from None
+            raise PeerFailure(f"rank {self.ctx.rank}: a member was lost while generation {generation}'s group formed "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                              self.monitor.latest) from None
+
+    def _meet(self, generation: int) -> None:
+        """Every member of ``generation``'s group is alive and about to form it (a store barrier)."""
+        store_all_gather(self.store, f"groups/g{generation}", None, self.members.index(self.ctx.rank),
+                         len(self.members), self.monitor, self.settings.rendezvous_timeout_s)
 
     def _interrupted(self, failure: PeerFailure) -> None:
         _drop_tracebacks(failure)

@@ -77,10 +77,15 @@ class FaultTolerantTrainer(Trainer):
     def run(self) -> dict:
         """A planned job-wide stop (an unrecoverable loss, agreed by every rank) ends this rank with the
         session's one paragraph on stderr and exit code 1, no traceback; ``SKIPFREE_DEBUG=1`` re-raises it."""
+        from .rendezvous import JobCompleted
         from .session import JobStopped
 
         try:
             return super().run()
+        except JobCompleted as done:  # a rank died after (or inside) the final barrier: nothing to recover
+            log.info("%s; nothing is left to do here", done)
+            sys.stdout.flush()
+            os._exit(0)
         except JobStopped:
             if os.environ.get("SKIPFREE_DEBUG", "") not in ("", "0"):
                 raise
@@ -297,21 +302,44 @@ class FaultTolerantTrainer(Trainer):
                 f"{len(self.session.recoveries)} recoveries; outputs in {self.out_dir}")
 
     def finish(self) -> None:
-        """Leave without interpreter shutdown: an abandoned waiter thread may still sit in a gloo wait of a
-        dead group, and shutdown would then abort in C++ (std::terminate)."""
+        """The final barrier, then leave without interpreter shutdown (an abandoned waiter thread may
+        still sit in a gloo wait of a dead group, and shutdown would then abort in C++).
+
+        A rank lost before everybody reached the barrier is recovered like one in a step: its
+        replacement joins with nothing left to train, the final validation runs again in the new
+        group and every summary is rewritten. The first rank through the barrier marks the job
+        complete in the store; a death after that is no failure (the agent counts the rank as done)."""
         import torch
 
-        from .detect import all_reduce
+        from .detect import COMPLETE_KEY, PeerFailure, all_reduce
 
-        if self.audit is not None:
-            self.audit.final(self.session)
-        if self.session.replan is not None:
-            self.session.replan.flush()  # a switch still waiting for its measured steps
-        all_reduce(torch.zeros(1), self.session.monitor, "final barrier")  # nobody leaves while a peer may need it
+        run = self.session
+        while True:
+            if self.audit is not None:
+                self.audit.final(run)
+            if run.replan is not None:
+                run.replan.flush()  # a switch still waiting for its measured steps
+            if run.guard.injector is not None:
+                run.guard.injector.at(run.global_steps, "final")
+            try:
+                all_reduce(torch.zeros(1), run.monitor, "final barrier")  # nobody leaves while a peer may need it
+                break
+            except PeerFailure as failure:
+                if run.store.check([COMPLETE_KEY]):  # the lost rank had reached it: every rank is done
+                    break
+                log.warning("a rank failed at the final barrier: %s", str(failure)[:200])
+                run.recover(failure)
+                self.conclude(self.train())  # a rollback trains again; then validation and the summary
+        run.store.set(COMPLETE_KEY, str(run.guard.generation))
+        if run.guard.injector is not None:
+            run.guard.injector.at(run.global_steps, "exit")
+        self._exit(0)
+
+    def _exit(self, code: int) -> None:
         self.session.monitor.stop()
         if self.writer is not None:
             self.writer.close()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)

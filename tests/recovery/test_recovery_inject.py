@@ -19,7 +19,7 @@ def test_parse_schedule():
                    ScheduledFailure(1, 5, "forward", "hang", None, 2)]
     assert parse_schedule("") == [] and parse_schedule(None) == []
     assert parse_schedule("kill:stage=2,step=0,phase=construction") == [ScheduledFailure(2, 0, "construction")]
-    with pytest.raises(ValueError, match=r"cannot read.*phase=forward\|.*\|startup\|construction\]"):
+    with pytest.raises(ValueError, match=r"cannot read.*phase=forward\|.*\|construction\|final\|exit\|regroup\]"):
         parse_schedule("kill:stage=2,when=3")
     with pytest.raises(ValueError, match="phase 'build' is not one of"):
         parse_schedule("kill:stage=2,step=0,phase=build")
@@ -120,3 +120,20 @@ def test_schedule_rounds_fire_once_each_in_their_generation():
     late = FailureInjector(2, 0, sched, signal_self=fired.append, generation=3)
     late.at(4, "forward")
     assert len(fired) == 3
+
+
+def test_after_ops_counts_within_one_attempt_of_the_step():
+    # A survivor replays step 3 in generation 1 after another rank's failure: the pinned entry counts
+    # that attempt's ops from 0, not the aborted attempt's too (which would never match again).
+    fired = []
+    inj = FailureInjector(1, 0, parse_schedule("kill:stage=1,step=3,phase=forward,after_ops=1,gen=1"),
+                          signal_self=fired.append)
+    inj.at(3, "boundary")
+    inj.at(3, "forward")
+    inj.at(3, "forward")  # generation 0's attempt: not this entry's
+    inj.generation = 1
+    inj.at(3, "boundary")
+    inj.at(3, "forward")
+    assert fired == []
+    inj.at(3, "forward")  # the second forward op of generation 1's attempt
+    assert fired == [signal.SIGKILL]

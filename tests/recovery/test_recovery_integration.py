@@ -98,12 +98,15 @@ def test_kill_replica_in_backward_exact_copy(tmp_path):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # replicas stay in lockstep
 
 
-def test_failure_during_recovery_regroups_again_and_rebuilds_both(tmp_path):
-    # Stage 2 dies mid-backward; stage 4 dies inside that recovery (new group formed, before the
-    # exchange). Everybody regroups once more and both stages are rebuilt from the survivors.
+@pytest.mark.parametrize("phase", ["recovery", "regroup"])
+def test_failure_during_recovery_regroups_again_and_rebuilds_both(tmp_path, phase):
+    # Stage 2 dies mid-backward; stage 4 dies inside that recovery: ``recovery`` = the new group
+    # formed, before the exchange; ``regroup`` = before the new group forms (the survivors meet in
+    # the store first: no gloo connect waits its 60 s timeout for a dead member). Everybody
+    # regroups once more and both stages are rebuilt from the survivors.
     steps = 4
     rc, log = run_job(tmp_path, 6, "parallel.stages=6", f"train.steps={steps}",
-                      "recovery.inject=\"kill:stage=2,step=2,phase=backward;kill:stage=4,step=2,phase=recovery\"")
+                      f"recovery.inject=\"kill:stage=2,step=2,phase=backward;kill:stage=4,step=2,phase={phase}\"")
     assert rc == 0, log
     assert log.count('"reason": "killed by SIGKILL"') == 2
     resume = check_exactly_once(tmp_path, 6, steps, {2, 4})
