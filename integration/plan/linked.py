@@ -88,7 +88,27 @@ def count_candidates(stage_nodes: Sequence[Sequence[int]], path_length: int, rul
 
 def candidates(stage_nodes: Sequence[Sequence[int]], home: int, C: np.ndarray, w: Sequence[float],
                path_length: int, rules: Rules) -> list[Candidate]:
-    """Every valid route of ``home`` (all orders, all replicas), shortest round trip first."""
+    """Every valid route of ``home`` (all orders, all replicas), shortest round trip first.
+
+    Memoised on all inputs (a pure function; the planner asks again for the same placements)."""
+    Ca = np.asarray(C, dtype=float)
+    key = (Ca.shape, Ca.tobytes(), tuple(float(x) for x in w), tuple(tuple(g) for g in stage_nodes), home,
+           path_length, rules)
+    hit = _CANDIDATES.get(key)
+    if hit is None:
+        hit = _candidates(stage_nodes, home, Ca, w, path_length, rules)
+        if len(hit) <= _CANDIDATES_MAX_ROUTES:  # large clusters: not kept (memory)
+            if len(_CANDIDATES) >= 512:
+                _CANDIDATES.pop(next(iter(_CANDIDATES)))
+            _CANDIDATES[key] = hit
+    return list(hit)
+
+
+_CANDIDATES: dict = {}  # oldest entries dropped first
+_CANDIDATES_MAX_ROUTES = 5000
+
+
+def _candidates(stage_nodes, home, C, w, path_length, rules) -> list[Candidate]:
     Cl = np.asarray(C).tolist()
     out = []
     for o in all_orders(len(stage_nodes), path_length - 1, rules):
@@ -344,9 +364,17 @@ def choose_routes(stage_nodes: Sequence[Sequence[int]], C: np.ndarray, w: Sequen
 def schedule_routes(stage_nodes: Sequence[Sequence[int]], slot_routes: Sequence[Sequence[int]], C: np.ndarray,
                     w: Sequence[float], memory: int, m: int, path_length: int, gap_s: float,
                     deterministic_time: float = 4.0, seed: int = 0,
-                    meta: dict | None = None) -> tuple[RoutePlan, float] | None:
+                    meta: dict | None = None, warm: dict | None = None,
+                    warm_time: float | None = None) -> tuple[RoutePlan, float] | None:
     """The plan of these slot routes with the CP-SAT schedule as its node_order, and the solver's
-    makespan (seconds), or None if no schedule was found in the budget."""
+    makespan (seconds), or None if no schedule was found in the budget.
+
+    ``warm``: a dict the caller keeps for one planning run. The best schedule of each (placement,
+    routes) is stored there; a later call on the same routes whose stored schedule is not proven
+    optimal starts its search from it (a hint), so a short budget continues where the earlier
+    search stopped (a proven-optimal one is solved afresh: quick, and the same answer as without
+    the store), with ``warm_time`` deterministic seconds instead of ``deterministic_time`` where
+    given. Deterministic: the dict's content follows from the calls made before."""
     from ortools.sat.python import cp_model
 
     homes = list(stage_nodes[0])
@@ -415,9 +443,25 @@ def schedule_routes(stage_nodes: Sequence[Sequence[int]], slot_routes: Sequence[
     for e in ends.values():
         md.Add(mk >= e)
     md.Minimize(mk)
+    key = (tuple(tuple(g) for g in stage_nodes), tuple(tuple(r) for r in slot_routes), m, memory, gap)
+    prev = warm.get(key) if warm is not None else None
+    if prev is not None and not prev[2]:  # continue from the earlier (not proven optimal) schedule
+        for sk, v in starts.items():
+            md.AddHint(v, prev[0][sk])
+        if warm_time is not None:
+            deterministic_time = warm_time
     solver = _solve(md, deterministic_time, seed)
     if solver is None:
         return None
+    values = {sk: solver.Value(v) for sk, v in starts.items()}
+    obj = solver.Value(mk)
+    if warm is not None and (prev is None or obj <= prev[1]):
+        warm[key] = (values, obj, solver.response_proto.status == cp_model.OPTIMAL)
+    return _schedule_plan(stage_nodes, routes, path_length, memory, chains, values, meta), obj * UNIT_S
+
+
+def _schedule_plan(stage_nodes, routes, path_length: int, memory: int, chains, values, meta) -> RoutePlan:
+    """The plan of :func:`schedule_routes` from a schedule's op start times (``values[mb, k]``)."""
     timed: dict[int, list[tuple[int, int, str]]] = {}
     for mb, ch in chains.items():
         home = ch[0][0]
@@ -427,11 +471,10 @@ def schedule_routes(stage_nodes: Sequence[Sequence[int]], slot_routes: Sequence[
             # node_order lists a node's first forward and last backward of a microbatch.
             if n == home and ((ph == "F" and k != 0) or (ph == "B" and k != len(ch) - 1)):
                 continue
-            timed.setdefault(n, []).append((solver.Value(starts[mb, k]), mb, ph))
+            timed.setdefault(n, []).append((values[mb, k], mb, ph))
     node_order = {n: [(mb, ph) for _, mb, ph in sorted(v)] for n, v in timed.items()}
-    plan = RoutePlan(stage_nodes=[list(g) for g in stage_nodes], routes=routes, path_length=path_length,
+    return RoutePlan(stage_nodes=[list(g) for g in stage_nodes], routes=routes, path_length=path_length,
                      layout="ring", memory=memory, node_order=node_order, meta=dict(meta or {}))
-    return plan, solver.Value(mk) * UNIT_S
 
 
 
@@ -598,50 +641,74 @@ def choose_one_route_per_home(stage_nodes: Sequence[Sequence[int]], C: np.ndarra
     order = sorted(homes, key=lambda h: -cand[h][0][0] if cand[h] else 0)
     rest_min = [sum(cand[h][0][0] for h in order[k:]) for k in range(len(order))] + [0.0]
     need = {s: per_stage // slots for s in range(1, S)}
-    state = {"best": None, "key": (math.inf, math.inf), "nodes": 0}
+    # The search below is the plain depth-first branch and bound (same visiting order, same node
+    # count, same answer), written with flat per-candidate tuples and local counters: it is the
+    # planner's hottest Python loop (the spare-node step runs it for every swap).
+    flat = {h: [(b, c, c.nodes, tuple(stage_of[n] for n in c.nodes)) for b, c in cand[h]] for h in homes}
+    best_key = [math.inf, math.inf]
+    best_sol: list = [None]
+    count = [0]
     chosen: list[Candidate] = []
+    n_homes = len(order)
 
     def dfs(k: int, mx: float, total: float) -> None:
-        if state["nodes"] >= max_nodes:
+        if count[0] >= max_nodes:
             return
-        state["nodes"] += 1
-        if k == len(order):
-            if (mx, total) < state["key"]:
-                state["key"], state["best"] = (mx, total), list(chosen)
+        count[0] += 1
+        if k == n_homes:
+            if mx < best_key[0] or (mx == best_key[0] and total < best_key[1]):
+                best_key[0], best_key[1] = mx, total
+                best_sol[0] = list(chosen)
             return
-        h = order[k]
-        for b, c in cand[h]:
-            state["nodes"] += 1
-            if state["nodes"] >= max_nodes:
+        rest = rest_min[k + 1]
+        for b, c, nodes, stages in flat[order[k]]:
+            count[0] += 1
+            if count[0] >= max_nodes:
                 return
-            nmx = max(mx, b)
-            if (nmx, total + b + rest_min[k + 1]) >= state["key"]:
-                if b >= state["key"][0]:
+            nmx = mx if mx > b else b
+            k0, k1 = best_key
+            if nmx > k0 or (nmx == k0 and total + b + rest >= k1):
+                if b >= k0:
                     break  # sorted: every later candidate is at least as long
                 continue
-            if any(routes_left[n] == 0 for n in c.nodes) or any(need[stage_of[n]] == 0 for n in c.nodes):
+            ok = True
+            for n in nodes:
+                if routes_left[n] == 0:
+                    ok = False
+                    break
+            if ok:
+                for st in stages:
+                    if need[st] == 0:
+                        ok = False
+                        break
+            if not ok:
                 continue
-            over = [n for n in c.nodes if uses[n] <= 0]
-            if len(over) > extra[0]:
+            n_over = 0
+            for n in nodes:
+                if uses[n] <= 0:
+                    n_over += 1
+            if n_over > extra[0]:
                 continue
-            extra[0] -= len(over)
-            for n in c.nodes:
+            extra[0] -= n_over
+            for n in nodes:
                 uses[n] -= 1
                 routes_left[n] -= 1
-                need[stage_of[n]] -= 1
+            for st in stages:
+                need[st] -= 1
             chosen.append(c)
             dfs(k + 1, nmx, total + b)
             chosen.pop()
-            extra[0] += len(over)
-            for n in c.nodes:
+            extra[0] += n_over
+            for n in nodes:
                 uses[n] += 1
                 routes_left[n] += 1
-                need[stage_of[n]] += 1
+            for st in stages:
+                need[st] += 1
 
     dfs(0, 0.0, 0.0)
-    if state["best"] is None:
+    if best_sol[0] is None:
         return None
-    by_home = dict(zip(order, state["best"]))
+    by_home = dict(zip(order, best_sol[0]))
     return [list(by_home[h].nodes) for h in homes for _ in range(slots)]
 
 

@@ -324,7 +324,7 @@ def _sim_search(state: _Routes, rng: random.Random, deadline: float, plan_args: 
 
 # ----------------------------------------------------------------------------- public API
 def _setup(cluster: Cluster, stage_nodes, stage_sizes, num_stages, path_length, memory, m, seed,
-           placement_budget_s, placement_evals):
+           placement_budget_s, placement_evals, warm: dict | None = None):
     N = cluster.num_nodes
     C = cluster.cost_matrix()
     t0 = time.perf_counter()
@@ -336,7 +336,7 @@ def _setup(cluster: Cluster, stage_nodes, stage_sizes, num_stages, path_length, 
                               f"per stage")
         check_layout(N, stage_sizes, path_length, memory, m)
         stage_nodes = _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, placement_budget_s,
-                                        placement_evals)
+                                        placement_evals, warm=warm)
     else:
         stage_nodes = [list(map(int, g)) for g in stage_nodes]
         flat = [n for g in stage_nodes for n in g]
@@ -355,7 +355,7 @@ RING_TRIES = 4  # ring placements tried where links differ (the first at full le
 
 
 def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, budget_s, evals,
-                      tries: int = 3) -> list[list[int]]:
+                      tries: int = 3, warm: dict | None = None) -> list[list[int]]:
     """Anneal ``tries`` placements (seeds seed, seed+1, ...) on the spec's score and keep the one whose
     route lower bound (:func:`linked.lower_bound`) is lowest: the score does not see that one slow
     home sets the whole iteration's floor. Where links differ, that one and the ring placement
@@ -407,17 +407,24 @@ def _search_placement(cluster, C, stage_sizes, path_length, memory, m, seed, bud
     if ring_t < best_t - 1e-9 or (ring_t <= best_t + 1e-9 and ring_key <= best_key):
         chosen, chosen_t = ring_best, ring_best_t
     if chosen_t < math.inf:
-        spare, spare_t = _spare_placement(chosen, C, w, memory, m, path_length, rules)
+        spare, spare_t = _spare_placement(chosen, C, w, memory, m, path_length, rules, warm=warm)
         if spare_t < chosen_t - 1e-9:
             return spare
     return chosen
 
 
-SPARE_DTIME = 0.5  # CP-SAT deterministic seconds per spare-node schedule
+SPARE_DTIME = 0.25  # CP-SAT deterministic seconds per spare-node schedule
 SPARE_EVALS = 3  # spare-node placements planned quickly (the best by the collision-free bound)
+WARM_FRACTION = 0.25  # a schedule that continues from a stored one of the same routes gets this share
 
 
-def _spare_placement(stage_nodes, C, w, memory, m, path_length, rules) -> tuple[list[list[int]] | None, float]:
+def _final_dtime(effort) -> float:
+    """Budget of the linked plan's final schedule (deterministic seconds)."""
+    return max(1.0, effort.linked_dtime / 4)
+
+
+def _spare_placement(stage_nodes, C, w, memory, m, path_length, rules,
+                     warm: dict | None = None) -> tuple[list[list[int]] | None, float]:
     """The slowest home (longest shortest round trip) swapped into a body stage, where it may stay
     unvisited: CC5 counts visits per stage and TC1 distinct routes per node, so one route per home
     with one body node shared by two homes covers the stage without it. Every swap with a body
@@ -454,14 +461,14 @@ def _spare_placement(stage_nodes, C, w, memory, m, path_length, rules) -> tuple[
     ranked.sort(key=lambda x: x[0])
     best, best_t = None, math.inf
     for _, sn in ranked[:SPARE_EVALS]:
-        t = _quick_linked_time(sn, C, w, memory, m, path_length, rules, shared=1, dtime=SPARE_DTIME)
+        t = _quick_linked_time(sn, C, w, memory, m, path_length, rules, shared=1, dtime=SPARE_DTIME, warm=warm)
         if t < best_t - 1e-9:
             best, best_t = sn, t
     return best, best_t
 
 
 def _quick_linked_time(stage_nodes, C, w, memory, m, path_length, rules, shared: int = 0,
-                       dtime: float = 1.0) -> float:
+                       dtime: float = 1.0, warm: dict | None = None) -> float:
     """Paper-mode time of one route per home with a short CP-SAT schedule; inf where none exists.
     ``shared``: body nodes that may carry a second home (:func:`linked.choose_one_route_per_home`)."""
     from . import exact, linked
@@ -474,7 +481,7 @@ def _quick_linked_time(stage_nodes, C, w, memory, m, path_length, rules, shared:
     if routes is None:
         return math.inf
     res = linked.schedule_routes(stage_nodes, routes, C, w, memory, m, path_length, DEFAULT_GAP_S,
-                                 deterministic_time=dtime)
+                                 deterministic_time=dtime, warm=warm)
     return math.inf if res is None else simulate(res[0], cost=C, stage_times=w, memory=memory,
                                                  record=False).iteration_s
 
@@ -512,7 +519,8 @@ def _exact_plan(cluster, state, stage_nodes, C, w, memory, m, path_length, rules
     return res.plan
 
 
-def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort, meta, seed) -> RoutePlan | None:
+def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort, meta, seed,
+                 warm: dict | None = None) -> RoutePlan | None:
     """Links that differ: routes + schedule from the CP-SAT models of :mod:`.linked`, seeded with the
     static search's routes; None where the model is too large or finds nothing."""
     from . import exact, linked
@@ -535,7 +543,8 @@ def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort
         # One body node carrying two homes shortens the longest route (e.g. a slow body node is
         # left unvisited): schedule both and keep the faster replay.
         alt = linked.schedule_routes(stage_nodes, shared, C, w, memory, m, path_length, DEFAULT_GAP_S,
-                                     deterministic_time=max(1.0, effort.linked_dtime / 4), seed=seed,
+                                     deterministic_time=_final_dtime(effort), seed=seed, warm=warm,
+                                 warm_time=WARM_FRACTION * _final_dtime(effort),
                                      meta={**meta, "method": "one route per home (one shared body node) + "
                                                              "cp-sat schedule"})
         if alt is not None and not validate(alt[0], rules):
@@ -546,7 +555,8 @@ def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort
                     (slots - 1) * (w[h] * HOME_F + DEFAULT_GAP_S) + (m // slots) * linked.round_trip(h, r, Cl, w) +
                     (m // slots - 1) * DEFAULT_GAP_S for h, r in zip(stage_nodes[0], routes[::slots])):
                 base = linked.schedule_routes(stage_nodes, routes, C, w, memory, m, path_length, DEFAULT_GAP_S,
-                                              deterministic_time=max(1.0, effort.linked_dtime / 4), seed=seed,
+                                              deterministic_time=_final_dtime(effort), seed=seed, warm=warm,
+                                              warm_time=WARM_FRACTION * _final_dtime(effort),
                                               meta={**meta, "method": "one route per home + cp-sat schedule"})
             if base is None or validate(base[0], rules) or \
                     t_alt < simulate(base[0], cost=C, stage_times=w, memory=memory, record=False).iteration_s:
@@ -559,7 +569,8 @@ def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort
     if routes is None:
         return None
     res = linked.schedule_routes(stage_nodes, routes, C, w, memory, m, path_length, DEFAULT_GAP_S,
-                                 deterministic_time=max(1.0, effort.linked_dtime / 4), seed=seed,
+                                 deterministic_time=_final_dtime(effort), seed=seed, warm=warm,
+                                 warm_time=WARM_FRACTION * _final_dtime(effort),
                                  meta={**meta, "method": "one route per home + cp-sat schedule"})
     if res is None or validate(res[0], rules):
         return None
@@ -607,8 +618,9 @@ def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = No
     rules = rules or Rules(memory=memory)
     m = microbatches_per_home
     cap = math.inf if time_budget_s is None else time_budget_s
+    warm: dict = {}  # CP-SAT schedules of this run, reused by later calls on the same routes
     stage_nodes, C, t_place = _setup(cluster, stage_nodes, stage_sizes, num_stages, path_length, memory, m,
-                                     seed, 0.3 * cap, effort.placement_evals)
+                                     seed, 0.3 * cap, effort.placement_evals, warm=warm)
     left = cap - (time.perf_counter() - t0)
     static_deadline = time.perf_counter() + (0.2 if collision_aware else 0.9) * max(0.0, left)
     state, rng = _static_state(cluster, stage_nodes, C, memory, m, path_length, seed, static_deadline, rules,
@@ -633,7 +645,8 @@ def plan_routes(cluster: Cluster | str, stage_nodes: list[list[int]] | None = No
     if collision_aware and exact_plan is None and effort.linked_dtime > 0:
         # Links differ: one route per home (branch and bound) + a CP-SAT schedule, compared below
         # with the simulated search; the faster replay wins.
-        linked_plan = _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort, dict(meta), seed)
+        linked_plan = _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort, dict(meta), seed,
+                                   warm=warm)
     if linked_plan is not None:
         # Within NEAR_FLOOR of the (sound) route bound: the simulated search cannot gain more.
         # Or below the floor of plans whose every body node carries whole slots, which is all the
