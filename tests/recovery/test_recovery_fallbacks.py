@@ -46,7 +46,7 @@ def test_adjacent_kill_degraded_mode_copies_surviving_neighbours_and_says_so(tmp
         assert [row["step"] for row in audit(tmp_path, r)] == list(range(steps))
 
 
-@pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
+@pytest.mark.parametrize("backend", ["deepspeed", pytest.param("megatron", marks=pytest.mark.slow)])
 def test_adjacent_kill_checkpoint_fallback_rolls_back_every_rank(tmp_path, backend):
     steps = 7
     rc, log = run_job(tmp_path, f"train.steps={steps}", "recovery.fallback=checkpoint",

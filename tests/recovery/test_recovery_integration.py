@@ -98,7 +98,7 @@ def test_kill_replica_in_backward_exact_copy(tmp_path):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # replicas stay in lockstep
 
 
-@pytest.mark.parametrize("phase", ["recovery", "regroup"])
+@pytest.mark.parametrize("phase", [pytest.param("recovery", marks=pytest.mark.slow), "regroup"])
 def test_failure_during_recovery_regroups_again_and_rebuilds_both(tmp_path, phase):
     # Stage 2 dies mid-backward; stage 4 dies inside that recovery: ``recovery`` = the new group
     # formed, before the exchange; ``regroup`` = before the new group forms (the survivors meet in

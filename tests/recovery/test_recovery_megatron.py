@@ -37,6 +37,7 @@ def test_megatron_kill_middle_stage_in_backward_checkfree(tmp_path):
     assert ev["methods"] == ["checkfree"] and ev["resume_step"] == 2 and ev["detect_s"] < 2.0
 
 
+@pytest.mark.slow  # the default run has the replica copy on DeepSpeed (test_recovery_integration.py)
 def test_megatron_kill_replica_exact_copy(tmp_path):
     steps = 4
     rc, log = run_job(tmp_path, 6, "backend=megatron", "parallel.stages=3", "parallel.replicas=2", f"train.steps={steps}",
