@@ -539,14 +539,16 @@ def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort
     def worst(rs):  # longest isolated round trip of a one-route-per-home plan
         return max(linked.round_trip(stage_nodes[0][k // slots], r, Cl, w) for k, r in enumerate(rs))
 
+    def schedule(rs, method: str):  # the final CP-SAT schedule of these routes (warm-started where stored)
+        return linked.schedule_routes(stage_nodes, rs, C, w, memory, m, path_length, DEFAULT_GAP_S,
+                                      deterministic_time=_final_dtime(effort), seed=seed, warm=warm,
+                                      warm_time=WARM_FRACTION * _final_dtime(effort),
+                                      meta={**meta, "method": method})
+
     if shared is not None and (routes is None or worst(shared) < worst(routes) - 1e-9):
         # One body node carrying two homes shortens the longest route (e.g. a slow body node is
         # left unvisited): schedule both and keep the faster replay.
-        alt = linked.schedule_routes(stage_nodes, shared, C, w, memory, m, path_length, DEFAULT_GAP_S,
-                                     deterministic_time=_final_dtime(effort), seed=seed, warm=warm,
-                                 warm_time=WARM_FRACTION * _final_dtime(effort),
-                                     meta={**meta, "method": "one route per home (one shared body node) + "
-                                                             "cp-sat schedule"})
+        alt = schedule(shared, "one route per home (one shared body node) + cp-sat schedule")
         if alt is not None and not validate(alt[0], rules):
             t_alt = simulate(alt[0], cost=C, stage_times=w, memory=memory, record=False).iteration_s
             base = None
@@ -554,10 +556,7 @@ def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort
             if routes is not None and t_alt > max(
                     (slots - 1) * (w[h] * HOME_F + DEFAULT_GAP_S) + (m // slots) * linked.round_trip(h, r, Cl, w) +
                     (m // slots - 1) * DEFAULT_GAP_S for h, r in zip(stage_nodes[0], routes[::slots])):
-                base = linked.schedule_routes(stage_nodes, routes, C, w, memory, m, path_length, DEFAULT_GAP_S,
-                                              deterministic_time=_final_dtime(effort), seed=seed, warm=warm,
-                                              warm_time=WARM_FRACTION * _final_dtime(effort),
-                                              meta={**meta, "method": "one route per home + cp-sat schedule"})
+                base = schedule(routes, "one route per home + cp-sat schedule")
             if base is None or validate(base[0], rules) or \
                     t_alt < simulate(base[0], cost=C, stage_times=w, memory=memory, record=False).iteration_s:
                 return alt[0]
@@ -568,10 +567,7 @@ def _linked_plan(state, stage_nodes, C, w, memory, m, path_length, rules, effort
                                     deterministic_time=effort.linked_dtime, seed=seed)
     if routes is None:
         return None
-    res = linked.schedule_routes(stage_nodes, routes, C, w, memory, m, path_length, DEFAULT_GAP_S,
-                                 deterministic_time=_final_dtime(effort), seed=seed, warm=warm,
-                                 warm_time=WARM_FRACTION * _final_dtime(effort),
-                                 meta={**meta, "method": "one route per home + cp-sat schedule"})
+    res = schedule(routes, "one route per home + cp-sat schedule")
     if res is None or validate(res[0], rules):
         return None
     return res[0]

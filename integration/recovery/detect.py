@@ -225,13 +225,19 @@ class FailureMonitor:
         try:
             yield
         except RuntimeError as exc:
-            try:
-                self.wait_for_generation(self.generation, self.confirm_timeout_s)
-            except PeerFailure:
-                raise exc from None  # not a peer's failure: this process's own error
-            self.restart_process(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            self.restart_process(self.confirm_peer_failure(exc))
         finally:
             self._constructing = None
+
+    def confirm_peer_failure(self, exc: RuntimeError) -> str:
+        """A plain collective's error (gloo: a peer's reset connection) is a peer's failure once the
+        agents record one within ``confirm_timeout_s``: returns the error in one line. Else it is this
+        process's own error and is raised as it is."""
+        try:
+            self.wait_for_generation(self.generation, self.confirm_timeout_s)
+        except PeerFailure:
+            raise exc from None
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
     def restart_process(self, error: str = "") -> None:
         """End this process for the agent to start it again (a peer failed during its construction)."""

@@ -387,13 +387,9 @@ class FaultTolerantSession:
         except RuntimeError as exc:
             if isinstance(exc, PeerFailure):
                 raise
-            try:
-                self.monitor.wait_for_generation(generation, self.settings.confirm_timeout_s)
-            except PeerFailure:
-                raise exc from None
+            error = self.monitor.confirm_peer_failure(exc)
             raise PeerFailure(f"rank {self.ctx.rank}: a member was lost while generation {generation}'s group formed "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
-                              self.monitor.latest) from None
+                              f"({error})", self.monitor.latest) from None
 
     def _meet(self, generation: int) -> None:
         """Every member of ``generation``'s group is alive and about to form it (a store barrier)."""

@@ -84,15 +84,11 @@ class FaultTolerantTrainer(Trainer):
             return super().run()
         except JobCompleted as done:  # a rank died after (or inside) the final barrier: nothing to recover
             log.info("%s; nothing is left to do here", done)
-            sys.stdout.flush()
-            os._exit(0)
+            self._exit(0)
         except JobStopped:
             if os.environ.get("SKIPFREE_DEBUG", "") not in ("", "0"):
                 raise
-            logging.shutdown()  # the session already printed the reason (FaultTolerantSession._abort_job)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)  # as at the normal end: a waiter thread in a dead group's gloo wait would abort shutdown
+            self._exit(1)  # the session already printed the reason (FaultTolerantSession._abort_job)
 
     def setup(self) -> None:
         import faulthandler
@@ -336,7 +332,10 @@ class FaultTolerantTrainer(Trainer):
         self._exit(0)
 
     def _exit(self, code: int) -> None:
-        self.session.monitor.stop()
+        """Leave now, with ``os._exit``: a waiter thread in a dead group's gloo wait would abort shutdown."""
+        session = getattr(self, "session", None)  # none yet: a joiner that found the job complete
+        if session is not None:
+            session.monitor.stop()
         if self.writer is not None:
             self.writer.close()
         logging.shutdown()
