@@ -5,12 +5,14 @@ peer, start, end on ``time.perf_counter``, one monotonic clock for every process
 From the traces of all ranks of a window of steps, :class:`MeasuredCosts` keeps running estimates
 (an EWMA over windows, weight ``alpha`` for the newest):
 
-* **link** ``C[a][b]``: a message's time from the sender's send op to its arrival at the receiver.
-  The arrival is known when the receiver was already waiting (its receive op lasted longer than
-  ``wait_s``): then it is the receive's end. A receive posted after the message had arrived only
-  gives an upper bound; a link with no exact sample in a window takes the smallest bound. The window's
-  median per link enters the EWMA. Links no route uses stay unmeasured (the median measured link
-  stands in for them when planning);
+* **link** ``C[a][b]``: a message's time on the link, from its departure to its arrival at the
+  receiver (the receive op's end). The departure is the latest of the sender's send op start, the
+  receiver's receive op start (the p2p transport, gloo, is a rendezvous: the payload moves only once
+  the receive is posted) and the previous message's arrival on the same link (queueing behind it is
+  that message's time, not this one's). The window's 0.75 quantile per link enters the EWMA (a
+  rate-limited link passes one message at once after an idle gap and makes the next wait: the low
+  samples are not its cost). Links no route uses stay unmeasured: when planning, the fastest
+  measured link between the same two stages stands in for them (else the median measured link);
 * **node compute**: the median seconds of each node's forward (F), head + loss (L) and backward (B)
   ops, the simulator's phases (:mod:`integration.plan.simulator`), also as w per node (the
   cost model's units: a body visit is 2.5 w, a home microbatch 2.75 w);
@@ -42,6 +44,7 @@ from .simulator import simulate
 # (kind, microbatch, part, peer, start s, end s): one op as ProgramExecutor.trace records it.
 TraceOp = tuple[str, int, object, object, float, float]
 LINK_KINDS = ("act", "grad")  # same size both ways; labels are smaller and not priced
+LINK_QUANTILE = 0.75  # per link and window: this quantile of the messages' unqueued link times
 
 
 def _phase(kind: str, part: object) -> str | None:
@@ -52,15 +55,33 @@ def _phase(kind: str, part: object) -> str | None:
     return None
 
 
-def window_samples(traces: Mapping[int, Sequence[Sequence[TraceOp]]], wait_s: float = 0.002
+def _quantile(values: Sequence[float], q: float) -> float:
+    v = sorted(values)
+    x = q * (len(v) - 1)
+    lo = int(x)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (x - lo) * (v[hi] - v[lo])
+
+
+def window_samples(traces: Mapping[int, Sequence[Sequence[TraceOp]]], quantile: float = LINK_QUANTILE
                    ) -> tuple[dict[tuple[int, int], float], dict[tuple[int, str], float], float | None]:
-    """One window's medians: link seconds, op seconds per (node, phase), and the fastest receive.
+    """One window's link seconds (a quantile per link), op seconds per (node, phase) (medians), and
+    the fastest receive.
+
+    A message's link time is its arrival (the receive op's end) minus its departure, the latest of
+    the send op's start, the receive op's start (the transport is a rendezvous: gloo moves the
+    payload only once the receive is posted) and the arrival of the previous message on the same
+    directed link (it waited behind that one). So neither a receiver that was busy elsewhere (the
+    old rule, send start -> arrival, blamed that on the link it received from next) nor a queue on
+    the link is counted twice. Per link the window's ``quantile`` (0.75) of these times: a
+    rate-limited link lets a message through at once after an idle gap and makes the next ones
+    wait, so the low samples are not its cost.
 
     ``traces[rank][i]`` is rank's trace of the window's i-th step (every rank the same steps)."""
-    exact: dict[tuple[int, int], list[float]] = defaultdict(list)
-    bound: dict[tuple[int, int], list[float]] = defaultdict(list)
+    samples: dict[tuple[int, int], list[float]] = defaultdict(list)
     ops: dict[tuple[int, str], list[float]] = defaultdict(list)
     fastest: float | None = None
+    last_arrival: dict[tuple[int, int], float] = {}
     steps = min((len(t) for t in traces.values()), default=0)
     for i in range(steps):
         sent: dict[tuple[int, int, str, int], float] = {}
@@ -71,6 +92,7 @@ def window_samples(traces: Mapping[int, Sequence[Sequence[TraceOp]]], wait_s: fl
                 phase = _phase(kind, part)
                 if phase is not None:
                     ops[(rank, phase)].append(b - a)
+        messages: list[tuple[float, float, float, tuple[int, int]]] = []  # (send start, recv start, end, link)
         for rank, per_step in traces.items():
             for kind, mb, part, peer, a, b in per_step[i]:
                 if not (kind.startswith("recv_") and kind[5:] in LINK_KINDS):
@@ -79,10 +101,12 @@ def window_samples(traces: Mapping[int, Sequence[Sequence[TraceOp]]], wait_s: fl
                 t_send = sent.get((int(peer), rank, kind[5:], mb))
                 if t_send is None or b <= t_send:
                     continue
-                (exact if b - a > wait_s else bound)[(int(peer), rank)].append(b - t_send)
-    links = {k: statistics.median(v) for k, v in exact.items()}
-    for k, v in bound.items():
-        links.setdefault(k, min(v))
+                messages.append((t_send, a, b, (int(peer), rank)))
+        for t_send, a, b, link in sorted(messages, key=lambda m: m[2]):  # arrival order per link
+            depart = max(t_send, a, last_arrival.get(link, t_send))
+            samples[link].append(max(b - depart, 0.0))
+            last_arrival[link] = b
+    links = {k: _quantile(v, quantile) for k, v in samples.items()}
     return links, {k: statistics.median(v) for k, v in ops.items()}, fastest
 
 
@@ -108,10 +132,25 @@ class MeasuredCosts:
                 self.alpha * fastest + (1 - self.alpha) * self.overhead_s
         self.windows += 1
 
-    def cost_matrix(self) -> np.ndarray:
-        """C (seconds); an unmeasured link takes the median measured one (0 on the diagonal)."""
+    def cost_matrix(self, stage_nodes: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        """C (seconds), 0 on the diagonal. An unmeasured link takes the fastest measured link between
+        the same two stages (``stage_nodes``: the plan's grid; the links of one stage pair play the
+        same part in every route), else the median measured link. (The median of all links is
+        mostly the cheap ones that carry one message after an idle gap: a route over unmeasured
+        links would look cheaper than the same route over the measured links of its kind.)"""
         fill = statistics.median(self.link_s.values()) if self.link_s else 1e-3
         C = np.full((self.n, self.n), fill)
+        if stage_nodes is not None:
+            stage = {node: s for s, nodes in enumerate(stage_nodes) for node in nodes}
+            kind: dict[tuple[int, int], list[float]] = defaultdict(list)
+            for (a, b), v in self.link_s.items():
+                if a in stage and b in stage:
+                    kind[(stage[a], stage[b])].append(v)
+            for a in range(self.n):
+                for b in range(self.n):
+                    got = kind.get((stage.get(a, -1), stage.get(b, -1)))
+                    if got:
+                        C[a, b] = min(got)
         for (a, b), v in self.link_s.items():
             C[a, b] = max(v, 1e-6)
         np.fill_diagonal(C, 0.0)
@@ -133,13 +172,13 @@ class MeasuredCosts:
 
     def predict(self, plan: RoutePlan) -> float:
         """Seconds of one iteration of ``plan`` on the measured costs (paper mode, no all-reduce)."""
-        return simulate(plan, cost=self.cost_matrix(), stage_times=self.stage_times(plan), mode="paper",
+        return simulate(plan, cost=self.cost_matrix(plan.stage_nodes), stage_times=self.stage_times(plan), mode="paper",
                         gap_s=self.gap_s(), op_seconds=dict(self.op_s), record=False).iteration_s
 
     def cluster(self, plan: RoutePlan, memory: int, scale: float) -> Cluster:
         """The measured network as a planner :class:`Cluster` (times multiplied by ``scale``)."""
         w = self.stage_times(plan)
-        C = self.cost_matrix() * scale
+        C = self.cost_matrix(plan.stage_nodes) * scale
         nodes = [Node(i, "measured", memory=memory, stage_time_s=w[i] * scale) for i in range(self.n)]
         return Cluster("measured", nodes, cost_s=tuple(tuple(float(x) for x in row) for row in C))
 

@@ -36,9 +36,11 @@ group has every rank (a survivors' group runs part 1's plan around the lost rank
 
 from __future__ import annotations
 
+import os
 import pickle
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from ..plan.measured import MeasuredCosts, link_uses
@@ -94,6 +96,10 @@ class DriftReplanner:
         me = members.index(session.ctx.rank)
         infos = store_all_gather(store, key, {"rank": session.ctx.rank, "traces": traces, "steps": steps},
                                  me, len(members), monitor, timeout)
+        dump = os.environ.get("SKIPFREE_DRIFT_DUMP")  # analysis aid: the window's traces, lowest member
+        if dump and me == 0:
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            (Path(dump) / f"window_g{gen}_s{step}.pkl").write_bytes(pickle.dumps(infos))
         self.costs.update({i["rank"]: i["traces"] for i in infos})
         lead = infos[0]["steps"]
         if not lead:

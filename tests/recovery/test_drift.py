@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from integration.config import BAD_INPUT, compose_and_check
@@ -40,20 +41,55 @@ def test_bad_drift_settings_are_refused_naming_the_field(overrides, field, needs
 
 
 # ----------------------------------------------------------------------------- the estimator
-def test_link_time_is_measured_only_where_the_receiver_waited():
-    """Two steps of a two-rank trace (rank 0 sends act of mb 0 at 1.0 s; rank 1's receive waited
-    from 1.01 s to 1.05 s -> 50 ms exact; in step 2 the receive was posted after the arrival (1 ms
-    receive op): only an upper bound, not used while an exact sample exists)."""
+def test_link_time_starts_when_both_sides_are_ready():
+    """Two steps of a two-rank trace. Step 1: rank 0 sends act of mb 0 at 1.0 s, rank 1's receive
+    is posted at 1.01 s and ends at 1.05 s -> 40 ms (the transport is a rendezvous: the payload moves
+    once the receive is posted, so the link time starts at the later of the two). Step 2: the
+    receive is posted 500 ms after the send and takes 1 ms -> 1 ms (the old rule, send start ->
+    arrival, said 501 ms: the receiver's own delay). Per link the window's 0.75 quantile."""
     traces = {0: [[("fwd", 0, "embed", None, 0.99, 1.0), ("send_act", 0, None, 1, 1.0, 1.0001)],
                   [("send_act", 0, None, 1, 2.0, 2.0001)]],
               1: [[("recv_act", 0, None, 0, 1.01, 1.05), ("fwd", 0, "body", None, 1.05, 1.06)],
                   [("recv_act", 0, None, 0, 2.5, 2.501)]]}
-    links, ops, fastest = window_samples(traces)
-    assert links == {(0, 1): pytest.approx(0.05)}
+    first = {0: traces[0][:1], 1: traces[1][:1]}
+    links, ops, fastest = window_samples(first)
+    assert links == {(0, 1): pytest.approx(0.04)}
     assert ops == {(0, "F"): pytest.approx(0.01), (1, "F"): pytest.approx(0.01)}
+    assert fastest == pytest.approx(0.04)
+    second = {0: traces[0][1:], 1: traces[1][1:]}
+    assert window_samples(second)[0] == {(0, 1): pytest.approx(0.001)}
+    links, _, fastest = window_samples(traces)
+    assert links == {(0, 1): pytest.approx(0.001 + 0.75 * 0.039)}  # the 0.75 quantile of 1 and 40 ms
     assert fastest == pytest.approx(0.001)
-    only_bound = {0: traces[0][1:], 1: traces[1][1:]}
-    assert window_samples(only_bound)[0] == {(0, 1): pytest.approx(0.501)}
+
+
+def test_queued_slow_link_is_not_blamed_on_the_links_after_it():
+    """Home 0 -> 2 -> 4 -> 0, link 2->4 slow (100 ms per message), every other link 10 ms. Rank 2
+    sends act of mb 0 and 1 to 4 at once; mb 1 queues behind mb 0 on 2->4 (arrives 100 ms after
+    mb 0). Home 0 sent its gradients to 4 early, but 4 posts those receives only after the slow
+    activations came: the old rule (send start -> arrival where the receive waited, median) measured
+    0->4 at 55 ms (5.5x) and 2->4 at 145 ms (mb 1's queueing counted on top). The new rule: 2->4 =
+    100 ms, 0->4 = 10 ms, 4->0 = 10 ms."""
+    traces = {
+        0: [[("send_act", 0, None, 2, 0.000, 0.0001), ("send_act", 1, None, 2, 0.001, 0.0011),
+             ("recv_act", 0, None, 4, 0.002, 0.120), ("fwd", 0, "head", None, 0.120, 0.121),
+             ("send_grad", 0, None, 4, 0.121, 0.1211),
+             ("recv_act", 1, None, 4, 0.1211, 0.222), ("fwd", 1, "head", None, 0.222, 0.223),
+             ("send_grad", 1, None, 4, 0.223, 0.2231)]],
+        2: [[("recv_act", 0, None, 0, 0.000, 0.010), ("send_act", 0, None, 4, 0.010, 0.0101),
+             ("recv_act", 1, None, 0, 0.0101, 0.020), ("send_act", 1, None, 4, 0.020, 0.0201)]],
+        4: [[("recv_act", 0, None, 2, 0.005, 0.110), ("fwd", 0, "body", None, 0.110, 0.111),
+             ("send_act", 0, None, 0, 0.111, 0.1111),
+             ("recv_act", 1, None, 2, 0.1111, 0.210), ("fwd", 1, "body", None, 0.210, 0.211),
+             ("send_act", 1, None, 0, 0.211, 0.2111),
+             ("recv_grad", 0, None, 0, 0.2111, 0.2211), ("recv_grad", 1, None, 0, 0.2211, 0.2331)]],
+    }
+    links, _, _ = window_samples(traces)
+    assert links[(0, 2)] == pytest.approx(0.010, abs=1e-3)
+    assert links[(2, 4)] == pytest.approx(0.100, abs=1e-3)  # mb 1's wait behind mb 0 is not counted twice
+    assert links[(4, 0)] == pytest.approx(0.010, abs=1e-3)
+    assert links[(0, 4)] == pytest.approx(0.010, abs=1e-3)  # not the receiver's wait for 2->4
+    assert max(links, key=links.get) == (2, 4)
 
 
 # ----------------------------------------------------------------------------- the main job
@@ -145,3 +181,18 @@ def test_straggler_alone_moves_routes_off_it(tmp_path: Path):
     assert _visits(first["routes"], STRAGGLER) < _visits(first["from_routes"], STRAGGLER), first
     steps_done = [json.loads(x)["step"] for x in (tmp_path / "rank0" / "audit.jsonl").read_text().splitlines()]
     assert steps_done == list(range(steps))
+
+
+def test_unmeasured_link_takes_the_fastest_measured_link_of_its_stage_pair():
+    """Links no route used stand in with the fastest measured link between the same two stages (not
+    the median of every link: a route over unmeasured links would look cheaper than its twin)."""
+    from integration.plan.measured import MeasuredCosts
+
+    mc = MeasuredCosts(6)
+    mc.link_s = {(0, 2): 0.010, (1, 3): 0.012, (2, 4): 0.100, (3, 5): 0.002, (4, 0): 0.001, (5, 1): 0.001}
+    C = mc.cost_matrix([[0, 1], [2, 3], [4, 5]])
+    assert C[0, 3] == pytest.approx(0.010) and C[1, 2] == pytest.approx(0.010)  # stage 0 -> 1
+    assert C[2, 5] == pytest.approx(0.002) and C[3, 4] == pytest.approx(0.002)  # stage 1 -> 2: not the slow one
+    assert C[2, 4] == pytest.approx(0.100) and C[0, 2] == pytest.approx(0.010)  # measured links as measured
+    assert C[0, 4] == pytest.approx(0.006)  # no stage-0 -> stage-2 link measured: the median link
+    assert np.all(np.diag(C) == 0)
