@@ -72,6 +72,8 @@ class CalibratedModel:
     ``tail``: per rank, the collectives it calls after its last program op, in order, as
     (group ranks, bytes); ``None`` prices the stage groups' gradient all-reduce instead (full mode's
     formula). ``post_s``: per rank, seconds from its last collective to its iteration end.
+    ``rendezvous``: a message leaves only once its receive is posted (gloo's p2p; see
+    :meth:`_replay_programs`). ``max_inflight``: the program compiler's, as the job runs it.
     """
 
     compute_s: dict[tuple[int, str, Any], float] = field(default_factory=dict)
@@ -83,6 +85,8 @@ class CalibratedModel:
     message_bytes: dict[str, int] = field(default_factory=dict)
     tail: dict[int, list[tuple[tuple[int, ...], int]]] | None = None
     post_s: dict[int, float] = field(default_factory=dict)
+    rendezvous: bool = False
+    max_inflight: int | None = None
 
     @classmethod
     def fit(cls, traces: Mapping[str, Any], on: str = "full", allreduce_latency: bool = True,
@@ -160,17 +164,48 @@ class CalibratedModel:
     def simulate(self, plan: RoutePlan, cluster: Cluster, message_bytes: int | None = None) -> SimResult:
         """Replay ``plan``'s compiled programs on ``cluster`` (latency, bandwidth, stage params).
         ``message_bytes`` overrides the size of activation and gradient messages."""
-        from ..runtime.program import compile_plan
-        prog = compile_plan(plan, carry_batch=self.carry_batch)
         lat, bw = cluster.latency_matrix(), cluster.bandwidth_matrix()
         act_bytes = cluster.workload.activation_bytes if message_bytes is None else message_bytes
         sizes = {"act": act_bytes, "grad": act_bytes, **self.message_bytes}
         if message_bytes is not None:
             sizes.update(act=message_bytes, grad=message_bytes)
+        now, ops = self._replay_programs(plan, lambda a, b, what: sizes.get(what, act_bytes) / bw[a][b],
+                                         lambda a, b: lat[a][b])
+        compute_end = max(now.values()) if now else 0.0
+        allreduce: dict[int, float] = {}
+        if self.tail is None:
+            total = 0.0
+            for s, group in enumerate(plan.stage_nodes):
+                allreduce[s] = self._collective_s(group, cluster.workload.stage_param_bytes(s), lat, bw) \
+                    if len(group) > 1 else 0.0
+                total = max(total, max(now.get(n, 0.0) for n in group) + allreduce[s])
+            return SimResult(iteration_s=total, compute_end_s=compute_end, mode="replay", ops=ops,
+                             allreduce_s=allreduce)
+        total = self._replay_tail(now, lat, bw, allreduce)
+        return SimResult(iteration_s=total, compute_end_s=compute_end, mode="replay", ops=ops, allreduce_s=allreduce)
+
+    def replay_links(self, plan: RoutePlan, link_s: np.ndarray) -> SimResult:
+        """Replay ``plan``'s programs with a measured time per message and directed link
+        (``link_s[a][b]`` seconds from the message's departure to the end of its receive) and no
+        iteration tail: the programs only (what a running job's estimates can price,
+        ``integration/plan/measured.py``)."""
+        now, ops = self._replay_programs(plan, lambda a, b, what: 0.0, lambda a, b: link_s[a][b])
+        end = max(now.values()) if now else 0.0
+        return SimResult(iteration_s=end, compute_end_s=end, mode="replay", ops=ops)
+
+    def _replay_programs(self, plan: RoutePlan, occupy_s, latency_s) -> tuple[dict[int, float], list[SimOp]]:
+        """Every rank's compiled program in order: compute and sends take their fitted time, a receive
+        blocks until its message arrives. A message occupies its directed link ``occupy_s(a, b, kind)``
+        seconds (one at a time), then takes ``latency_s(a, b)``. Eager (default): it leaves when the
+        send op ends. ``rendezvous``: it leaves only once the receive is posted too (gloo moves a
+        payload when the receiver asks for it), so a receiver takes its messages one at a time.
+        Returns each rank's end and the compute ops."""
+        from ..runtime.program import compile_plan
+        prog = compile_plan(plan, self.max_inflight, carry_batch=self.carry_batch)
         ranks = sorted(prog.ops)
         pc = {r: 0 for r in ranks}
         now = {r: 0.0 for r in ranks}
-        arrival: dict[tuple[int, int, str, int], float] = {}
+        arrival: dict[tuple[int, int, str, int], float] = {}  # eager: arrival; rendezvous: send start
         link_free: dict[tuple[int, int], float] = defaultdict(float)
         ops: list[SimOp] = []
         progressed = True
@@ -188,33 +223,32 @@ class CalibratedModel:
                     elif op.kind.startswith("send"):
                         what = op.kind[5:]
                         end = t + self._overhead(self.send_s, what)
-                        start = max(end, link_free[(r, op.peer)])
-                        link_free[(r, op.peer)] = start + sizes.get(what, act_bytes) / bw[r][op.peer]
-                        arrival[(r, op.peer, what, op.mb)] = link_free[(r, op.peer)] + lat[r][op.peer]
+                        if self.rendezvous:
+                            arrival[(r, op.peer, what, op.mb)] = t
+                        else:
+                            start = max(end, link_free[(r, op.peer)])
+                            link_free[(r, op.peer)] = start + occupy_s(r, op.peer, what)
+                            arrival[(r, op.peer, what, op.mb)] = link_free[(r, op.peer)] + latency_s(r, op.peer)
                     else:
                         what = op.kind[5:]
                         key = (op.peer, r, what, op.mb)
                         if key not in arrival:
                             break  # blocked until the sender's program reaches the send
-                        end = max(t, arrival[key]) + self._overhead(self.recv_s, what)
+                        if self.rendezvous:
+                            # Only this rank receives on the link, in program order: the link is free
+                            # once its previous receive ended.
+                            depart = max(t, arrival[key])
+                            got = depart + occupy_s(op.peer, r, what) + latency_s(op.peer, r)
+                        else:
+                            got = max(t, arrival[key])
+                        end = got + self._overhead(self.recv_s, what)
                     now[r] = end
                     pc[r] += 1
                     progressed = True
         stuck = [r for r in ranks if pc[r] < len(prog.ops[r])]
         if stuck:
             raise SimulationError(f"calibrated replay: ranks {stuck[:10]} wait forever (the programs deadlock)")
-        compute_end = max(now.values()) if now else 0.0
-        allreduce: dict[int, float] = {}
-        if self.tail is None:
-            total = 0.0
-            for s, group in enumerate(plan.stage_nodes):
-                allreduce[s] = self._collective_s(group, cluster.workload.stage_param_bytes(s), lat, bw) \
-                    if len(group) > 1 else 0.0
-                total = max(total, max(now.get(n, 0.0) for n in group) + allreduce[s])
-            return SimResult(iteration_s=total, compute_end_s=compute_end, mode="replay", ops=ops,
-                             allreduce_s=allreduce)
-        total = self._replay_tail(now, lat, bw, allreduce)
-        return SimResult(iteration_s=total, compute_end_s=compute_end, mode="replay", ops=ops, allreduce_s=allreduce)
+        return now, ops
 
     def _replay_tail(self, now: dict[int, float], lat: np.ndarray, bw: np.ndarray,
                      allreduce: dict[int, float]) -> float:

@@ -19,11 +19,19 @@ From the traces of all ranks of a window of steps, :class:`MeasuredCosts` keeps 
 * **overhead**: the fastest receive op of the window (a message that had arrived: thread wake-up
   and copy), the per-op cost the simulator calls ``gap``.
 
-:meth:`MeasuredCosts.predict` replays a plan on these numbers (the simulator's paper mode, measured
-op seconds, gap = overhead); :meth:`MeasuredCosts.plan` asks the path planner for routes on the
-same grid. The planner's busy gap is fixed at the paper's 0.1 s, so the measured times are scaled
-by 0.1 s / overhead for it (its choices depend only on the ratios) and the prediction is made
-unscaled.
+:meth:`MeasuredCosts.predict` replays the job's own per-rank programs on these numbers
+(:meth:`integration.plan.calibration.CalibratedModel.replay_links`): compute and send ops take
+their measured median per (rank, op kind, model part), and a receive blocks until its message
+arrives, a message leaving only once its receive is posted (gloo's rendezvous). So a node that
+takes many routes takes their messages one after another: the event simulator's paper mode,
+which starts every transfer the moment its op ends, priced a plan that piles every route onto one
+replica as free (docs/replan.md, "Drift: the program replay").
+
+:meth:`MeasuredCosts.plan` asks the path planner for routes on the same grid, then improves the
+best of its plan and the running plan by local search on that replay (move one hop to another
+replica of its stage; a counted budget of replays). The planner's busy gap is fixed at the
+paper's 0.1 s, so the measured times are scaled by 0.1 s / overhead for it (its choices depend
+only on the ratios); the replay is unscaled.
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ import numpy as np
 
 from .cluster import Cluster, Node
 from .costmodel import BODY_TOTAL, HOME_TOTAL
-from .routeplan import RoutePlan
-from .rules import Rules
-from .simulator import simulate
+from .calibration import COMPUTE, CalibratedModel
+from .routeplan import Hop, MicrobatchRoute, RoutePlan
+from .rules import Rules, validate
 
 # (kind, microbatch, part, peer, start s, end s): one op as ProgramExecutor.trace records it.
 TraceOp = tuple[str, int, object, object, float, float]
@@ -110,6 +118,30 @@ def window_samples(traces: Mapping[int, Sequence[Sequence[TraceOp]]], quantile: 
     return links, {k: statistics.median(v) for k, v in ops.items()}, fastest
 
 
+def window_program_costs(traces: Mapping[int, Sequence[Sequence[TraceOp]]]
+                         ) -> tuple[dict[tuple[int, str, object], float], dict[str, float]]:
+    """One window's medians for the program replay: seconds per (rank, compute op kind, part) and
+    per send op of each message kind (the send's cost on the compute thread)."""
+    compute: dict[tuple[int, str, object], list[float]] = defaultdict(list)
+    sends: dict[str, list[float]] = defaultdict(list)
+    for rank, per_step in traces.items():
+        for step in per_step:
+            for kind, _mb, part, _peer, a, b in step:
+                if kind in COMPUTE:
+                    compute[(rank, kind, part)].append(b - a)
+                elif kind.startswith("send_"):
+                    sends[kind[5:]].append(b - a)
+    return ({k: statistics.median(v) for k, v in compute.items()},
+            {k: statistics.median(v) for k, v in sends.items()})
+
+
+# The phase a compute op of the replay takes from the per-phase table when it has no own sample
+# (estimates set by hand, e.g. from configured rates): the cost model folds the head's backward into L.
+_PHASE_OF = {("fwd", "embed"): "F", ("fwd", "first"): "F", ("fwd", "body"): "F", ("fwd", "head"): "L",
+             ("fwd", "last"): "L", ("bwd", "body"): "B", ("bwd", "embed"): "B", ("bwd", "first"): "B",
+             ("bwd", "last"): "B"}
+
+
 @dataclass
 class MeasuredCosts:
     """Running estimates (EWMA over windows) for ``n`` nodes; see the module docstring."""
@@ -120,11 +152,16 @@ class MeasuredCosts:
     op_s: dict[tuple[int, str], float] = field(default_factory=dict)
     overhead_s: float | None = None
     windows: int = 0
+    compute_s: dict[tuple[int, str, object], float] = field(default_factory=dict)  # (rank, kind, part)
+    send_s: dict[str, float] = field(default_factory=dict)  # message kind -> send op seconds
+    max_inflight: int | None = None  # the program compiler's, as the job runs it
+    replays: int = 0  # program replays run (the local search's counted budget)
 
     def update(self, traces: Mapping[int, Sequence[Sequence[TraceOp]]]) -> None:
         """Fold one window of every rank's traces into the estimates."""
         links, ops, fastest = window_samples(traces)
-        for table, new in ((self.link_s, links), (self.op_s, ops)):
+        compute, sends = window_program_costs(traces)
+        for table, new in ((self.link_s, links), (self.op_s, ops), (self.compute_s, compute), (self.send_s, sends)):
             for k, v in new.items():
                 table[k] = v if k not in table else self.alpha * v + (1 - self.alpha) * table[k]
         if fastest is not None:
@@ -170,10 +207,21 @@ class MeasuredCosts:
     def gap_s(self) -> float:
         return max(self.overhead_s or 0.0, 1e-4)
 
+    def replay_model(self) -> CalibratedModel:
+        """The program replay on the estimates (receives: rendezvous; no tail: see ``predict``)."""
+        compute = dict(self.compute_s)
+        for (rank, phase), v in self.op_s.items():
+            for (kind, part), ph in _PHASE_OF.items():
+                if ph == phase:
+                    compute.setdefault((rank, kind, part), v)
+        return CalibratedModel(compute, send_s=dict(self.send_s), recv_s=0.0, tail={}, rendezvous=True,
+                               max_inflight=self.max_inflight)
+
     def predict(self, plan: RoutePlan) -> float:
-        """Seconds of one iteration of ``plan`` on the measured costs (paper mode, no all-reduce)."""
-        return simulate(plan, cost=self.cost_matrix(plan.stage_nodes), stage_times=self.stage_times(plan), mode="paper",
-                        gap_s=self.gap_s(), op_seconds=dict(self.op_s), record=False).iteration_s
+        """Seconds of one iteration of ``plan``'s programs on the measured costs: the replay of every
+        rank's program (no all-reduce or optimizer step: the caller adds what it measured of those)."""
+        self.replays += 1
+        return self.replay_model().replay_links(plan, self.cost_matrix(plan.stage_nodes)).iteration_s
 
     def cluster(self, plan: RoutePlan, memory: int, scale: float) -> Cluster:
         """The measured network as a planner :class:`Cluster` (times multiplied by ``scale``)."""
@@ -199,10 +247,40 @@ class MeasuredCosts:
                           num_stages=current.num_stages, path_length=current.path_length, memory=memory,
                           microbatches_per_home=microbatches_per_home, seed=seed, time_budget_s=budget_s,
                           rules=use, effort=effort)
-        plan = res.plan
-        plan.layout = current.layout
+        proposal = res.plan
+        proposal.layout = current.layout
+        plan = self.refine([proposal, _unordered(proposal), current], use, seed=seed)
         plan.meta = {**plan.meta, "builder": "drift_replan"}
         return plan
+
+    def refine(self, starts: Sequence[RoutePlan], rules: Rules, seed: int = 0, max_replays: int = 400
+               ) -> RoutePlan:
+        """The best of ``starts`` by the program replay, then first-improvement local search from it:
+        move one hop of one route to another replica of its stage (the stage sequence, so CC2-CC4,
+        stays; ``rules`` checks the rest, TC1 memory included), keep a move that shortens the
+        replayed iteration, until no move does or ``max_replays`` replays were run. A moved plan has
+        no ``node_order``: the program compiler orders it. Deterministic for a seed."""
+        rng = np.random.default_rng(seed)
+        scored = [(self.predict(p), i, p) for i, p in enumerate(starts)]
+        best_s, _, best = min(scored, key=lambda x: (x[0], x[1]))
+        budget = max_replays - len(starts)
+        improved = True
+        while improved and budget > 0:
+            improved = False
+            moves = [(ri, hi, rep) for ri, r in enumerate(best.routes) for hi, h in enumerate(r.hops)
+                     for rep in range(len(best.stage_nodes[h.stage])) if rep != h.replica]
+            for k in rng.permutation(len(moves)):
+                if budget <= 0:
+                    break
+                cand = _moved(best, *moves[k])
+                if validate(cand, rules):
+                    continue
+                budget -= 1
+                t = self.predict(cand)
+                if t < best_s * (1 - 1e-9):
+                    best_s, best, improved = t, cand, True
+                    break
+        return best
 
     def describe(self) -> dict:
         """Every measured link (slowest first), w per node and the overhead (for events)."""
@@ -214,6 +292,24 @@ class MeasuredCosts:
                 w[str(node)] = round(sum(got), 5)
         return {"links_s": {f"{a}->{b}": round(v, 5) for (a, b), v in links}, "compute_s_per_mb": w,
                 "overhead_s": None if self.overhead_s is None else round(self.overhead_s, 5)}
+
+
+def _unordered(plan: RoutePlan) -> RoutePlan:
+    """``plan`` without its ``node_order`` (the program compiler then orders every node's work)."""
+    return RoutePlan(plan.stage_nodes, list(plan.routes), plan.path_length, plan.layout, plan.memory, None,
+                     dict(plan.meta))
+
+
+def _moved(plan: RoutePlan, route: int, hop: int, replica: int) -> RoutePlan:
+    """``plan`` with hop ``hop`` of route ``route`` on replica ``replica`` of the same stage."""
+    r = plan.routes[route]
+    h = r.hops[hop]
+    hops = r.hops[:hop] + (Hop(h.stage, replica, plan.stage_nodes[h.stage][replica]),) + r.hops[hop + 1:]
+    routes = list(plan.routes)
+    routes[route] = MicrobatchRoute(r.mb, r.home_replica, r.home_node, hops)
+    moved = _unordered(plan)
+    moved.routes = routes
+    return moved
 
 
 def _has_swap(stages: Iterable[int]) -> bool:
@@ -231,4 +327,4 @@ def link_uses(plan: RoutePlan) -> dict[tuple[int, int], int]:
     return dict(out)
 
 
-__all__ = ["MeasuredCosts", "window_samples", "link_uses", "TraceOp"]
+__all__ = ["MeasuredCosts", "window_samples", "window_program_costs", "link_uses", "TraceOp"]

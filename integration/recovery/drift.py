@@ -58,7 +58,7 @@ class DriftReplanner:
         self.replan, self.settings = replan, settings
         self.m = microbatches_per_home
         self.seed = seed
-        self.costs = MeasuredCosts(replan.world_size, settings.ewma)
+        self.costs = MeasuredCosts(replan.world_size, settings.ewma, max_inflight=replan.max_inflight)
         self._traces: list[list[tuple]] = []
         self._steps: list[float] = []
         self.expected_s: float | None = None  # the current plan's predicted iteration (seconds)
@@ -115,6 +115,8 @@ class DriftReplanner:
                 self.replan.publish_base(store, RoutePlan.from_json(decision["plan"]))
             store.set(f"{key}/decision", pickle.dumps(decision))
         decision = self._wait_decision(store, f"{key}/decision", monitor, timeout)
+        if session.guard.injector is not None:  # tests: a death during the switch (recovery.inject phase=drift)
+            session.guard.injector.at(step, "drift")
         problems = self._validate(decision, current) if me != 0 else []
         acks = store_all_gather(store, f"{key}/ack", {"rank": session.ctx.rank, "problems": problems}, me,
                                 len(members), monitor, timeout)

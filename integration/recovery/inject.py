@@ -10,7 +10,9 @@ of a validation pass, ``step`` being the number of steps done, so ``train.steps`
 construction on the first group, with ``step=0``: DeepSpeed between the PipelineModule's group
 creation and the engine build, megatron-core before its groups are created); ``final`` before the
 final barrier (after the final validation and the summary; ``step=train.steps``) and ``exit``
-right after it (the job is complete: nothing to recover).
+right after it (the job is complete: nothing to recover); ``drift`` inside a drift re-plan's
+agreement (``routing.replan.drift``), after the decision was published and before the members
+acknowledge it, at a window boundary where a re-plan was triggered (``step`` = that boundary).
 When a scheduled or
 random failure matches this rank, the process signals
 itself: ``kill`` sends SIGKILL (the process is gone, exactly like a lost node: no cleanup, no
@@ -34,7 +36,7 @@ from typing import Callable
 from .rebuild import per_iteration_probability
 
 PHASES = ("forward", "backward", "boundary", "recovery", "validation", "startup", "construction", "final", "exit",
-          "regroup")
+          "regroup", "drift")
 MODES = ("kill", "hang")
 
 

@@ -181,7 +181,9 @@ class Replanner:
             return
         plan = RoutePlan.from_json(store.get(BASE_KEY).decode())
         if plan_digest(plan) != self.full.digest:
-            self.adopt_base(compile_plan(plan, self.max_inflight), "a drift re-plan of the full group", {})
+            self.adopt_base(compile_plan(plan, self.max_inflight), "a drift re-plan of the full group",
+                            {"routes": [list(r.nodes) for r in plan.routes],
+                             "from_routes": [list(r.nodes) for r in self.full.plan.routes]})
 
     # ------------------------------------------------------------------ agreement
     def agree(self, store: Any, generation: int, members: list[int], monitor: Any, timeout_s: float,
@@ -234,9 +236,11 @@ class Replanner:
         if self.pending is not None:
             self._emit()
         before = sum(self.step_times) / len(self.step_times) if self.step_times else None
-        reason = layout.reason if layout is not self.full or trigger != "membership" else \
-            f"replacement(s) for {sorted(set(range(self.world_size)) - set(self.current.members))} joined and " \
-            f"were rebuilt: back to the job's own plan"
+        joined = sorted(set(range(self.world_size)) - set(self.current.members))
+        # Back to the full group after a join; a full group that only changed plan (a drift plan adopted
+        # after a failure during its switch) keeps that plan's reason.
+        reason = layout.reason if layout is not self.full or trigger != "membership" or not joined else \
+            f"replacement(s) for {joined} joined and were rebuilt: back to the job's own plan"
         self.pending = {"reason": reason, "trigger": trigger, "generation": generation, "at_step": step,
                         "from_plan": self.current.digest[:16], "to_plan": layout.digest[:16],
                         "members": layout.members, "stages": layout.num_stages,

@@ -183,6 +183,44 @@ def test_straggler_alone_moves_routes_off_it(tmp_path: Path):
     assert steps_done == list(range(steps))
 
 
+def test_a_death_during_the_drift_switch_is_one_more_failure(tmp_path: Path):
+    """Rank 3 straggles (compute 8x) from step 8 (the window ending there is the first measured one),
+    so the window ending at step 12 drifts and a re-plan is decided there; rank 5 is SIGKILLed inside that agreement, after rank 0 published the decision
+    (and the plan as the full group's base) and before anyone acknowledged it. Nobody switched, so
+    the survivors recover like from any failure; the hot spare replaces rank 5; every member of the
+    next generation, the replacement too, adopts the published plan: every rank records one switch to
+    the same plan, which visits the straggler less than the job's own; every step is applied once."""
+    from tests.conftest import RECOVERY_TEST_JOB, agent_events, run_agent
+
+    steps = 24
+    p = run_agent(RECOVERY_TEST_JOB, f"output_root={tmp_path}", f"train.steps={steps}", "parallel.stages=3",
+                  "parallel.replicas=2", "model.d_model=128", "model.seq_len=64", "train.microbatches=4",
+                  "routing.replan.enabled=true", "routing.replan.drift=true", "routing.replan.window=4",
+                  "routing.replan.cooldown=4", "routing.replan.drift_windows=1", "routing.replan.drift_threshold=0.1",
+                  "routing.replan.gain_threshold=0", f"recovery.straggler=rank={STRAGGLER},factor=8,step=8",
+                  "recovery.inject=kill:stage=2,replica=1,step=12,phase=drift", "recovery.rendezvous_timeout_s=120",
+                  nproc=N, log_dir=tmp_path / "logs", hot_spares=1, heartbeat_timeout=30, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (fail,) = [a for a in agent_events(p) if a["event"] == "failure"]
+    assert fail["rank"] == 5, fail
+    switched = {}
+    for r in range(N):
+        ev = [json.loads(x) for x in (tmp_path / f"rank{r}" / "events.jsonl").read_text().splitlines()]
+        (sw,) = [e for e in ev if e["event"] == "replan"]
+        assert sw["generation"] == 1 and sw["at_step"] == 12 and "drift re-plan" in sw["reason"], sw
+        switched[r] = sw["to_plan"]
+        rows = [json.loads(x) for x in (tmp_path / f"rank{r}" / "audit.jsonl").read_text().splitlines()]
+        applied = [x["step"] for x in rows]
+        # Rank 5 died after applying step 11 and before its audit row (the boundary is inside the
+        # step's call); its replacement, rebuilt from rank 4, goes on from step 12.
+        assert applied == [s for s in range(steps) if r != 5 or s != 11], (r, applied)
+    assert len(set(switched.values())) == 1, switched
+    summary = json.loads((tmp_path / "rank0" / "summary.json").read_text())
+    (sw,) = summary["replans"]
+    assert _visits(sw["routes"], STRAGGLER) < _visits(sw["from_routes"], STRAGGLER), sw
+    assert summary["loss_last3"] < summary["loss_first3"], summary["loss_history"]
+
+
 def test_unmeasured_link_takes_the_fastest_measured_link_of_its_stage_pair():
     """Links no route used stand in with the fastest measured link between the same two stages (not
     the median of every link: a route over unmeasured links would look cheaper than its twin)."""
@@ -196,3 +234,60 @@ def test_unmeasured_link_takes_the_fastest_measured_link_of_its_stage_pair():
     assert C[2, 4] == pytest.approx(0.100) and C[0, 2] == pytest.approx(0.010)  # measured links as measured
     assert C[0, 4] == pytest.approx(0.006)  # no stage-0 -> stage-2 link measured: the median link
     assert np.all(np.diag(C) == 0)
+
+
+def _grid_plan(routes: list[list[int]]):
+    from integration.plan.routeplan import RoutePlan, make_route
+    sn = [[0, 1], [2, 3], [4, 5]]
+    return RoutePlan(stage_nodes=sn, path_length=3, routes=[
+        make_route(mb, sn, r[0] % 2, [(s, n % 2) for s, n in enumerate(r[1:], 1)]) for mb, r in enumerate(routes)])
+
+
+def _uniform_costs(link_s: float = 0.010, op_s: float = 0.001):
+    from integration.plan.measured import MeasuredCosts
+    mc = MeasuredCosts(6)
+    mc.link_s = {(a, b): link_s for a in range(6) for b in range(6) if a // 2 != b // 2}
+    mc.op_s = {(n, ph): op_s for n in range(6) for ph in "FLB"}
+    return mc
+
+
+HUB = [[0, 3, 5], [0, 3, 5], [1, 3, 4], [1, 3, 4]]  # every route through node 3 (the live job's pick)
+SPREAD = [[0, 3, 4], [0, 3, 4], [1, 2, 5], [1, 2, 5]]  # both stage-1 nodes (the plan for the slowed link)
+
+
+def test_replay_takes_a_nodes_messages_one_at_a_time():
+    """gloo moves a payload only once its receive is posted and a rank receives in program order, so
+    a node's receives cannot overlap: node 3 of the hub plan receives 8 messages (4 activations, 4
+    gradients), so no iteration is shorter than 8 link times (a bound by counting, not the replay's
+    formula). The eager replay (messages leave at the send) and the event simulator's paper mode
+    overlap them and see no difference between the hub and the spread plan; the rendezvous replay
+    does."""
+    from integration.plan.simulator import simulate
+
+    mc = _uniform_costs()
+    hub, spread = _grid_plan(HUB), _grid_plan(SPREAD)
+    assert mc.predict(hub) >= 8 * 0.010
+    assert mc.predict(spread) < mc.predict(hub) - 0.015
+    eager = mc.replay_model()
+    eager.rendezvous = False
+    C = mc.cost_matrix(hub.stage_nodes)
+    assert eager.replay_links(hub, C).iteration_s < 8 * 0.010
+    paper = [simulate(p, cost=C, stage_times=mc.stage_times(p), gap_s=1e-4, op_seconds=dict(mc.op_s)).iteration_s
+             for p in (hub, spread)]
+    assert paper[0] == pytest.approx(paper[1], rel=0.05)
+
+
+def test_refine_moves_routes_off_a_hub_within_its_budget():
+    """From the hub plan, the local search on the replay finds a plan that uses both stage-1 nodes and
+    replays shorter, valid under the rules, the same for the same seed, within its replay budget."""
+    from integration.plan.rules import Rules, validate
+
+    mc = _uniform_costs()
+    hub = _grid_plan(HUB)
+    rules = Rules(memory=4, max_swaps=0)
+    got = mc.refine([hub], rules, seed=3, max_replays=60)
+    assert mc.replays <= 60 + 1
+    assert validate(got, rules) == []
+    assert {h.node for r in got.routes for h in r.hops if h.stage == 1} == {2, 3}
+    assert mc.predict(got) < mc.predict(hub) - 0.015
+    assert [r.nodes for r in mc.refine([hub], rules, seed=3, max_replays=60).routes] == [r.nodes for r in got.routes]
