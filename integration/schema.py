@@ -166,6 +166,7 @@ class ReplanConfig:
     cooldown: int = 10           # steps after a start, switch or kept decision before drift is checked again
     ewma: float = 0.5            # weight of the newest window in the running estimates
     planner_budget_s: float = 2.0  # wall-time cap of one re-plan (the planning rank; the others wait)
+    check_every: int = 0         # windows without a decision after which the planner runs anyway (0: on drift only)
 
     def __post_init__(self) -> None:
         at_least("routing.replan.measure_steps", self.measure_steps, 1)
@@ -176,6 +177,7 @@ class ReplanConfig:
         at_least("routing.replan.cooldown", self.cooldown, 0)
         in_range("routing.replan.ewma", self.ewma, 0.0, 1.0, low_open=True)
         positive("routing.replan.planner_budget_s", self.planner_budget_s)
+        at_least("routing.replan.check_every", self.check_every, 0)
         if self.drift and not self.enabled:
             raise ConfigError("routing.replan.drift", "re-planning on measured drift uses the re-plan agreement "
                               "and its recovery path", "set routing.replan.enabled=true as well")

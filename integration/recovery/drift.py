@@ -64,6 +64,7 @@ class DriftReplanner:
         self.expected_s: float | None = None  # the current plan's predicted iteration (seconds)
         self.drifting = 0
         self.quiet_until = settings.cooldown
+        self.decided_at = 0  # the step of the last decision or new group (check_every counts from it)
         self.generation: int | None = None
         self.decisions: list[dict] = []  # every triggered re-plan (switched or kept), for the summary
 
@@ -75,6 +76,7 @@ class DriftReplanner:
             self._traces, self._steps = [], []
             self.expected_s, self.drifting = None, 0
             self.quiet_until = max(self.quiet_until, step + self.settings.cooldown)
+            self.decided_at = step
         self._traces.append([(k, mb, part, peer, a, b) for k, mb, part, peer, a, b in trace])
         self._steps.append(seconds)
 
@@ -122,6 +124,7 @@ class DriftReplanner:
                                 len(members), monitor, timeout)
         bad = [f"rank {a['rank']}: {p}" for a in acks for p in a["problems"]]
         self.quiet_until = step + self.settings.cooldown
+        self.decided_at = step
         self.drifting = 0
         record = {k: v for k, v in decision.items() if k != "plan"}
         if bad or not decision["switch"]:
@@ -161,6 +164,10 @@ class DriftReplanner:
             return None
         self.drifting = self.drifting + 1 if ratio > 1 + self.settings.drift_threshold else 0
         if self.drifting < self.settings.drift_windows:
+            every = self.settings.check_every * self.settings.window
+            if every and step - self.decided_at >= every:  # no drift, but maybe a better plan for these costs
+                return (f"periodic check: {step - self.decided_at} steps without a decision (check_every="
+                        f"{self.settings.check_every} windows; iteration {measured:.3f} s, {ratio:.2f}x the prediction)")
             return None
         return (f"measured drift: iteration {measured:.3f} s against {self.expected_s:.3f} s predicted for the "
                 f"current plan ({ratio:.2f}x) for {self.drifting} window(s) of {self.settings.window} steps")

@@ -60,6 +60,7 @@ class ReplanSettings:
     cooldown: int = 10
     ewma: float = 0.5
     planner_budget_s: float = 2.0
+    check_every: int = 0
 
 
 BASE_KEY = "replan/base"  # the full group's plan after a drift switch (a joiner adopts it)

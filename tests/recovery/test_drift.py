@@ -29,6 +29,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces an
     (["routing.replan.ewma=0"], "routing.replan.ewma", "(0.0, 1.0]"),
     (["routing.replan.drift_threshold=0"], "routing.replan.drift_threshold", "> 0"),
     (["routing.replan.cooldown=-1"], "routing.replan.cooldown", "cooldown=0"),
+    (["routing.replan.check_every=-1"], "routing.replan.check_every", "check_every=0"),
     (["recovery.straggler=rank=1,factor=0.5"], "recovery.straggler", "factor must be >= 1"),
     (["recovery.straggler=rank=1"], "recovery.straggler", "needs rank= and factor="),
 ])
@@ -291,3 +292,25 @@ def test_refine_moves_routes_off_a_hub_within_its_budget():
     assert {h.node for r in got.routes for h in r.hops if h.stage == 1} == {2, 3}
     assert mc.predict(got) < mc.predict(hub) - 0.015
     assert [r.nodes for r in mc.refine([hub], rules, seed=3, max_replays=60).routes] == [r.nodes for r in got.routes]
+
+
+@pytest.mark.parametrize("check_every,fires_at", [(0, None), (3, 12)])
+def test_periodic_check_runs_the_planner_without_drift(check_every, fires_at):
+    """``routing.replan.check_every``: a window boundary ``check_every`` windows after the last
+    decision asks the planner even though the iteration matches its prediction (a better plan for
+    the same costs); 0 asks only on drift. Steady windows at the prediction, window 4, cooldown 4."""
+    from integration.plan.builders import full_pipeline
+    from integration.plan.routeplan import grid_stage_nodes
+    from integration.plan.rules import Rules
+    from integration.recovery.drift import DriftReplanner
+    from integration.recovery.events import EventLog
+    from integration.recovery.replan import Replanner, ReplanSettings
+    from integration.runtime.program import compile_plan
+
+    st = ReplanSettings(enabled=True, drift=True, window=4, cooldown=4, check_every=check_every)
+    program = compile_plan(full_pipeline(grid_stage_nodes(3, 2), 2))
+    d = DriftReplanner(Replanner(program, Rules(), st, 6, 0, None, EventLog(None, 0)), st, 2)
+    fired = [step for step in range(4, 28, 4) if d._detect(step, 0.1) is not None]
+    assert fired[:1] == ([] if fires_at is None else [fires_at])
+    if fires_at is not None:
+        assert "periodic check" in d._detect(fires_at, 0.1)
