@@ -243,9 +243,11 @@ def check_replan(job: JobConfig) -> None:
     if not job.recovery.enabled:
         raise ConfigError("routing.replan.enabled", "re-planning around a lost rank runs in the fault-tolerant job",
                           f"add recovery=checkfree (under python -m launch.agent), or {fix}")
-    if job.backend.name != "deepspeed":
+    if job.backend.name != "deepspeed" and not job.routing.replan.drift:
         raise ConfigError("routing.replan.enabled", f"the survivors' smaller group is built for backend=deepspeed "
-                          f"only (backend={job.backend.name})", f"set backend=deepspeed, or {fix}")
+                          f"only (backend={job.backend.name}: there a lost rank waits for its replacement, and only "
+                          f"re-planning on measured drift runs)", f"add routing.replan.drift=true, set "
+                          f"backend=deepspeed, or {fix}")
     if job.recovery.home_replica:
         raise ConfigError("routing.replan.enabled", "home mirrors are placed by rank and are not re-placed in a "
                           "smaller group", f"set recovery.home_replica=false, or {fix}")

@@ -170,7 +170,7 @@ class CalibratedModel:
         if message_bytes is not None:
             sizes.update(act=message_bytes, grad=message_bytes)
         now, ops = self._replay_programs(plan, lambda a, b, what: sizes.get(what, act_bytes) / bw[a][b],
-                                         lambda a, b: lat[a][b])
+                                         lambda a, b, what: lat[a][b])
         compute_end = max(now.values()) if now else 0.0
         allreduce: dict[int, float] = {}
         if self.tail is None:
@@ -184,19 +184,22 @@ class CalibratedModel:
         total = self._replay_tail(now, lat, bw, allreduce)
         return SimResult(iteration_s=total, compute_end_s=compute_end, mode="replay", ops=ops, allreduce_s=allreduce)
 
-    def replay_links(self, plan: RoutePlan, link_s: np.ndarray) -> SimResult:
+    def replay_links(self, plan: RoutePlan, link_s: np.ndarray, priced: tuple[str, ...] = ("act", "grad")
+                     ) -> SimResult:
         """Replay ``plan``'s programs with a measured time per message and directed link
-        (``link_s[a][b]`` seconds from the message's departure to the end of its receive) and no
-        iteration tail: the programs only (what a running job's estimates can price,
+        (``link_s[a][b]`` seconds from the message's departure to the end of its receive, for the
+        message kinds in ``priced``; the others, labels and megatron's batch, only their overheads)
+        and no iteration tail: the programs only (what a running job's estimates can price,
         ``integration/plan/measured.py``)."""
-        now, ops = self._replay_programs(plan, lambda a, b, what: 0.0, lambda a, b: link_s[a][b])
+        now, ops = self._replay_programs(plan, lambda a, b, what: 0.0,
+                                         lambda a, b, what: link_s[a][b] if what in priced else 0.0)
         end = max(now.values()) if now else 0.0
         return SimResult(iteration_s=end, compute_end_s=end, mode="replay", ops=ops)
 
     def _replay_programs(self, plan: RoutePlan, occupy_s, latency_s) -> tuple[dict[int, float], list[SimOp]]:
         """Every rank's compiled program in order: compute and sends take their fitted time, a receive
         blocks until its message arrives. A message occupies its directed link ``occupy_s(a, b, kind)``
-        seconds (one at a time), then takes ``latency_s(a, b)``. Eager (default): it leaves when the
+        seconds (one at a time), then takes ``latency_s(a, b, kind)``. Eager (default): it leaves when the
         send op ends. ``rendezvous``: it leaves only once the receive is posted too (gloo moves a
         payload when the receiver asks for it), so a receiver takes its messages one at a time.
         Returns each rank's end and the compute ops."""
@@ -228,7 +231,7 @@ class CalibratedModel:
                         else:
                             start = max(end, link_free[(r, op.peer)])
                             link_free[(r, op.peer)] = start + occupy_s(r, op.peer, what)
-                            arrival[(r, op.peer, what, op.mb)] = link_free[(r, op.peer)] + latency_s(r, op.peer)
+                            arrival[(r, op.peer, what, op.mb)] = link_free[(r, op.peer)] + latency_s(r, op.peer, what)
                     else:
                         what = op.kind[5:]
                         key = (op.peer, r, what, op.mb)
@@ -238,7 +241,7 @@ class CalibratedModel:
                             # Only this rank receives on the link, in program order: the link is free
                             # once its previous receive ended.
                             depart = max(t, arrival[key])
-                            got = depart + occupy_s(op.peer, r, what) + latency_s(op.peer, r)
+                            got = depart + occupy_s(op.peer, r, what) + latency_s(op.peer, r, what)
                         else:
                             got = max(t, arrival[key])
                         end = got + self._overhead(self.recv_s, what)

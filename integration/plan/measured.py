@@ -155,6 +155,7 @@ class MeasuredCosts:
     compute_s: dict[tuple[int, str, object], float] = field(default_factory=dict)  # (rank, kind, part)
     send_s: dict[str, float] = field(default_factory=dict)  # message kind -> send op seconds
     max_inflight: int | None = None  # the program compiler's, as the job runs it
+    carry_batch: bool = False  # the backend's programs send the home's batch along the route (megatron)
     replays: int = 0  # program replays run (the local search's counted budget)
 
     def update(self, traces: Mapping[int, Sequence[Sequence[TraceOp]]]) -> None:
@@ -215,13 +216,13 @@ class MeasuredCosts:
                 if ph == phase:
                     compute.setdefault((rank, kind, part), v)
         return CalibratedModel(compute, send_s=dict(self.send_s), recv_s=0.0, tail={}, rendezvous=True,
-                               max_inflight=self.max_inflight)
+                               max_inflight=self.max_inflight, carry_batch=self.carry_batch)
 
     def predict(self, plan: RoutePlan) -> float:
         """Seconds of one iteration of ``plan``'s programs on the measured costs: the replay of every
         rank's program (no all-reduce or optimizer step: the caller adds what it measured of those)."""
         self.replays += 1
-        return self.replay_model().replay_links(plan, self.cost_matrix(plan.stage_nodes)).iteration_s
+        return self.replay_model().replay_links(plan, self.cost_matrix(plan.stage_nodes), LINK_KINDS).iteration_s
 
     def cluster(self, plan: RoutePlan, memory: int, scale: float) -> Cluster:
         """The measured network as a planner :class:`Cluster` (times multiplied by ``scale``)."""

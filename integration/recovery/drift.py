@@ -46,7 +46,6 @@ from typing import Any
 from ..plan.measured import MeasuredCosts, link_uses
 from ..plan.routeplan import RoutePlan
 from ..plan.rules import check_fits_grid
-from ..runtime.program import compile_plan
 from .rendezvous import store_all_gather
 from .replan import Replanner, ReplanSettings, plan_digest
 
@@ -58,7 +57,7 @@ class DriftReplanner:
         self.replan, self.settings = replan, settings
         self.m = microbatches_per_home
         self.seed = seed
-        self.costs = MeasuredCosts(replan.world_size, settings.ewma, max_inflight=replan.max_inflight)
+        self.costs = self._fresh_costs()
         self._traces: list[list[tuple]] = []
         self._steps: list[float] = []
         self.expected_s: float | None = None  # the current plan's predicted iteration (seconds)
@@ -68,11 +67,17 @@ class DriftReplanner:
         self.generation: int | None = None
         self.decisions: list[dict] = []  # every triggered re-plan (switched or kept), for the summary
 
+    def _fresh_costs(self) -> MeasuredCosts:
+        return MeasuredCosts(self.replan.world_size, self.settings.ewma, max_inflight=self.replan.max_inflight,
+                             carry_batch=self.replan.carry_batch)
+
     # ------------------------------------------------------------------ per step
     def observe(self, seconds: float, trace: list[tuple], generation: int, step: int) -> None:
         """A committed step (``step`` = global steps after it) took ``seconds``; ``trace`` is its ops."""
-        if generation != self.generation:  # a new group: the costs stay, the window and baseline restart
+        if generation != self.generation:  # a new group: the estimates, window and baseline restart
+            # (a replacement has none of the survivors' windows: every member must hold the same numbers)
             self.generation = generation
+            self.costs = self._fresh_costs()
             self._traces, self._steps = [], []
             self.expected_s, self.drifting = None, 0
             self.quiet_until = max(self.quiet_until, step + self.settings.cooldown)
@@ -137,7 +142,7 @@ class DriftReplanner:
             self.decisions.append({**record, "switched": False, "refused": bad})
             return
         plan = RoutePlan.from_json(decision["plan"])
-        program = compile_plan(plan, self.replan.max_inflight)
+        program = self.replan.compile(plan)
         session.backend.set_plan(program)
         details = {"measured_iteration_s": measured, "predicted_s_current": decision["predicted_s_current"],
                    "predicted_s_new": decision["predicted_s_new"], "plan_s": decision["plan_s"],

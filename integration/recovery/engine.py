@@ -64,6 +64,11 @@ class FaultTolerantEngine(RoutedPipelineEngine):
     guard: StepGuard
     supports_tensor_parallel = False  # its failure-aware collectives and re-planning know no model axis
 
+    @property
+    def step_trace(self) -> list[tuple]:
+        """The last step's per-op trace (``ProgramExecutor.trace``; measured drift reads it)."""
+        return self.executor.trace
+
     def gradient_clipping(self):
         # Our commit step clips before the vote; upstream's step must not clip (its norm is a collective).
         return 0.0 if getattr(self, "_clipped_already", False) else super().gradient_clipping()

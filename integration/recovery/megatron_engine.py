@@ -66,6 +66,11 @@ class MegatronSteps:
     def set_batch_source(self, source) -> None:
         self.batch_source = source
 
+    @property
+    def step_trace(self) -> list[tuple]:
+        """The last training step's per-op trace (``ProgramExecutor.trace``; measured drift reads it)."""
+        return self.backend.fb.last_trace
+
     # ------------------------------------------------------------------ checkpoint fallback
     def save_checkpoint(self, directory: str, tag: str) -> None:
         """Megatron-LM's per-rank layout (:meth:`MegatronBackend.save_checkpoint`) with the counters."""
@@ -117,6 +122,8 @@ class FaultTolerantMegatronBackend(MegatronBackend):
         self.config.finalize_model_grads_func = self._reduce_replica_grads
         self.fb.p2p_wait = self.guard.monitor.wait
         self.fb.before_op = self._inject
+        if self.guard.straggler is not None:  # recovery.straggler: this rank's compute made slower (emulation)
+            self.fb.compute_delay = lambda op, seconds: self.guard.straggler.delay(self.engine.global_steps, seconds)
 
     def _configure_fb(self, fb: RoutedForwardBackward) -> None:
         fb.p2p_wait = self.guard.monitor.wait
@@ -181,6 +188,18 @@ class FaultTolerantMegatronBackend(MegatronBackend):
         global gradient norm lives."""
         from megatron.core import parallel_state as ps
         return ps.get_pipeline_model_parallel_group()
+
+    def use_layout(self, program, num_stages: int, rules) -> None:
+        """A generation's plan (routing.replan): megatron keeps the job's grid, so only a plan of every
+        stage (a drift re-plan, or the job's own) can run; the next build or the live schedule takes it."""
+        if num_stages != self.stages:
+            raise RuntimeError(f"rank {self.rank}: backend=megatron runs the job's {self.stages} stages only, not a "
+                               f"survivors' plan of {num_stages} (the re-planner must not route around a lost rank "
+                               f"on megatron)")
+        if getattr(self, "fb", None) is not None:
+            self.set_plan(program)
+        else:
+            self.plan, self.program = program.plan, program
 
     # ------------------------------------------------------------------ regroup
     def release_groups(self) -> None:

@@ -98,9 +98,12 @@ class Replanner:
     """One rank's side of re-planning (see the module docstring); deterministic on every rank."""
 
     def __init__(self, program: Program, rules: Rules, settings: ReplanSettings, world_size: int, rank: int,
-                 max_inflight: int | None, events: EventLog):
+                 max_inflight: int | None, events: EventLog, reroute: bool = True):
         self.rules, self.settings, self.world_size, self.rank = rules, settings, world_size, rank
         self.max_inflight = max_inflight
+        # The backend's program form (megatron's carries the batch) and whether the survivors may run a
+        # smaller group (DeepSpeed's topology only; megatron keeps its grid: drift re-plans only).
+        self.carry_batch, self.reroute = program.carry_batch, reroute
         self.events = events
         everyone = list(range(world_size))
         self.full = Layout(everyone, program, rules, "the job's own plan", predicted_iteration(program.plan), {})
@@ -138,6 +141,9 @@ class Replanner:
         key = tuple(members)
         if key not in self._layouts:
             lost = [r for r in range(self.world_size) if r not in members]
+            if not self.reroute:
+                raise RerouteError(f"reroute: rank(s) {lost} lost; the survivors' smaller group is built for "
+                                   f"backend=deepspeed only: waiting for the replacement(s)")
             rr = route_around(self.full.plan, lost, self.rules)
             if not rr.ok:
                 raise RerouteError("reroute: the survivors' plan breaks " + "; ".join(str(v) for v in rr.violations))
@@ -148,13 +154,17 @@ class Replanner:
             what = (f"routes skip stage(s) {list(rr.dead_stages)}" if rr.dead_stages else "") + \
                    (f"{', ' if rr.dead_stages else ''}{rr.moved_hops} hop(s) moved to surviving replicas"
                     if rr.moved_hops else "")
-            self._layouts[key] = Layout(members, compile_plan(rr.plan, self.max_inflight), rr.rules,
+            self._layouts[key] = Layout(members, self.compile(rr.plan), rr.rules,
                                         f"rank(s) {lost} lost, no replacement yet: {what}",
                                         predicted_iteration(rr.plan),
                                         {"dead_stages": list(rr.dead_stages), "moved_hops": rr.moved_hops,
                                          "dropped_hops": rr.dropped_hops, "relaxed": rr.relaxed,
                                          "node_map": {str(k): v for k, v in rr.node_map.items()}})
         return self._layouts[key]
+
+    def compile(self, plan: RoutePlan) -> Program:
+        """``plan`` as the backend runs it (the job's ``max_inflight``, megatron's batch messages)."""
+        return compile_plan(plan, self.max_inflight, carry_batch=self.carry_batch)
 
     def layout_of(self, members: list[int]) -> Layout:
         return self._layout(sorted(members))
@@ -182,7 +192,7 @@ class Replanner:
             return
         plan = RoutePlan.from_json(store.get(BASE_KEY).decode())
         if plan_digest(plan) != self.full.digest:
-            self.adopt_base(compile_plan(plan, self.max_inflight), "a drift re-plan of the full group",
+            self.adopt_base(self.compile(plan), "a drift re-plan of the full group",
                             {"routes": [list(r.nodes) for r in plan.routes],
                              "from_routes": [list(r.nodes) for r in self.full.plan.routes]})
 

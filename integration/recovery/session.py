@@ -273,7 +273,7 @@ class FaultTolerantSession:
             if self.replan is not None:
                 self.replan.observe_step(seconds)
             if self.drift is not None:
-                self.drift.observe(seconds, self.engine.executor.trace, self.guard.generation, self.engine.global_steps)
+                self.drift.observe(seconds, self.engine.step_trace, self.guard.generation, self.engine.global_steps)
             if self.checkpoints is not None and self.checkpoints.due(self.engine.global_steps):
                 self.checkpoints.save(self.engine, self.guard.generation)
         except PeerFailure as failure:

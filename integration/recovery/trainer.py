@@ -145,7 +145,7 @@ class FaultTolerantTrainer(Trainer):
             from ..config import rules_of
             from .replan import Replanner, ReplanSettings
             replan = Replanner(program, rules_of(cfg), ReplanSettings(**vars(self.job.routing.replan)),
-                               ctx.world_size, ctx.rank, cfg.routing.get("max_inflight"), events)
+                               ctx.world_size, ctx.rank, cfg.routing.get("max_inflight"), events, reroute=not megatron)
         drift = None
         if replan is not None and self.job.routing.replan.drift:  # re-plan on measured costs (recovery/drift.py)
             from .drift import DriftReplanner

@@ -71,7 +71,7 @@ def test_what_cannot_be_routed_around_says_why():
 
 @pytest.mark.parametrize("overrides,needs", [
     (["routing.replan.enabled=true"], "recovery=checkfree"),
-    (["routing.replan.enabled=true", "recovery=checkfree", "backend=megatron"], "backend=deepspeed"),
+    (["routing.replan.enabled=true", "recovery=checkfree", "backend=megatron"], "routing.replan.drift=true"),
     (["routing.replan.enabled=true", "recovery=checkfree", "recovery.checkpoint_every=2"], "checkpoint_every=0"),
     (["routing.replan.measure_steps=0"], "measure_steps"),
 ])
@@ -189,3 +189,8 @@ def test_members_of_a_generation_follow_the_agents_records():
     layout = rp.layout_of([0, 1, 3, 4])
     assert layout.num_stages == 4 and layout.plan.stage_nodes == [[0], [1], [2], [3]]
     assert layout.reason == "rank(s) [2] lost, no replacement yet: routes skip stage(s) [2]"
+    # megatron keeps its grid (no survivors' group): the same records make everyone wait, saying why.
+    mg = Replanner(compile_plan(full_pipeline(grid_stage_nodes(5, 1), 2), carry_batch=True), Rules(),
+                   ReplanSettings(enabled=True), 5, 1, None, EventLog(None, 1), reroute=False)
+    assert mg.members_of(store, 1) == [0, 1, 2, 3, 4] and "backend=deepspeed only" in mg.refused(1)
+    assert mg.compile(full_pipeline(grid_stage_nodes(5, 1), 2)).carry_batch

@@ -101,6 +101,10 @@ class RoutedForwardBackward:
         self._own_group, _ = torch.distributed.new_subgroups(group_size=1)
         self.last_losses: dict[int, torch.Tensor] = {}
         self.last_stage_visited = True
+        # The executor's per-op trace of the last training call (measured drift reads it) and an
+        # optional compute delay (recovery.straggler emulation); see ProgramExecutor.
+        self.last_trace: list[tuple] = []
+        self.compute_delay = None
         self.set_plan(plan, num_microbatches)
 
     @classmethod
@@ -209,12 +213,15 @@ class RoutedForwardBackward:
         executor = ProgramExecutor(self.rank, handler, RoutedP2P(self.rank, device=device, wait=self.p2p_wait),
                                    act_spec, TensorSpec((micro_batch_size, seq_length), torch.int64))
         executor.recv_layouts = self._recv_layouts
+        executor.compute_delay = self.compute_delay
         self._calls += 1
         self.last_stage_visited = self.stage_visited
 
         no_sync = config.no_sync_func if config.no_sync_func is not None else contextlib.nullcontext
         with (contextlib.nullcontext() if forward_only else no_sync()):
             result = executor.run(self.ops, self._calls, forward_only=forward_only, before_op=self.before_op)
+        if not forward_only:
+            self.last_trace = executor.trace
         if not forward_only and config.finalize_model_grads_func is not None:
             # DP all-reduce and tied-embedding all-reduce on every rank, visited or not (collectives).
             config.finalize_model_grads_func([model], None, pg_collection=pgc, force_all_reduce=force_all_reduce)
