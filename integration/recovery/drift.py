@@ -13,7 +13,8 @@ of the group stops at the same one):
    decision; after a switch the calibrated prediction of the new plan, see below). More than
    ``drift_threshold`` slower for ``drift_windows`` windows in a row, outside a ``cooldown`` after
    the start or the last decision, triggers a re-plan; more than ``drift_threshold`` faster only
-   resets the prediction to the measured iteration;
+   resets the prediction to the measured iteration. With ``check_every`` > 0 the planner also runs
+   that many windows after the last decision without any drift (a better plan for the same costs);
 3. the lowest member plans routes for the same grid on the measured costs
    (:meth:`MeasuredCosts.plan`) and publishes the decision: switch when the prediction of the
    current plan over the new one exceeds ``1 + gain_threshold``, else keep. A switch also records
@@ -27,11 +28,15 @@ of the group stops at the same one):
 5. the switch is a ``replan`` event (``trigger: drift``) with the reason, the predicted gain and,
    ``measure_steps`` steps later, the measured gain.
 
-Predicted iterations (seconds) are the simulator's replay on the measured costs plus what it does
-not model (the all-reduce, the commit vote, the optimizer step): the last window's measured
-iteration minus the replay of the plan that ran, the same for both plans; after a switch the new
-plan's predicted iteration is what drift is measured against. Re-planning runs only while the
-group has every rank (a survivors' group runs part 1's plan around the lost ranks).
+Predicted iterations (seconds) are the replay of the job's own programs on the measured costs
+(:meth:`MeasuredCosts.predict`: receives as gloo does them, one at a time) plus what it does not
+model (the all-reduce, the commit vote, the optimizer step): the last window's measured iteration
+minus the replay of the plan that ran, the same for both plans; after a switch the new plan's
+predicted iteration is what drift is measured against. The estimates restart with every new
+group (a replacement has none of the survivors' windows, and every member must hold the same
+numbers). Re-planning runs only while the group has every rank (a survivors' group runs part 1's
+plan around the lost ranks). Both backends: megatron-core keeps its grid, so there only drift
+re-plans run (a lost rank waits for its replacement).
 """
 
 from __future__ import annotations

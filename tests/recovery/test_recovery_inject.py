@@ -19,7 +19,7 @@ def test_parse_schedule():
                    ScheduledFailure(1, 5, "forward", "hang", None, 2)]
     assert parse_schedule("") == [] and parse_schedule(None) == []
     assert parse_schedule("kill:stage=2,step=0,phase=construction") == [ScheduledFailure(2, 0, "construction")]
-    with pytest.raises(ValueError, match=r"cannot read.*phase=forward\|.*\|construction\|final\|exit\|regroup\]"):
+    with pytest.raises(ValueError, match=r"cannot read.*phase=forward\|.*\|construction\|final\|exit\|regroup\|drift\]"):
         parse_schedule("kill:stage=2,when=3")
     with pytest.raises(ValueError, match="phase 'build' is not one of"):
         parse_schedule("kill:stage=2,step=0,phase=build")
