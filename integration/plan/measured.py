@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -46,7 +46,7 @@ import numpy as np
 from .cluster import Cluster, Node
 from .costmodel import BODY_TOTAL, HOME_TOTAL
 from .calibration import COMPUTE, CalibratedModel
-from .routeplan import Hop, MicrobatchRoute, RoutePlan
+from .routeplan import RoutePlan
 from .rules import Rules, validate
 
 # (kind, microbatch, part, peer, start s, end s): one op as ProgramExecutor.trace records it.
@@ -135,13 +135,6 @@ def window_program_costs(traces: Mapping[int, Sequence[Sequence[TraceOp]]]
             {k: statistics.median(v) for k, v in sends.items()})
 
 
-# The phase a compute op of the replay takes from the per-phase table when it has no own sample
-# (estimates set by hand, e.g. from configured rates): the cost model folds the head's backward into L.
-_PHASE_OF = {("fwd", "embed"): "F", ("fwd", "first"): "F", ("fwd", "body"): "F", ("fwd", "head"): "L",
-             ("fwd", "last"): "L", ("bwd", "body"): "B", ("bwd", "embed"): "B", ("bwd", "first"): "B",
-             ("bwd", "last"): "B"}
-
-
 @dataclass
 class MeasuredCosts:
     """Running estimates (EWMA over windows) for ``n`` nodes; see the module docstring."""
@@ -209,20 +202,32 @@ class MeasuredCosts:
         return max(self.overhead_s or 0.0, 1e-4)
 
     def replay_model(self) -> CalibratedModel:
-        """The program replay on the estimates (receives: rendezvous; no tail: see ``predict``)."""
+        """The program replay on the estimates (receives: rendezvous; no tail: see ``predict``). A compute
+        op without its own sample (estimates set by hand, e.g. from configured rates) takes its phase's."""
+        from ..runtime.program import BWD, FWD, PART_BODY, PART_EMBED, PART_FIRST, PART_HEAD, PART_LAST
         compute = dict(self.compute_s)
         for (rank, phase), v in self.op_s.items():
-            for (kind, part), ph in _PHASE_OF.items():
-                if ph == phase:
-                    compute.setdefault((rank, kind, part), v)
+            for kind in (FWD, BWD):
+                for part in (PART_EMBED, PART_FIRST, PART_BODY, PART_HEAD, PART_LAST):
+                    if _phase(kind, part) == phase:
+                        compute.setdefault((rank, kind, part), v)
         return CalibratedModel(compute, send_s=dict(self.send_s), recv_s=0.0, tail={}, rendezvous=True,
                                max_inflight=self.max_inflight, carry_batch=self.carry_batch)
 
     def predict(self, plan: RoutePlan) -> float:
         """Seconds of one iteration of ``plan``'s programs on the measured costs: the replay of every
         rank's program (no all-reduce or optimizer step: the caller adds what it measured of those)."""
-        self.replays += 1
-        return self.replay_model().replay_links(plan, self.cost_matrix(plan.stage_nodes), LINK_KINDS).iteration_s
+        return self._replayer(plan.stage_nodes)(plan)
+
+    def _replayer(self, stage_nodes: Sequence[Sequence[int]]):
+        """``predict`` for plans of one grid, with the model and cost matrix built once (the local
+        search replays hundreds of plans on the same estimates)."""
+        model, C = self.replay_model(), self.cost_matrix(stage_nodes)
+
+        def replay(plan: RoutePlan) -> float:
+            self.replays += 1
+            return model.replay_links(plan, C, LINK_KINDS).iteration_s
+        return replay
 
     def cluster(self, plan: RoutePlan, memory: int, scale: float) -> Cluster:
         """The measured network as a planner :class:`Cluster` (times multiplied by ``scale``)."""
@@ -262,7 +267,8 @@ class MeasuredCosts:
         replayed iteration, until no move does or ``max_replays`` replays were run. A moved plan has
         no ``node_order``: the program compiler orders it. Deterministic for a seed."""
         rng = np.random.default_rng(seed)
-        scored = [(self.predict(p), i, p) for i, p in enumerate(starts)]
+        replay = self._replayer(starts[0].stage_nodes)  # every start and move keeps the grid
+        scored = [(replay(p), i, p) for i, p in enumerate(starts)]
         best_s, _, best = min(scored, key=lambda x: (x[0], x[1]))
         budget = max_replays - len(starts)
         improved = True
@@ -277,7 +283,7 @@ class MeasuredCosts:
                 if validate(cand, rules):
                     continue
                 budget -= 1
-                t = self.predict(cand)
+                t = replay(cand)
                 if t < best_s * (1 - 1e-9):
                     best_s, best, improved = t, cand, True
                     break
@@ -297,20 +303,17 @@ class MeasuredCosts:
 
 def _unordered(plan: RoutePlan) -> RoutePlan:
     """``plan`` without its ``node_order`` (the program compiler then orders every node's work)."""
-    return RoutePlan(plan.stage_nodes, list(plan.routes), plan.path_length, plan.layout, plan.memory, None,
-                     dict(plan.meta))
+    return replace(plan, routes=list(plan.routes), node_order=None, meta=dict(plan.meta))
 
 
 def _moved(plan: RoutePlan, route: int, hop: int, replica: int) -> RoutePlan:
-    """``plan`` with hop ``hop`` of route ``route`` on replica ``replica`` of the same stage."""
+    """``plan`` with hop ``hop`` of route ``route`` on replica ``replica`` of the same stage (no node order)."""
     r = plan.routes[route]
     h = r.hops[hop]
-    hops = r.hops[:hop] + (Hop(h.stage, replica, plan.stage_nodes[h.stage][replica]),) + r.hops[hop + 1:]
+    hops = r.hops[:hop] + (replace(h, replica=replica, node=plan.stage_nodes[h.stage][replica]),) + r.hops[hop + 1:]
     routes = list(plan.routes)
-    routes[route] = MicrobatchRoute(r.mb, r.home_replica, r.home_node, hops)
-    moved = _unordered(plan)
-    moved.routes = routes
-    return moved
+    routes[route] = replace(r, hops=hops)
+    return replace(plan, routes=routes, node_order=None, meta=dict(plan.meta))
 
 
 def _has_swap(stages: Iterable[int]) -> bool:

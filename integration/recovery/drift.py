@@ -52,7 +52,7 @@ from ..plan.measured import MeasuredCosts, link_uses
 from ..plan.routeplan import RoutePlan
 from ..plan.rules import check_fits_grid
 from .rendezvous import store_all_gather
-from .replan import Replanner, ReplanSettings, plan_digest
+from .replan import Replanner, ReplanSettings, plan_digest, route_change
 
 
 class DriftReplanner:
@@ -152,8 +152,7 @@ class DriftReplanner:
         details = {"measured_iteration_s": measured, "predicted_s_current": decision["predicted_s_current"],
                    "predicted_s_new": decision["predicted_s_new"], "plan_s": decision["plan_s"],
                    "switch_s": time.time() - t0, "window": self.settings.window, "estimates": decision["estimates"],
-                   "routes": [list(r.nodes) for r in plan.routes],
-                   "from_routes": [list(r.nodes) for r in current.routes]}
+                   **route_change(plan, current)}
         layout = self.replan.adopt_base(program, decision["reason"], details)
         self.replan._switch(layout, gen, step, predicted_gain=decision["predicted_gain"], trigger="drift")
         self.expected_s = decision["predicted_s_new"]

@@ -90,6 +90,11 @@ class Layout:
         return plan_digest(self.plan)
 
 
+def route_change(new: RoutePlan, old: RoutePlan) -> dict:
+    """The node sequences of a switch, for its event: ``routes`` (new) and ``from_routes`` (old)."""
+    return {"routes": [list(r.nodes) for r in new.routes], "from_routes": [list(r.nodes) for r in old.routes]}
+
+
 def plan_digest(plan: RoutePlan) -> str:
     return hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest()
 
@@ -192,9 +197,7 @@ class Replanner:
             return
         plan = RoutePlan.from_json(store.get(BASE_KEY).decode())
         if plan_digest(plan) != self.full.digest:
-            self.adopt_base(self.compile(plan), "a drift re-plan of the full group",
-                            {"routes": [list(r.nodes) for r in plan.routes],
-                             "from_routes": [list(r.nodes) for r in self.full.plan.routes]})
+            self.adopt_base(self.compile(plan), "a drift re-plan of the full group", route_change(plan, self.full.plan))
 
     # ------------------------------------------------------------------ agreement
     def agree(self, store: Any, generation: int, members: list[int], monitor: Any, timeout_s: float,
