@@ -25,7 +25,7 @@ their measured median per (rank, op kind, model part), and a receive blocks unti
 arrives, a message leaving only once its receive is posted (gloo's rendezvous). So a node that
 takes many routes takes their messages one after another: the event simulator's paper mode,
 which starts every transfer the moment its op ends, priced a plan that piles every route onto one
-replica as free (docs/replan.md, "Drift: the program replay").
+replica as free (docs/replan.md, "How the replay was found (history)").
 
 :meth:`MeasuredCosts.plan` asks the path planner for routes on the same grid, then improves the
 best of its plan and the running plan by local search on that replay (move one hop to another
